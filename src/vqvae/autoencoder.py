@@ -1,0 +1,128 @@
+"""The VQ-VAE autoencoder: convolutional encoder, vector quantizer, transposed-conv decoder.
+
+van den Oord et al., "Neural Discrete Representation Learning" (2017), arXiv:1711.00937; the layer
+plan is the blog post's Keras model (see shared/seed/DIGEST.md).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import VQVAEConfig
+from .quantize import QUANTIZERS, QuantizerOutput
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation block, channels kept: x + Conv1x1(ReLU(BN(Conv3x3(ReLU(x)))))."""
+
+    def __init__(self, channels: int, bn_momentum: float = 0.1, bn_eps: float = 1e-5):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _bn(cfg: VQVAEConfig) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(cfg.hidden_channels, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+
+
+def _block(cfg: VQVAEConfig) -> ResidualBlock:
+    return ResidualBlock(cfg.hidden_channels, cfg.bn_momentum, cfg.bn_eps)
+
+
+def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
+    """(B, C, S, S) -> (B, code_dim, S/2^n, S/2^n). Seed: conv-BN-ReLU-conv-BN, then blocks
+    separated by BN; the output itself has no BN."""
+    layers: list[nn.Module] = []
+    channels = cfg.in_channels
+    for i in range(cfg.downsamples):
+        layers += [nn.Conv2d(channels, cfg.hidden_channels, 4, stride=2, padding=1), _bn(cfg)]
+        if i < cfg.downsamples - 1:
+            layers.append(nn.ReLU())
+        channels = cfg.hidden_channels
+    for i in range(cfg.res_blocks):
+        layers.append(_block(cfg))
+        if i < cfg.res_blocks - 1:
+            layers.append(_bn(cfg))
+    if cfg.code_dim != cfg.hidden_channels:  # project into the code space
+        layers.append(nn.Conv2d(cfg.hidden_channels, cfg.code_dim, 1))
+    return nn.Sequential(*layers)
+
+
+def build_decoder(cfg: VQVAEConfig) -> nn.Sequential:
+    """(B, code_dim, s, s) -> (B, C, s*2^n, s*2^n) in [-1, 1]. Seed: (BN, block) x n, then
+    transposed convs with BN-ReLU between them and tanh at the end."""
+    layers: list[nn.Module] = []
+    if cfg.code_dim != cfg.hidden_channels:
+        layers.append(nn.Conv2d(cfg.code_dim, cfg.hidden_channels, 1))
+    for _ in range(cfg.res_blocks):
+        layers += [_bn(cfg), _block(cfg)]
+    for _ in range(cfg.downsamples - 1):
+        layers += [nn.ConvTranspose2d(cfg.hidden_channels, cfg.hidden_channels, 4, stride=2,
+                                      padding=1), _bn(cfg), nn.ReLU()]
+    layers += [nn.ConvTranspose2d(cfg.hidden_channels, cfg.in_channels, 4, stride=2, padding=1),
+               nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def _keras_init(module: nn.Module) -> None:
+    """Keras' defaults, as the seed ran: glorot-uniform kernels, zero biases."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class VQVAEOutput(NamedTuple):
+    reconstruction: torch.Tensor  # (B, C, H, W) in [-1, 1]
+    latents: torch.Tensor  # (B, D, h, w) continuous encoder output
+    quantized: QuantizerOutput
+
+
+class VQVAE(nn.Module):
+    """Encoder -> quantizer -> decoder, built from a :class:`VQVAEConfig`."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg)
+        self.quantizer = QUANTIZERS[cfg.quantizer](cfg.codebook_size, cfg.code_dim, cfg.beta)
+        self.decoder = build_decoder(cfg)
+        if cfg.weight_init == "keras":
+            self.apply(_keras_init)
+
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous latents (B, D, h, w), before quantization."""
+        return self.encoder(x)
+
+    def encode(self, x: torch.Tensor) -> QuantizerOutput:
+        """Images (B, C, H, W) in [-1, 1] -> quantizer output with indices (B, h, w)."""
+        return self.quantizer(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents or code vectors (B, D, h, w) -> images (B, C, H, W) in [-1, 1]."""
+        return self.decoder(z)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code ids (B, h, w) -> images (B, C, H, W)."""
+        return self.decoder(self.quantizer.indices_to_codes(indices))
+
+    def reconstruct(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """Images -> reconstructions, through the codebook or (``quantize=False``) around it."""
+        z = self.encoder(x)
+        return self.decoder(self.quantizer(z).quantized if quantize else z)
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        z = self.encoder(x)
+        q = self.quantizer(z)
+        return VQVAEOutput(self.decoder(q.quantized), z, q)

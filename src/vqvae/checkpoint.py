@@ -1,0 +1,215 @@
+"""Checkpoints as folders: ``model.safetensors`` + ``config.json``, training state beside them.
+
+Writes are atomic (a temporary folder renamed into place, then a ``latest`` pointer replaced), so a
+process killed at any moment leaves the last good checkpoint readable. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .autoencoder import VQVAE
+from .config import VQVAEConfig, from_dict
+
+FORMAT = 1
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+STATE_FILE, STATE_META = "state.safetensors", "state.json"
+CHECKPOINTS, LATEST = "checkpoints", "latest"
+
+
+VQVAE_KIND = "vqvae"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or belongs to another model."""
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+# --- one folder --------------------------------------------------------------------------------
+
+
+def save(directory: Path, module: nn.Module, kind: str, config: dict[str, Any]) -> None:
+    """Write ``module``'s weights and its config (tagged with ``kind``) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(tensors, str(directory / MODEL_FILE))
+    write_json(directory / CONFIG_FILE, {"kind": kind, "format": FORMAT, "config": config})
+
+
+def load_config(directory: Path, kind: str) -> dict[str, Any]:
+    """The model config saved in ``directory``, after checking it is a ``kind`` checkpoint."""
+    meta = read_json(directory / CONFIG_FILE)
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a vqvae checkpoint config")
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{directory} holds a {meta['kind']!r} checkpoint, not {kind!r}")
+    if meta.get("format", 0) > FORMAT:
+        raise CheckpointError(f"{directory} was written by a newer vqvae (format {meta['format']})")
+    return meta["config"]
+
+
+def load_weights(directory: Path, module: nn.Module) -> None:
+    """Load ``model.safetensors`` into ``module``, naming any mismatch in one line."""
+    path = directory / MODEL_FILE
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"shape mismatch for {wrong[0]}: {tuple(tensors[wrong[0]].shape)} vs "
+                 f"{tuple(expected[wrong[0]].shape)}" if wrong else ""]
+        raise CheckpointError(f"{path} does not match the model: "
+                              + "; ".join(p for p in parts if p))
+    module.load_state_dict(tensors)
+
+
+# --- training state ----------------------------------------------------------------------------
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entries in state["state"].items():
+        meta["state"][str(pid)] = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                meta["state"][str(pid)][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, step: int,
+                        extra: dict[str, Any] | None = None) -> None:
+    tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, str(directory / STATE_FILE))
+    write_json(directory / STATE_META, {"step": step, "optimizer": optim_meta, **(extra or {})})
+
+
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore optimizer and RNG state; returns the JSON metadata (``step`` and extras)."""
+    meta = read_json(directory / STATE_META)
+    try:
+        tensors = load_file(str(directory / STATE_FILE))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory / STATE_FILE} is missing or unreadable: {e}") from None
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: optimizer state does not match the model: {e}") from None
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return meta
+
+
+# --- versioned, atomic checkpoints under a run folder ------------------------------------------
+
+
+def write_checkpoint(run_dir: Path, step: int, module: nn.Module, kind: str,
+                     config: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                     extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Atomically write ``RUN_DIR/checkpoints/step-NNNNNNN`` and point ``latest`` at it."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a crash
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step-{step:07d}"
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    save(tmp, module, kind, config)
+    if optimizer is not None:
+        save_training_state(tmp, optimizer, step, extra)
+    final = root / name
+    if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    latest = root / LATEST
+    tmp_latest = root / f".{LATEST}.tmp{os.getpid()}"
+    tmp_latest.write_text(name + "\n")
+    os.replace(tmp_latest, latest)
+    _prune(root, keep, name)
+    return final
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder, its ``checkpoints`` folder, or the folder itself."""
+    path = Path(path)
+    if (path / MODEL_FILE).exists():
+        return path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    latest = root / LATEST
+    if latest.exists():
+        target = root / latest.read_text().strip()
+        if target.is_dir():
+            return target
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    if steps:
+        return steps[-1]
+    if not path.exists():
+        raise CheckpointError(f"{path} not found")
+    raise CheckpointError(f"no checkpoint in {path} (expected {MODEL_FILE} or {CHECKPOINTS}/)")
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
+    """A trained VQ-VAE (eval mode) from a run folder or a checkpoint folder."""
+    directory = resolve(path)
+    cfg = from_dict(VQVAEConfig, load_config(directory, VQVAE_KIND), "model config")
+    model = VQVAE(cfg)
+    load_weights(directory, model)
+    return model.to(device).eval()

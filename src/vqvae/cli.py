@@ -1,0 +1,221 @@
+"""The ``vqvae`` command line: a thin, typed layer over the library's functions.
+
+Options of ``train`` are generated from the config dataclasses' fields and their help text, so the
+CLI and the configs cannot drift apart; unknown options are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import warnings
+from dataclasses import MISSING, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError, load_autoencoder, write_json
+from .config import (PRESETS, ConfigError, DataConfig, RunConfig, TrainConfig, VQVAEConfig)
+from .data import DataError, ImageSet, load_splits
+from .metrics import evaluate_autoencoder
+from .sample import interpolation_grid, reconstruction_grid, save_png
+from .train import load_run_config, pick_device, train_autoencoder
+
+RESUMABLE = {"steps", "minutes", "device"}  # train fields a resumed run may change
+
+
+# --- options from config fields ----------------------------------------------------------------
+
+
+def _parser_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
+    """(argparse type, choices) for a field annotation such as ``int``, ``float | None``."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return str, get_args(annotation)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return _parser_type(inner[0])
+    return annotation, None
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str,
+                 show_default: bool = True) -> None:
+    group = parser.add_argument_group(title)
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kind, choices = _parser_type(hints[f.name])
+        default = "" if not show_default or f.default is MISSING else f" (default: {f.default})"
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        group.add_argument(flag, dest=f"{prefix}.{f.name}", type=kind, choices=choices,
+                           default=None, metavar=None if choices else f.name.upper(),
+                           help=f.metadata.get("help", "") + default)
+
+
+def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items()
+            if k.startswith(prefix + ".") and v is not None}
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig for ``vqvae train`` from a preset and the options actually given."""
+    data = DataConfig(**_given(args, "data"))
+    model = PRESETS[args.preset](data.size, data.channels or 3)
+    model = replace(model, **_given(args, "model"))
+    return RunConfig(data=data, model=model, train=TrainConfig(**_given(args, "train")),
+                     preset=args.preset)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        changed = set(_given(args, "data")) | set(_given(args, "model")) | set(_given(args, "train"))
+        if changed - RESUMABLE or args.out or args.preset_given:
+            raise ConfigError(f"with --resume only {', '.join(sorted(RESUMABLE))} may be given; "
+                              f"the rest comes from {run_dir}/config.json")
+        cfg = replace(cfg, train=replace(cfg.train, **_given(args, "train")))
+    else:
+        if not args.out:
+            raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        run_dir, cfg = Path(args.out), build_run_config(args)
+    result = train_autoencoder(cfg, run_dir, resume=bool(args.resume))
+    m = result.metrics
+    print(f"trained to step {result.step}; run folder: {result.run_dir}")
+    print(f"held-out ({int(m['images'])} images): PSNR {m['psnr']:.2f} dB with quantization, "
+          f"{m['psnr_noq']:.2f} dB without; codebook usage {m['usage']:.1f}% "
+          f"({m['used_codes']}/{m['used_codes'] + m['dead_codes']}), "
+          f"perplexity {m['perplexity']:.1f}")
+    for name, path in result.pictures.items():
+        print(f"  {name}: {path}")
+    print(f"  curves: {result.run_dir / 'curves.png'}")
+    print(f"  metrics: {result.run_dir / 'eval.json'}")
+
+
+def _model_and_split(args: argparse.Namespace) -> tuple[Any, ImageSet, torch.device]:
+    """The trained model of RUN_DIR and the requested split of its (or another) data source."""
+    device = pick_device(args.device)
+    model = load_autoencoder(args.run, device)
+    data = load_run_config(Path(args.run)).data
+    if args.data:
+        data = DataConfig(source=args.data, size=model.cfg.image_size,
+                          channels=model.cfg.in_channels, holdout=data.holdout,
+                          split_seed=data.split_seed)
+    splits = load_splits(data)
+    return model, getattr(splits, args.split), device
+
+
+def _pick(images: ImageSet, count: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(images), generator=gen)[:count]
+    if index.numel() < count:  # tiny sets: repeat
+        index = index.repeat(-(-count // max(1, index.numel())))[:count]
+    return images.images[index]
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    model, split, _ = _model_and_split(args)
+    images = _pick(split, -(-args.n // 2) * args.n, args.seed)
+    out = Path(args.out or Path(args.run) / "reconstruct")
+    for name, quantize in (("sample_ae_1", False), ("sample_ae_2", True)):
+        path = save_png(reconstruction_grid(model, images, args.n, quantize), out / f"{name}.png")
+        print(f"{name} ({'with' if quantize else 'without'} quantization): {path}")
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    model, split, _ = _model_and_split(args)
+    images = _pick(split, 2 * args.n, args.seed)
+    grid = interpolation_grid(model, images[:args.n], images[args.n:], args.n)
+    path = save_png(grid, Path(args.out or Path(args.run) / "interpolate") / "sample_inter.png")
+    print(f"sample_inter: {path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    model, split, device = _model_and_split(args)
+    metrics = {"split": args.split, **evaluate_autoencoder(model, split.images, device=device)}
+    out = Path(args.out or Path(args.run) / f"eval_{args.split}.json")
+    write_json(out, metrics)
+    for key in ("images", "mse", "psnr", "mse_noq", "psnr_noq", "usage", "used_codes",
+                "dead_codes", "perplexity", "code_entropy_bits"):
+        value = metrics[key]
+        print(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
+    print(f"written to {out}")
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _run_options(p: argparse.ArgumentParser, default_n: int) -> None:
+    p.add_argument("run", metavar="RUN_DIR", help="a run folder written by `vqvae train`")
+    p.add_argument("--data", help="another data source (default: the run's own)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="(default: test)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    if default_n:
+        p.add_argument("--n", type=int, default=default_n, help=f"grid size (default: {default_n})")
+        p.add_argument("--seed", type=int, default=0, help="which images are drawn (default: 0)")
+
+
+class _PresetAction(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        namespace.preset, namespace.preset_given = values, True
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqvae", description=(
+        "Train a VQ-VAE on a pile of images, then reconstruct, interpolate and evaluate it."))
+    parser.add_argument("--version", action="version", version=f"vqvae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train stage 1 (the VQ-VAE)",
+                       description="Train a VQ-VAE; options override the chosen preset.")
+    p.add_argument("--out", metavar="RUN_DIR", help="new run folder to write")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", action=_PresetAction,
+                   help="seed: the blog post's model exactly; default: the improved one")
+    p.set_defaults(func=cmd_train, preset_given=False)
+    _add_options(p, DataConfig, "data", "data")
+    _add_options(p, VQVAEConfig, "model (defaults come from --preset)", "model",
+                 show_default=False)
+    _add_options(p, TrainConfig, "training", "train")
+
+    p = sub.add_parser("reconstruct", help="reconstruction grids with and without quantization")
+    _run_options(p, 8)
+    p.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/reconstruct)")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("interpolate", help="interpolate latents of image pairs, one row per pair")
+    _run_options(p, 8)
+    p.add_argument("--out", help="folder for the PNG (default: RUN_DIR/interpolate)")
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("eval", help="held-out metrics: MSE, PSNR, codebook usage, perplexity")
+    _run_options(p, 0)
+    p.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval_SPLIT.json)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if getattr(args, "n", 2) < 2:
+        print("vqvae: error: --n must be at least 2", file=sys.stderr)
+        return 2
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"vqvae: warning: {msg}\n"  # one line
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError, FileExistsError) as e:
+        print(f"vqvae: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Typed, frozen configs for data, the VQ-VAE and its training, and the named presets.
+
+Each config validates itself in ``__post_init__`` and round-trips through JSON, so the exact
+config a model was trained with is saved next to its weights (``config.json``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, Literal, get_args, get_type_hints
+
+QuantizerName = Literal["vq"]
+PresetName = Literal["seed", "default"]
+WeightInit = Literal["keras", "torch"]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the problem."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="digits", metadata=_help(
+        "digits | fashion-mnist | mnist | a directory of images or IDX files | a .npy/.npz file",
+        flag="data"))
+    size: int = field(default=16, metadata=_help("image side in pixels (resized, centre-cropped)"))
+    channels: int | None = field(default=None, metadata=_help(
+        "1 (grayscale) or 3 (RGB); default: the source's own (1 for digits/IDX, 3 for folders)"))
+    holdout: float = field(default=0.1, metadata=_help(
+        "fraction held out for evaluation when the source has no test split of its own"))
+    split_seed: int = field(default=0, metadata=_help("seed of the deterministic held-out split"))
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "data source is empty")
+        _check(self.size >= 4, f"size must be at least 4 pixels, got {self.size}")
+        _check(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _check(0.0 < self.holdout < 1.0, f"holdout must be in (0, 1), got {self.holdout}")
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    image_size: int = field(default=128, metadata=_help("image side in pixels", cli=False))
+    in_channels: int = field(default=3, metadata=_help("image channels", cli=False))
+    hidden_channels: int = field(default=128, metadata=_help("channels of every conv layer (z_dim)"))
+    downsamples: int = field(default=2, metadata=_help("stride-2 convolutions (latent = size / 2^n)"))
+    res_blocks: int = field(default=3, metadata=_help("residual blocks in encoder and decoder"))
+    codebook_size: int = field(default=64, metadata=_help("number of codes K"))
+    code_dim: int = field(default=128, metadata=_help("dimension D of each code"))
+    beta: float = field(default=0.25, metadata=_help("commitment loss weight"))
+    quantizer: QuantizerName = field(default="vq", metadata=_help("quantizer variant"))
+    weight_init: WeightInit = field(default="keras", metadata=_help(
+        "keras: glorot-uniform convs, U(-0.05, 0.05) codebook (the seed's); torch: PyTorch defaults"))
+    bn_momentum: float = field(default=0.01, metadata=_help(
+        "BatchNorm running-stat momentum (PyTorch convention; Keras' 0.99 is 0.01)"))
+    bn_eps: float = field(default=1e-3, metadata=_help("BatchNorm epsilon"))
+
+    def __post_init__(self) -> None:
+        _check(self.in_channels in (1, 3), f"in_channels must be 1 or 3, got {self.in_channels}")
+        _check(self.downsamples >= 1, f"downsamples must be >= 1, got {self.downsamples}")
+        factor = 2**self.downsamples
+        _check(self.image_size % factor == 0,
+               f"image size {self.image_size} is not divisible by 2^downsamples = {factor}")
+        _check(self.hidden_channels >= 1, f"hidden_channels must be >= 1, got {self.hidden_channels}")
+        _check(self.res_blocks >= 0, f"res_blocks must be >= 0, got {self.res_blocks}")
+        _check(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
+        _check(self.code_dim >= 1, f"code_dim must be >= 1, got {self.code_dim}")
+        _check(self.beta >= 0.0, f"beta must be >= 0, got {self.beta}")
+        _check(self.quantizer in get_args(QuantizerName),
+               f"quantizer must be one of {get_args(QuantizerName)}, got {self.quantizer!r}")
+        _check(self.weight_init in get_args(WeightInit),
+               f"weight_init must be one of {get_args(WeightInit)}, got {self.weight_init!r}")
+        _check(0.0 < self.bn_momentum <= 1.0, f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+        _check(self.bn_eps > 0.0, f"bn_eps must be > 0, got {self.bn_eps}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2**self.downsamples
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = field(default=2000, metadata=_help("total optimisation steps"))
+    minutes: float | None = field(default=None, metadata=_help(
+        "wall-clock budget of this invocation in minutes (stops early, saving a checkpoint)"))
+    batch_size: int = field(default=64, metadata=_help("images per step"))
+    lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
+    every: int = field(default=200, metadata=_help(
+        "steps between checkpoints, grids and held-out metrics"))
+    eval_images: int = field(default=2048, metadata=_help(
+        "held-out images scored at each --every (0 = all of them)"))
+    grid: int = field(default=8, metadata=_help("sample grids are grid x grid images"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
+        _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        _check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
+        _check(self.every >= 1, f"every must be >= 1, got {self.every}")
+        _check(self.eval_images >= 0, f"eval_images must be >= 0, got {self.eval_images}")
+        _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a stage-1 run needs; saved as ``RUN_DIR/config.json``."""
+
+    data: DataConfig
+    model: VQVAEConfig
+    train: TrainConfig
+    preset: PresetName = "default"
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+
+def seed_model(image_size: int = 128, in_channels: int = 3) -> VQVAEConfig:
+    """The blog post's VQ-VAE exactly: z_dim 128, 64 codes, beta 0.25, int(log2(size) - 4) blocks."""
+    return VQVAEConfig(
+        image_size=image_size, in_channels=in_channels, hidden_channels=128, downsamples=2,
+        res_blocks=max(0, int(math.log2(image_size)) - 4), codebook_size=64, code_dim=128,
+        beta=0.25, quantizer="vq", weight_init="keras", bn_momentum=0.01, bn_eps=1e-3)
+
+
+def default_model(image_size: int = 128, in_channels: int = 3) -> VQVAEConfig:
+    """The seed's architecture with at least two residual blocks and PyTorch's BN/init defaults."""
+    seed = seed_model(image_size, in_channels)
+    return replace(seed, res_blocks=max(2, seed.res_blocks), weight_init="torch",
+                   bn_momentum=0.1, bn_eps=1e-5)
+
+
+PRESETS = {"seed": seed_model, "default": default_model}
+
+
+# --- JSON round trip -------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
+    """Build a config dataclass from a dict, refusing unknown keys with a clear message."""
+    what = what or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"{what}: missing field {f.name!r}")
+            continue
+        value = data[f.name]
+        sub = hints[f.name]
+        if isinstance(sub, type) and hasattr(sub, "__dataclass_fields__"):
+            value = from_dict(sub, value, f"{what}.{f.name}")
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a value of the wrong JSON type reaching a comparison
+        raise ConfigError(f"{what}: {e}") from None

@@ -1,0 +1,60 @@
+"""Reconstruction and codebook metrics: PSNR, codebook usage, perplexity, bits per code.
+
+Usage and perplexity are counted over a whole set of images, not per batch: a code counts as used
+if any held-out vector maps to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .autoencoder import VQVAE
+from .data import to_float
+
+
+def psnr(mse: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """PSNR in dB from mean squared errors of images spanning ``data_range`` ([-1, 1] -> 2)."""
+    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
+    """From per-code assignment counts (K,): usage %, dead codes, perplexity, bits per code."""
+    counts = counts.double()
+    total = counts.sum().clamp_min(1.0)
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()  # nats
+    used = int((counts > 0).sum())
+    return {"usage": 100.0 * used / counts.numel(), "used_codes": used,
+            "dead_codes": counts.numel() - used, "perplexity": math.exp(entropy),
+            "code_entropy_bits": entropy / math.log(2)}
+
+
+@torch.no_grad()
+def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
+                         device: torch.device | str = "cpu") -> dict[str, float]:
+    """Held-out metrics of ``model`` on uint8 images (N, C, H, W).
+
+    ``psnr``/``mse`` go through the codebook (the real reconstruction); ``psnr_noq``/``mse_noq``
+    decode the continuous latents. PSNR is the mean of per-image PSNR on the [-1, 1] scale
+    (identical to the [0, 255] scale).
+    """
+    was_training = model.training
+    model.eval()
+    k = model.cfg.codebook_size
+    counts = torch.zeros(k, dtype=torch.long, device=device)
+    sums = {"mse": 0.0, "psnr": 0.0, "mse_noq": 0.0, "psnr_noq": 0.0}
+    for start in range(0, images.shape[0], batch_size):
+        x = to_float(images[start:start + batch_size].to(device))
+        z = model.encode_latents(x)
+        q = model.quantizer(z)
+        for name, rec in (("", model.decode(q.quantized)), ("_noq", model.decode(z))):
+            mse = (rec.float() - x).pow(2).flatten(1).mean(1)  # (B,)
+            sums["mse" + name] += mse.sum().item()
+            sums["psnr" + name] += psnr(mse).sum().item()
+        counts += torch.bincount(q.indices.flatten(), minlength=k)
+    model.train(was_training)
+    n = images.shape[0]
+    return {**{name: value / n for name, value in sums.items()}, **codebook_stats(counts.cpu()),
+            "images": n}

@@ -1,0 +1,86 @@
+"""Pictures of what a model learned: reconstruction grids, latent interpolations, PNG writing.
+
+The grids follow the seed (DIGEST.md "Visualisations"): ``sample_ae_1`` pairs real images with
+their reconstruction without quantization, ``sample_ae_2`` with it, ``sample_inter`` interpolates
+continuous latents of image pairs, quantizes each step and decodes it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .autoencoder import VQVAE
+from .data import to_float, to_uint8
+
+MIN_TILE = 48  # small images are enlarged (nearest) so a grid is readable
+
+
+def tile(images: torch.Tensor, ncol: int, min_tile: int = MIN_TILE) -> Image.Image:
+    """uint8 (N, C, H, W) -> one PIL image, ``ncol`` tiles per row, upscaled by an integer."""
+    n, c, h, w = images.shape
+    nrow = -(-n // ncol)
+    canvas = torch.zeros(c, nrow * h, ncol * w, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        canvas[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = images[i]
+    scale = max(1, -(-min_tile // h))
+    if scale > 1:
+        canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    array = canvas.permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array[..., 0] if c == 1 else array))
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _device(model: VQVAE) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VQVAE, images: torch.Tensor, n: int = 8,
+                        quantize: bool = True) -> Image.Image:
+    """The seed's n x n grid: even columns real images, odd columns their reconstruction.
+
+    ``images`` is uint8 (N, C, H, W) with at least ceil(n / 2) * n images; ``quantize=False``
+    decodes the continuous latents (``sample_ae_1``), ``True`` the code vectors (``sample_ae_2``).
+    """
+    pairs = -(-n // 2) * n
+    if images.shape[0] < pairs:
+        raise ValueError(f"a {n}x{n} reconstruction grid needs {pairs} images, got {images.shape[0]}")
+    was_training = model.training
+    model.eval()
+    real = images[:pairs]
+    rec = to_uint8(model.reconstruct(to_float(real.to(_device(model))), quantize=quantize)).cpu()
+    model.train(was_training)
+    cells = torch.stack([real, rec], 1).flatten(0, 1)  # (pairs*2, C, H, W): real, rec, real, ...
+    rows = cells.view(n, -1, *cells.shape[1:])[:, :n]  # an odd n ends a row on a real image
+    return tile(rows.flatten(0, 1), n)
+
+
+@torch.no_grad()
+def interpolation_grid(model: VQVAE, first: torch.Tensor, second: torch.Tensor,
+                       n: int = 8) -> Image.Image:
+    """One row per pair: decode(quantize((1 - a) z1 + a z2)) for a = j / (n - 1)."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    z1 = model.encode_latents(to_float(first.to(device)))  # (P, D, h, w)
+    z2 = model.encode_latents(to_float(second.to(device)))
+    alphas = torch.linspace(0, 1, n, device=device).view(1, n, 1, 1, 1)
+    z = (1 - alphas) * z1.unsqueeze(1) + alphas * z2.unsqueeze(1)  # (P, n, D, h, w)
+    frames = model.decode(model.quantizer(z.flatten(0, 1)).quantized)
+    model.train(was_training)
+    return tile(to_uint8(frames).cpu(), n)

@@ -1,0 +1,283 @@
+"""Stage-1 training: the VQ-VAE loss, a short loop over small helpers, resumable run folders.
+
+Loss (the seed's): mse(x, x_rec) + mse(sg(z), e) + beta * mse(z, sg(e)), straight-through
+estimator inside the quantizer. I/O happens on the main process only (``Runtime.is_main``), and
+batches come from a per-rank :class:`~vqvae.data.BatchStream`, so data parallelism slots in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .autoencoder import VQVAE, VQVAEOutput
+from .config import ConfigError, RunConfig, VQVAEConfig, from_dict, to_dict
+from .data import BatchStream, Splits, load_splits, source_channels, to_float
+from .metrics import evaluate_autoencoder
+from .plots import plot_curves
+from .sample import interpolation_grid, reconstruction_grid, save_png
+
+TRAIN_LOG, METRICS_LOG, RUN_CONFIG = "train.jsonl", "metrics.jsonl", "config.json"
+LOG_EVERY = 10  # steps averaged into one train.jsonl line
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its device and, later, its rank among data-parallel workers."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device {name!r} is not a valid torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def vqvae_losses(x: torch.Tensor, out: VQVAEOutput) -> dict[str, torch.Tensor]:
+    """The seed's loss and its named terms (mse_x, mse_e = codebook, mse_z = commitment)."""
+    mse_x = F.mse_loss(out.reconstruction, x)
+    q = out.quantized
+    return {"loss": mse_x + q.loss, "mse_x": mse_x, "mse_e": q.codebook_loss,
+            "mse_z": q.commitment_loss}
+
+
+# --- run folder --------------------------------------------------------------------------------
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / RUN_CONFIG
+    if not path.exists():
+        raise ckpt.CheckpointError(f"{run_dir} is not a vqvae run folder (no {RUN_CONFIG})")
+    return from_dict(RunConfig, ckpt.read_json(path), "run config")
+
+
+def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} already exists and is not empty: pass --resume "
+                              f"{run_dir} to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(run_dir / RUN_CONFIG, to_dict(cfg))
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(" ".join(sys.argv) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after ``step`` (the checkpoint a resume restarts from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- helpers of the loop -----------------------------------------------------------------------
+
+
+def resolve_config(cfg: RunConfig, splits: Splits) -> RunConfig:
+    """Take the image size and channel count from the loaded data."""
+    channels = source_channels(splits.train)
+    data = replace(cfg.data, channels=channels)
+    model = replace(cfg.model, image_size=cfg.data.size, in_channels=channels)
+    return replace(cfg, data=data, model=model)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a graceful stop (checkpoint first); a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _grid_images(splits: Splits, n: int) -> torch.Tensor:
+    """A fixed selection of held-out images, so grids are comparable across steps."""
+    need = -(-n // 2) * n
+    test = splits.test.images
+    if test.shape[0] >= need:
+        return test[:need]
+    return torch.cat([test, splits.train.images])[:need]
+
+
+def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
+                   suffix: str = "") -> dict[str, Path]:
+    """The seed's three pictures (``sample_ae_1``, ``sample_ae_2``, ``sample_inter``)."""
+    half = images.shape[0] // 2
+    pairs = min(n, half)
+    return {
+        "sample_ae_1": save_png(reconstruction_grid(model, images, n, quantize=False),
+                                folder / f"sample_ae_1{suffix}.png"),
+        "sample_ae_2": save_png(reconstruction_grid(model, images, n, quantize=True),
+                                folder / f"sample_ae_2{suffix}.png"),
+        "sample_inter": save_png(interpolation_grid(model, images[:pairs],
+                                                    images[half:half + pairs], n),
+                                 folder / f"sample_inter{suffix}.png"),
+    }
+
+
+def _evaluate(model: VQVAE, splits: Splits, limit: int, runtime: Runtime) -> dict[str, float]:
+    images = splits.test.images if limit == 0 else splits.test.images[:limit]
+    return evaluate_autoencoder(model, images, device=runtime.device)
+
+
+def _checkpoint(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer,
+                cfg: RunConfig) -> Path:
+    return ckpt.write_checkpoint(run_dir, step, model, ckpt.VQVAE_KIND, to_dict(cfg.model), opt)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    pictures: dict[str, Path]
+
+
+def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
+                      runtime: Runtime | None = None, progress: bool = True,
+                      splits: Splits | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) a VQ-VAE in ``run_dir``; returns final metrics."""
+    run_dir = Path(run_dir)
+    runtime = runtime or Runtime(pick_device(cfg.train.device))
+    splits = splits or load_splits(cfg.data)
+    cfg = resolve_config(cfg, splits)
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = VQVAE(cfg.model).to(runtime.device)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    start = 0
+    if resume:
+        start = _restore(run_dir, model, opt, cfg)
+    if runtime.is_main:
+        _prepare_run_dir(run_dir, cfg, resume)
+        for log in (TRAIN_LOG, METRICS_LOG):
+            _truncate_log(run_dir / log, start)
+    stream = BatchStream(len(splits.train), tc.batch_size, tc.seed, runtime.rank,
+                         runtime.world_size)
+    grid_images = _grid_images(splits, tc.grid)
+    deadline = None if tc.minutes is None else time.monotonic() + 60 * tc.minutes
+    step = start
+    window: dict[str, float] = {}
+    window_steps = 0
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=tc.steps, initial=start, desc="train vqvae", unit="step",
+               disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    t_window = time.perf_counter()
+    model.train()
+    with _StopFlag() as flag:
+        while step < tc.steps:
+            x = to_float(splits.train.images[stream.indices(step)]).to(runtime.device,
+                                                                       non_blocking=True)
+            losses = vqvae_losses(x, model(x))
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            step += 1
+            window_steps += 1
+            for name, value in losses.items():
+                window[name] = window.get(name, 0.0) + value.item()
+            if step % LOG_EVERY == 0 or step == tc.steps:
+                elapsed = time.perf_counter() - t_window
+                record = {"step": step, **{k: v / window_steps for k, v in window.items()},
+                          "steps_per_s": window_steps / max(elapsed, 1e-9)}
+                window, window_steps, t_window = {}, 0, time.perf_counter()
+                if not all(math.isfinite(v) for v in record.values()):
+                    raise FloatingPointError(f"loss became non-finite at step {step}: {record}")
+                if runtime.is_main:
+                    _append_jsonl(run_dir / TRAIN_LOG, record)
+                bar.set_postfix({k: f"{record[k]:.4f}" for k in ("mse_x", "mse_e", "mse_z")}
+                                | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
+            bar.update(1)
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if step % tc.every == 0 or step == tc.steps or out_of_time or flag.stop:
+                metrics = _save_all(run_dir, step, model, opt, cfg, splits, grid_images, runtime)
+            if out_of_time or flag.stop:
+                break
+    bar.close()
+    pictures = write_pictures(model, grid_images, tc.grid, run_dir) if runtime.is_main else {}
+    final = _evaluate(model, splits, 0, runtime) if runtime.is_main else metrics
+    if runtime.is_main:
+        ckpt.write_json(run_dir / "eval.json", {"step": step, "split": "test", **final})
+    return TrainResult(run_dir, step, final, pictures)
+
+
+def _save_all(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer,
+              cfg: RunConfig, splits: Splits, grid_images: torch.Tensor,
+              runtime: Runtime) -> dict[str, float]:
+    """Checkpoint, grids, held-out metrics and the curve plot, all on the main process."""
+    if not runtime.is_main:
+        return {}
+    _checkpoint(run_dir, step, model, opt, cfg)
+    write_pictures(model, grid_images, cfg.train.grid, run_dir / "samples", f"_{step:07d}")
+    metrics = _evaluate(model, splits, cfg.train.eval_images, runtime)
+    _append_jsonl(run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
+    plot_curves(read_jsonl(run_dir / TRAIN_LOG), read_jsonl(run_dir / METRICS_LOG),
+                run_dir / "curves.png")
+    return metrics
+
+
+def _restore(run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer, cfg: RunConfig) -> int:
+    directory = ckpt.resolve(run_dir)
+    saved = from_dict(VQVAEConfig, ckpt.load_config(directory, ckpt.VQVAE_KIND), "model config")
+    if saved != cfg.model:
+        raise ckpt.CheckpointError(f"{directory} was trained with a different model config")
+    ckpt.load_weights(directory, model)
+    return int(ckpt.load_training_state(directory, opt)["step"])

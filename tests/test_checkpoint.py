@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+
+from vqvae import VQVAE, CheckpointError, load_autoencoder
+from vqvae import checkpoint as ckpt
+from vqvae.config import to_dict
+
+
+def _trained(cfg):
+    model = VQVAE(cfg)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    out = model(x)
+    ((out.reconstruction - x).pow(2).mean() + out.quantized.loss).backward()
+    opt.step()
+    return model.eval(), opt
+
+
+def test_save_load_identical_outputs(tmp_path, tiny_cfg):
+    model, opt = _trained(tiny_cfg)
+    path = ckpt.write_checkpoint(tmp_path, 7, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt)
+    assert path.name == "step-0000007" and (path / "model.safetensors").exists()
+    loaded = load_autoencoder(tmp_path)
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+        assert torch.equal(loaded.encode(x).indices, model.encode(x).indices)
+    assert loaded.cfg == tiny_cfg
+
+
+def test_training_state_round_trip(tmp_path, tiny_cfg):
+    model, opt = _trained(tiny_cfg)
+    ckpt.write_checkpoint(tmp_path, 3, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    ckpt.write_checkpoint(tmp_path, 4, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt)
+    fresh = VQVAE(tiny_cfg)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), 1e-3)
+    torch.rand(5)  # disturb the RNG; loading must restore it
+    meta = ckpt.load_training_state(ckpt.resolve(tmp_path), fresh_opt)
+    assert meta["step"] == 4
+    assert torch.equal(torch.rand(3), expected_next)
+    a, b = opt.state_dict(), fresh_opt.state_dict()
+    for pid in a["state"]:
+        for key, value in a["state"][pid].items():
+            assert torch.equal(value, b["state"][pid][key])
+
+
+def test_interrupted_write_keeps_last_good_checkpoint(tmp_path, tiny_cfg, monkeypatch):
+    model, opt = _trained(tiny_cfg)
+    ckpt.write_checkpoint(tmp_path, 1, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed half-way through writing the training state
+
+    monkeypatch.setattr(ckpt, "save_training_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint(tmp_path, 2, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt)
+    assert ckpt.resolve(tmp_path).name == "step-0000001"
+    load_autoencoder(tmp_path)  # still readable
+
+
+def test_keeps_only_the_last_two(tmp_path, tiny_cfg):
+    model, opt = _trained(tiny_cfg)
+    for step in (1, 2, 3):
+        ckpt.write_checkpoint(tmp_path, step, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-0000002", "step-0000003"]
+
+
+def test_wrong_kind_shapes_and_corrupt_files_are_clear_errors(tmp_path, tiny_cfg):
+    model, _ = _trained(tiny_cfg)
+    ckpt.save(tmp_path / "prior", model, "prior", to_dict(tiny_cfg))
+    with pytest.raises(CheckpointError, match="'prior' checkpoint, not 'vqvae'"):
+        load_autoencoder(tmp_path / "prior")
+    other = dict(to_dict(tiny_cfg), codebook_size=32)
+    ckpt.save(tmp_path / "other", model, ckpt.VQVAE_KIND, other)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_autoencoder(tmp_path / "other")
+    good = tmp_path / "good"
+    ckpt.save(good, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg))
+    (good / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_autoencoder(good)
+    (good / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_autoencoder(good)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_autoencoder(tmp_path / "missing")
+
+
+def test_config_json_is_plain_and_tagged(tmp_path, tiny_cfg):
+    model, _ = _trained(tiny_cfg)
+    ckpt.save(tmp_path, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg))
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["kind"] == "vqvae" and meta["config"]["codebook_size"] == 16

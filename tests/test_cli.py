@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from vqvae import load_autoencoder
+from vqvae.cli import main
+from vqvae.train import read_jsonl
+
+TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
+        "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-images", "64"]
+
+
+def test_help_for_every_command(capsys):
+    for argv in ([], ["train"], ["reconstruct"], ["interpolate"], ["eval"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--codebook-size" in text and "--resume" in text and "--minutes" in text
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "vqvae", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "train" in out and "interpolate" in out
+
+
+def test_train_resume_reconstruct_interpolate_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "30", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "sample_ae_2" in out
+    for name in ("config.json", "eval.json", "metrics.jsonl", "train.jsonl", "curves.png",
+                 "sample_ae_1.png", "sample_ae_2.png", "sample_inter.png",
+                 "checkpoints/step-0000030/model.safetensors",
+                 "checkpoints/step-0000030/config.json", "samples/sample_ae_1_0000015.png"):
+        assert (run / name).exists(), name
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [15, 30]
+    assert {"psnr", "mse", "usage", "perplexity", "dead_codes"} <= set(metrics[0])
+    losses = read_jsonl(run / "train.jsonl")
+    assert {"mse_x", "mse_e", "mse_z", "loss"} <= set(losses[0])
+    with Image.open(run / "sample_ae_1.png") as img:
+        assert img.size[0] == img.size[1] > 8 * 8
+
+    # resume: continues from step 30 to 45, logs keep one line per step
+    assert main(["train", "--resume", str(run), "--steps", "45"]) == 0
+    assert "step 45" in capsys.readouterr().out
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [15, 30, 45]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000045"
+
+    assert main(["reconstruct", str(run), "--n", "4", "--out", str(tmp_path / "rec")]) == 0
+    assert (tmp_path / "rec" / "sample_ae_1.png").exists()
+    assert main(["interpolate", str(run), "--n", "5"]) == 0
+    with Image.open(run / "interpolate" / "sample_inter.png") as img:
+        assert img.size[0] == img.size[1]  # 5 pairs x 5 steps
+    assert main(["eval", str(run), "--split", "test"]) == 0
+    result = json.loads((run / "eval_test.json").read_text())
+    assert result["images"] == 180 and 0 < result["usage"] <= 100 and result["psnr"] > 5
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *TINY, "--steps", "30", "--out", str(a)]) == 0
+    assert main(["train", *TINY, "--steps", "15", "--out", str(b)]) == 0
+    assert main(["train", "--resume", str(b), "--steps", "30"]) == 0
+    # Same data order, optimizer state and RNG: the resumed weights equal the uninterrupted ones.
+    wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
+    ma, mb = read_jsonl(a / "metrics.jsonl")[-1], read_jsonl(b / "metrics.jsonl")[-1]
+    assert ma["step"] == mb["step"] == 30 and ma["psnr"] == pytest.approx(mb["psnr"], abs=1e-3)
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", *TINY, "--size", "10", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "not divisible" in err and err.count("\n") == 1
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "z")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "empty")]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("precious")
+    assert main(["train", *TINY, "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+    with pytest.raises(SystemExit):
+        main(["train", "--no-such-option", "1"])
+    with pytest.raises(SystemExit):
+        main(["train", "--quantizer", "nope"])
+
+
+def test_resume_refuses_changed_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "15", "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--codebook-size", "8"]) == 2
+    assert "only" in capsys.readouterr().err
