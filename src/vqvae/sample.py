@@ -20,17 +20,20 @@ from .data import to_float, to_uint8
 MIN_TILE = 48  # small images are enlarged (nearest) so a grid is readable
 
 
-def tile(images: torch.Tensor, ncol: int, min_tile: int = MIN_TILE) -> Image.Image:
-    """uint8 (N, C, H, W) -> one PIL image, ``ncol`` tiles per row, upscaled by an integer."""
+def tile(images: torch.Tensor, ncol: int, min_tile: int = MIN_TILE, gap: int = 2) -> Image.Image:
+    """uint8 (N, C, H, W) -> one PIL image, ``ncol`` tiles per row with ``gap``-pixel gutters;
+    small tiles are enlarged by an integer factor (nearest) to at least ``min_tile`` pixels."""
     n, c, h, w = images.shape
-    nrow = -(-n // ncol)
-    canvas = torch.zeros(c, nrow * h, ncol * w, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        canvas[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = images[i]
     scale = max(1, -(-min_tile // h))
     if scale > 1:
-        canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        h, w = h * scale, w * scale
+    nrow = -(-n // ncol)
+    canvas = torch.full((c, nrow * (h + gap) - gap, ncol * (w + gap) - gap), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = r * (h + gap), col * (w + gap)
+        canvas[:, top:top + h, left:left + w] = images[i]
     array = canvas.permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array[..., 0] if c == 1 else array))
 

@@ -219,7 +219,8 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     window_steps = 0
     metrics: dict[str, float] = {}
     bar = tqdm(total=tc.steps, initial=start, desc="train vqvae", unit="step",
-               disable=not (progress and runtime.is_main), dynamic_ncols=True)
+               disable=not (progress and runtime.is_main), dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)  # sparse lines in logs
     t_window = time.perf_counter()
     model.train()
     with _StopFlag() as flag:
