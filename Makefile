@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/vqvae eval $(DEMO)
 	$(BIN)/vqvae encode $(DEMO) --out $(DEMO)/codes.safetensors
 	$(BIN)/vqvae train-prior --codes $(DEMO)/codes.safetensors --d-model 128 --layers 2 \
-		--heads 4 --steps 1000 --every 250 --out $(DEMO)/prior
+		--heads 4 --steps 600 --every 200 --out $(DEMO)/prior
 	$(BIN)/vqvae sample $(DEMO)/prior --n 64 --seed 0
 
 test: $(STAMP)

@@ -70,8 +70,8 @@ def main() -> None:
     print(f"codes: {args.codes} ({codes.grid[0]}x{codes.grid[1]} grids, K={codes.codebook_size},"
           f" {len(codes.split('train'))} train / {len(test)} test); unigram entropy of the test "
           f"codes {unigram_bits(test, codes.codebook_size):.3f} bits/code\n")
-    print("| prior | params | steps | train minutes (wall) | CPU minutes used | "
-          "test bits/code |")
+    print("| prior | params | steps | train minutes (wall) | CPU minutes (whole process, "
+          "incl. final eval) | test bits/code |")
     print("|---|---|---|---|---|---|")
     for run, (preset, _, _) in procs.items():
         cpu, wall, rc = usage[run]

@@ -290,7 +290,7 @@ def seed_prior_train() -> PriorTrainConfig:
 
 def default_prior_train() -> PriorTrainConfig:
     """AdamW with a short warm-up, weight decay on matrices and gradient clipping."""
-    return PriorTrainConfig(batch_size=64, lr=1e-3, warmup=200, weight_decay=0.01, grad_clip=1.0)
+    return PriorTrainConfig(batch_size=64, lr=1e-3, warmup=100, weight_decay=0.01, grad_clip=1.0)
 
 
 PRIOR_PRESETS = {"seed": (seed_prior, seed_prior_train),

@@ -30,7 +30,8 @@ from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Runtime, Stop
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
 
 
-def load_prior_run_config(run_dir: Path) -> PriorRunConfig:
+def load_prior_run_config(run_dir: str | Path) -> PriorRunConfig:
+    run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG
     if not path.exists():
         raise ckpt.CheckpointError(f"{run_dir} is not a prior run folder (no {RUN_CONFIG})")
