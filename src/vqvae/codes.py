@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .autoencoder import VQVAE
-from .config import DataConfig, from_dict, RunConfig
+from .config import DataConfig, RunConfig, from_dict
 from .data import DataError, ImageSet, load_splits, to_float
 
 FORMAT = "vqvae-codes/1"
@@ -85,12 +85,12 @@ def fingerprint(checkpoint_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_stage1(codes: Codes, checkpoint_dir: str | Path) -> None:
-    """Refuse codes that another stage-1 model made (by fingerprint and codebook size)."""
+def check_stage1(expected_sha256: str, made_by: str, checkpoint_dir: str | Path) -> None:
+    """Refuse codes (or a prior) that another stage-1 model made: compare fingerprints."""
     actual = fingerprint(checkpoint_dir)
-    if actual != codes.stage1_sha256:
-        raise DataError(f"the codes were made by another stage-1 model ({codes.stage1}, sha256 "
-                        f"{codes.stage1_sha256[:12]}), not {checkpoint_dir} ({actual[:12]})")
+    if actual != expected_sha256:
+        raise DataError(f"the codes were made by another stage-1 model ({made_by}, sha256 "
+                        f"{expected_sha256[:12]}), not {checkpoint_dir} ({actual[:12]})")
 
 
 # --- encoding -----------------------------------------------------------------------------------

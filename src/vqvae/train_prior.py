@@ -24,8 +24,8 @@ from .metrics import evaluate_prior
 from .plots import plot_curves
 from .prior import Prior
 from .sample import decode_codes, samples_grid, save_png
-from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Runtime, StopFlag, append_jsonl,
-                    pick_device, prepare_run_dir, read_jsonl, truncate_log)
+from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Runtime, StopFlag,
+                    append_jsonl, pick_device, prepare_run_dir, read_jsonl, truncate_log)
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
 
@@ -56,8 +56,7 @@ def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu") -> VQVA
     directory = Path(cfg.stage1)
     if not directory.is_dir():
         raise ckpt.CheckpointError(f"the stage-1 checkpoint {directory} is gone")
-    codes = Codes({}, cfg.model.codebook_size, cfg.stage1, cfg.stage1_sha256)
-    check_stage1(codes, directory)
+    check_stage1(cfg.stage1_sha256, cfg.stage1, directory)
     model = ckpt.load_autoencoder(directory, device)
     if model.cfg.codebook_size != cfg.model.codebook_size:
         raise DataError(f"stage-1 model has {model.cfg.codebook_size} codes, the prior "
@@ -90,7 +89,7 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     assert codes is not None, "codes must be given when cfg.codes is empty"
     check_compatible(cfg.model, codes)
     stage1 = load_stage1(cfg, runtime.device)
-    check_stage1(codes, cfg.stage1)
+    check_stage1(codes.stage1_sha256, codes.stage1, cfg.stage1)
     train, test = codes.split("train"), codes.split("test")
     tc = cfg.train
     torch.manual_seed(tc.seed)
