@@ -110,7 +110,8 @@ def test_bad_input_errors(stage1, tmp_path, capsys):
     stage1_weights = next((stage1 / "run" / "checkpoints").glob("step-*")) / "model.safetensors"
     assert main(["train-prior", "--codes", str(stage1_weights), "--out", str(tmp_path / "z")]) == 2
     assert "not a vqvae codes file" in capsys.readouterr().err
-    assert main(["train-prior", "--codes", str(tmp_path / "nope"), "--out", str(tmp_path / "z")]) == 2
+    missing = tmp_path / "nope"
+    assert main(["train-prior", "--codes", str(missing), "--out", str(tmp_path / "z")]) == 2
     assert "not found" in capsys.readouterr().err
     # unconditional codes cannot train a conditional prior; class on an unconditional prior
     unlabeled = {n: CodeSplit(s.codes) for n, s in codes.splits.items()}

@@ -1,4 +1,4 @@
-"""The prior: a causal Transformer over a VQ-VAE's code grid, read row-major, sampled with a KV cache.
+"""The prior: a causal Transformer over a VQ-VAE's row-major code grid, sampled with a KV cache.
 
 Vaswani et al., "Attention Is All You Need" (2017); Radford et al., GPT-2 (2019). The ``seed``
 variant is the blog post's Keras model; ``generate`` returns code grids and knows nothing about
