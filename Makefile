@@ -15,10 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Stage 1 on the embedded digits: train, then grids, interpolation and held-out metrics.
+# Stage 2: encode the digits into 4x4 code grids, train a small prior on them, draw 64 new digits.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/vqvae train --data digits --size 16 --steps 1500 --every 250 --out $(DEMO)
 	$(BIN)/vqvae eval $(DEMO)
+	$(BIN)/vqvae encode $(DEMO) --out $(DEMO)/codes.safetensors
+	$(BIN)/vqvae train-prior --codes $(DEMO)/codes.safetensors --d-model 128 --layers 2 \
+		--heads 4 --steps 600 --every 200 --out $(DEMO)/prior
+	$(BIN)/vqvae sample $(DEMO)/prior --n 64 --seed 0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

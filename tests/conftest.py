@@ -3,6 +3,10 @@ import torch
 
 from vqvae import VQVAEConfig
 
+# Tiny tensors gain nothing from intra-op threads, and on a busy machine OpenMP's barriers make
+# every small op wait milliseconds for a descheduled worker (seen: 400x slower sampling tests).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,6 +1,7 @@
 """vqvae: turn a pile of images into a discrete visual vocabulary and back.
 
 Stage 1 is a VQ-VAE (van den Oord et al., 2017): encoder -> vector quantizer -> decoder.
+Stage 2 is an autoregressive Transformer prior over its code grids.
 """
 
 __version__ = "0.1.0"
@@ -14,6 +15,13 @@ from .metrics import codebook_stats, evaluate_autoencoder, psnr  # noqa: E402
 from .quantize import QUANTIZERS, QuantizerOutput, VectorQuantizer  # noqa: E402
 from .sample import interpolation_grid, reconstruction_grid  # noqa: E402
 from .train import Runtime, TrainResult, train_autoencoder  # noqa: E402
+from .checkpoint import load_prior  # noqa: E402
+from .codes import CodeSplit, Codes, encode_dataset, load_codes, save_codes  # noqa: E402
+from .config import (PRIOR_PRESETS, PriorConfig, PriorRunConfig,  # noqa: E402
+                     PriorTrainConfig, default_prior, seed_prior)
+from .prior import Prior  # noqa: E402
+from .sample import decode_codes, samples_grid  # noqa: E402
+from .train_prior import load_prior_run_config, load_stage1, train_prior  # noqa: E402
 
 __all__ = [
     "VQVAE", "VQVAEOutput", "ResidualBlock", "VectorQuantizer", "QuantizerOutput", "QUANTIZERS",
@@ -22,4 +30,9 @@ __all__ = [
     "load_splits", "to_float", "to_uint8", "load_autoencoder", "train_autoencoder", "Runtime",
     "TrainResult", "evaluate_autoencoder", "codebook_stats", "psnr", "reconstruction_grid",
     "interpolation_grid",
+    # stage 2
+    "Prior", "PriorConfig", "PriorTrainConfig", "PriorRunConfig", "PRIOR_PRESETS", "seed_prior",
+    "default_prior", "Codes", "CodeSplit", "encode_dataset", "load_codes", "save_codes",
+    "load_prior", "load_prior_run_config", "load_stage1", "train_prior", "decode_codes",
+    "samples_grid",
 ]

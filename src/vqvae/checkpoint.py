@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .autoencoder import VQVAE
-from .config import VQVAEConfig, from_dict
+from .config import PriorConfig, VQVAEConfig, from_dict
+from .prior import Prior
 
 FORMAT = 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -27,6 +28,7 @@ CHECKPOINTS, LATEST = "checkpoints", "latest"
 
 
 VQVAE_KIND = "vqvae"
+PRIOR_KIND = "prior"
 
 
 class CheckpointError(ValueError):
@@ -211,5 +213,14 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> VQ
     directory = resolve(path)
     cfg = from_dict(VQVAEConfig, load_config(directory, VQVAE_KIND), "model config")
     model = VQVAE(cfg)
+    load_weights(directory, model)
+    return model.to(device).eval()
+
+
+def load_prior(path: str | Path, device: str | torch.device = "cpu") -> Prior:
+    """A trained prior (eval mode) from a prior run folder or a checkpoint folder."""
+    directory = resolve(path)
+    cfg = from_dict(PriorConfig, load_config(directory, PRIOR_KIND), "prior config")
+    model = Prior(cfg)
     load_weights(directory, model)
     return model.to(device).eval()

@@ -17,12 +17,15 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointError, load_autoencoder, write_json
-from .config import (PRESETS, ConfigError, DataConfig, RunConfig, TrainConfig, VQVAEConfig)
+from .checkpoint import CheckpointError, load_autoencoder, load_prior, write_json
+from .codes import CodeSplit, Codes, encode_dataset, load_codes, save_codes
+from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, PriorConfig,
+                     PriorRunConfig, PriorTrainConfig, RunConfig, TrainConfig, VQVAEConfig)
 from .data import DataError, ImageSet, load_splits
 from .metrics import evaluate_autoencoder
-from .sample import interpolation_grid, reconstruction_grid, save_png
+from .sample import decode_codes, interpolation_grid, reconstruction_grid, samples_grid, save_png
 from .train import load_run_config, pick_device, train_autoencoder
+from .train_prior import load_prior_run_config, load_stage1, train_prior
 
 RESUMABLE = {"steps", "minutes", "device"}  # train fields a resumed run may change
 
@@ -149,6 +152,98 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+# --- stage 2 -----------------------------------------------------------------------------------
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    codes = encode_dataset(args.run, args.data, args.batch_size, pick_device(args.device))
+    path = save_codes(codes, args.out)
+    h, w = codes.grid
+    sizes = ", ".join(f"{len(s)} {name}" for name, s in codes.splits.items())
+    labels = f"{codes.num_classes} classes" if codes.classes else "no labels"
+    print(f"encoded {sizes} images of {codes.source} into {h}x{w} grids of "
+          f"{codes.codebook_size} codes ({labels}): {path}")
+
+
+def _prior_codes(args: argparse.Namespace) -> tuple[Codes, str]:
+    """The codes to train on: a codes file, or a stage-1 run's data encoded now."""
+    if bool(args.codes) == bool(args.stage1):
+        raise ConfigError("give either --codes CODES or --stage1 RUN_DIR (which encodes its data)")
+    if args.codes:
+        if args.data:
+            raise ConfigError("--data goes with --stage1; a codes file already names its data")
+        return load_codes(args.codes), str(Path(args.codes).resolve())
+    device = pick_device(_given(args, "ptrain").get("device", "auto"))
+    return encode_dataset(args.stage1, args.data, device=device), ""
+
+
+def cmd_train_prior(args: argparse.Namespace) -> None:
+    codes = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_prior_run_config(run_dir)
+        changed = set(_given(args, "prior")) | set(_given(args, "ptrain"))
+        if (changed - RESUMABLE or args.out or args.preset_given or args.codes or args.stage1
+                or args.data or args.conditional):
+            raise ConfigError(f"with --resume only {', '.join(sorted(RESUMABLE))} may be given; "
+                              f"the rest comes from {run_dir}/config.json")
+        cfg = replace(cfg, train=replace(cfg.train, **_given(args, "ptrain")))
+    else:
+        if not args.out:
+            raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        codes, codes_path = _prior_codes(args)
+        if args.conditional and not codes.num_classes:
+            raise ConfigError("--conditional needs class labels, and these codes have none")
+        h, w = codes.grid
+        make_model, make_train = PRIOR_PRESETS[args.preset]
+        model = make_model(codes.codebook_size, h, w, codes.num_classes if args.conditional else 0)
+        cfg = PriorRunConfig(replace(model, **_given(args, "prior")),
+                             replace(make_train(), **_given(args, "ptrain")), codes_path,
+                             codes.stage1, codes.stage1_sha256, args.preset)
+    result = train_prior(cfg, run_dir, resume=bool(args.resume), codes=codes)
+    m = result.metrics
+    print(f"trained the prior to step {result.step}; run folder: {result.run_dir}")
+    extra = (f" ({m['bits_per_code_uncond']:.4f} with the null class)"
+             if "bits_per_code_uncond" in m else "")
+    print(f"held-out ({m['grids']} grids): {m['bits_per_code']:.4f} bits/code{extra}")
+    print(f"  samples: {result.samples}")
+    print(f"  curves: {result.run_dir / 'curves.png'}")
+    print(f"  metrics: {result.run_dir / 'eval.json'}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    run = Path(args.run)
+    cfg = load_prior_run_config(run)
+    prior = load_prior(run, device)
+    stage1 = load_stage1(cfg, device)
+    classes = prior.cfg.num_classes
+    if args.cls is not None and not classes:
+        raise ConfigError("--class needs a class-conditional prior (train-prior --conditional)")
+    if args.cls is not None and not 0 <= args.cls < classes:
+        raise ConfigError(f"--class {args.cls} is out of range: this prior knows classes "
+                          f"0..{classes - 1}")
+    if args.guidance != 1.0 and args.cls is None:
+        raise ConfigError("--guidance needs --class")
+    try:
+        codes = prior.generate(args.n, labels=args.cls, guidance=args.guidance,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               generator=torch.Generator().manual_seed(args.seed),
+                               batch_size=args.batch_size, use_cache=not args.no_cache)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = Path(args.out or run / "sample")
+    png = save_png(samples_grid(decode_codes(stage1, codes)), out / "samples.png")
+    labels = None if args.cls is None else torch.full((args.n,), args.cls, dtype=torch.long)
+    names = tuple(str(i) for i in range(classes)) if classes else None
+    saved = save_codes(Codes({"samples": CodeSplit(codes.cpu(), labels)},
+                             prior.cfg.codebook_size, cfg.stage1, cfg.stage1_sha256,
+                             f"prior {run}", names), out / "samples.safetensors")
+    print(f"{args.n} samples: {png}")
+    print(f"their codes: {saved}")
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -169,7 +264,8 @@ class _PresetAction(argparse.Action):
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqvae", description=(
-        "Train a VQ-VAE on a pile of images, then reconstruct, interpolate and evaluate it."))
+        "Train a VQ-VAE on a pile of images, then reconstruct, interpolate and evaluate it; "
+        "encode images into codes, train a prior over them and sample new images."))
     parser.add_argument("--version", action="version", version=f"vqvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -199,6 +295,56 @@ def make_parser() -> argparse.ArgumentParser:
     _run_options(p, 0)
     p.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval_SPLIT.json)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("encode", help="turn a data set into code grids with a stage-1 model",
+                       description="Encode the train and test splits into one codes file.")
+    p.add_argument("run", metavar="RUN_DIR", help="a stage-1 run folder (or checkpoint folder)")
+    p.add_argument("--data", help="another data source (default: the run's own)")
+    p.add_argument("--out", metavar="CODES", required=True, help="codes file to write "
+                   "(.safetensors)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train-prior", help="train stage 2 (the autoregressive prior)",
+                       description="Train a Transformer prior over code grids; options override "
+                       "the chosen preset.")
+    p.add_argument("--codes", metavar="CODES", help="a codes file written by `vqvae encode`")
+    p.add_argument("--stage1", metavar="RUN_DIR", help="or: encode this stage-1 run's data now")
+    p.add_argument("--data", help="with --stage1: another data source (default: the run's own)")
+    p.add_argument("--out", metavar="RUN_DIR", help="new run folder to write")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--preset", choices=sorted(PRIOR_PRESETS), default="default",
+                   action=_PresetAction, help="seed: the blog post's prior and optimiser exactly; "
+                   "default: GPT blocks")
+    p.add_argument("--conditional", action="store_true",
+                   help="condition on the codes' class labels (enables --class and --guidance)")
+    p.set_defaults(func=cmd_train_prior, preset_given=False)
+    _add_options(p, PriorConfig, "prior model (defaults come from --preset)", "prior",
+                 show_default=False)
+    _add_options(p, PriorTrainConfig, "training (defaults come from --preset)", "ptrain",
+                 show_default=False)
+
+    p = sub.add_parser("sample", help="draw new images from a trained prior",
+                       description="Draw code grids token by token (KV cache), decode them with "
+                       "the stage-1 model, write a PNG grid and the codes.")
+    p.add_argument("run", metavar="RUN_DIR", help="a prior run folder written by `train-prior`")
+    p.add_argument("--n", type=int, default=64, help="images to draw, laid out "
+                   "ceil(sqrt(n)) per row (default: 64, an 8 x 8 grid)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1)")
+    p.add_argument("--top-k", type=int, help="keep only the k most probable codes")
+    p.add_argument("--top-p", type=float, help="keep the smallest set of codes with mass >= p")
+    p.add_argument("--class", dest="cls", type=int, help="class id (conditional priors)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale, 1 = none (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="grids per batch (default: 64)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole prefix at every step (the seed's way; slow)")
+    p.add_argument("--out", help="folder for samples.png and samples.safetensors "
+                   "(default: RUN_DIR/sample)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

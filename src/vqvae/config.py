@@ -175,3 +175,123 @@ def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
         return cls(**kwargs)
     except TypeError as e:  # e.g. a value of the wrong JSON type reaching a comparison
         raise ConfigError(f"{what}: {e}") from None
+
+
+# --- stage 2: the prior ----------------------------------------------------------------------
+
+PriorVariant = Literal["seed", "gpt"]
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """An autoregressive Transformer over a (height, width) grid of ``codebook_size`` code ids."""
+
+    codebook_size: int = field(default=64, metadata=_help("codes K (from the codes)", cli=False))
+    height: int = field(default=8, metadata=_help("code grid rows (from the codes)", cli=False))
+    width: int = field(default=8, metadata=_help("code grid columns (from the codes)", cli=False))
+    num_classes: int = field(default=0, metadata=_help(
+        "classes to condition on, 0 = unconditional (set by --conditional)", cli=False))
+    variant: PriorVariant = field(default="gpt", metadata=_help(
+        "seed: the blog post's post-norm blocks; gpt: pre-norm GPT blocks with an MLP"))
+    d_model: int = field(default=256, metadata=_help("width of the residual stream"))
+    layers: int = field(default=4, metadata=_help("Transformer blocks"))
+    heads: int = field(default=8, metadata=_help("attention heads (d_model / heads dims each)"))
+    mlp_ratio: int = field(default=4, metadata=_help("gpt: MLP hidden width / d_model"))
+    dropout: float = field(default=0.1, metadata=_help("gpt: dropout on attention and MLP"))
+
+    def __post_init__(self) -> None:
+        _check(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
+        _check(self.height >= 1 and self.width >= 1,
+               f"grid must be at least 1x1, got {self.height}x{self.width}")
+        _check(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        _check(self.variant in get_args(PriorVariant),
+               f"variant must be one of {get_args(PriorVariant)}, got {self.variant!r}")
+        _check(self.layers >= 1, f"layers must be >= 1, got {self.layers}")
+        _check(self.heads >= 1 and self.d_model % self.heads == 0,
+               f"d_model {self.d_model} must be a positive multiple of heads {self.heads}")
+        _check(self.mlp_ratio >= 1, f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.height * self.width
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig:
+    steps: int = field(default=5000, metadata=_help("total optimisation steps"))
+    minutes: float | None = field(default=None, metadata=_help(
+        "wall-clock budget of this invocation in minutes (stops early, saving a checkpoint)"))
+    batch_size: int = field(default=64, metadata=_help("code grids per step"))
+    lr: float = field(default=1e-3, metadata=_help("peak AdamW learning rate"))
+    warmup: int = field(default=0, metadata=_help("steps of linear learning-rate warm-up"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay on matrices"))
+    grad_clip: float = field(default=0.0, metadata=_help("gradient-norm clip, 0 = none"))
+    p_uncond: float = field(default=0.1, metadata=_help(
+        "conditional priors: probability of training with the null class (for guidance)"))
+    seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
+    every: int = field(default=500, metadata=_help(
+        "steps between checkpoints, sample grids and held-out bits/code"))
+    eval_codes: int = field(default=2048, metadata=_help(
+        "held-out code grids scored at each --every (0 = all of them)"))
+    grid: int = field(default=8, metadata=_help("sample grids are grid x grid images"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
+        _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        _check(self.weight_decay >= 0.0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0.0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _check(0.0 <= self.p_uncond < 1.0, f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        _check(self.every >= 1, f"every must be >= 1, got {self.every}")
+        _check(self.eval_codes >= 0, f"eval_codes must be >= 0, got {self.eval_codes}")
+        _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
+
+
+@dataclass(frozen=True)
+class PriorRunConfig:
+    """Everything a stage-2 run needs; saved as ``RUN_DIR/config.json``.
+
+    ``codes`` is the codes file trained on; ``stage1`` the stage-1 checkpoint folder that decodes
+    the samples and ``stage1_sha256`` its fingerprint (sha256 of its model.safetensors).
+    """
+
+    model: PriorConfig
+    train: PriorTrainConfig
+    codes: str
+    stage1: str
+    stage1_sha256: str
+    preset: PresetName = "default"
+
+
+def seed_prior(codebook_size: int = 64, height: int = 8, width: int = 8,
+               num_classes: int = 0) -> PriorConfig:
+    """The blog post's prior exactly: d_model 2*z_dim = 256, 4 blocks of 8 heads x 32 dims."""
+    return PriorConfig(codebook_size=codebook_size, height=height, width=width,
+                       num_classes=num_classes, variant="seed", d_model=256, layers=4, heads=8,
+                       dropout=0.0)
+
+
+def default_prior(codebook_size: int = 64, height: int = 8, width: int = 8,
+                  num_classes: int = 0) -> PriorConfig:
+    """Pre-norm GPT blocks (MLP x4, dropout 0.1) keeping the seed's row/column positions."""
+    return PriorConfig(codebook_size=codebook_size, height=height, width=width,
+                       num_classes=num_classes, variant="gpt", d_model=256, layers=4, heads=8,
+                       mlp_ratio=4, dropout=0.1)
+
+
+def seed_prior_train() -> PriorTrainConfig:
+    """The seed's optimiser: Adam at Keras' default 1e-3, batch 32, no schedule."""
+    return PriorTrainConfig(batch_size=32, lr=1e-3, warmup=0, weight_decay=0.0, grad_clip=0.0)
+
+
+def default_prior_train() -> PriorTrainConfig:
+    """AdamW with a short warm-up, weight decay on matrices and gradient clipping."""
+    return PriorTrainConfig(batch_size=64, lr=1e-3, warmup=100, weight_decay=0.01, grad_clip=1.0)
+
+
+PRIOR_PRESETS = {"seed": (seed_prior, seed_prior_train),
+                 "default": (default_prior, default_prior_train)}

@@ -58,3 +58,28 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
     n = images.shape[0]
     return {**{name: value / n for name, value in sums.items()}, **codebook_stats(counts.cpu()),
             "images": n}
+
+
+@torch.no_grad()
+def evaluate_prior(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None,
+                   batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Held-out negative log-likelihood of code grids (N, h, w) in bits per code.
+
+    A conditional prior is scored with the true labels (``bits_per_code``) and with the null
+    class (``bits_per_code_uncond``).
+    """
+    was_training = prior.training
+    prior.eval()
+    conditional = labels is not None and prior.cfg.num_classes > 0
+    totals = {"bits_per_code": 0.0, **({"bits_per_code_uncond": 0.0} if conditional else {})}
+    for start in range(0, codes.shape[0], batch_size):
+        batch = codes[start:start + batch_size].to(device)
+        totals["bits_per_code"] += prior.nll(
+            batch, labels[start:start + batch_size].to(device) if conditional else None
+        ).double().sum().item()
+        if conditional:
+            totals["bits_per_code_uncond"] += prior.nll(batch).double().sum().item()
+    prior.train(was_training)
+    n = codes.shape[0] * codes.shape[1] * codes.shape[2]
+    return {**{k: v / max(n, 1) / math.log(2) for k, v in totals.items()},
+            "grids": int(codes.shape[0])}

@@ -87,3 +87,21 @@ def interpolation_grid(model: VQVAE, first: torch.Tensor, second: torch.Tensor,
     frames = model.decode(model.quantizer(z.flatten(0, 1)).quantized)
     model.train(was_training)
     return tile(to_uint8(frames).cpu(), n)
+
+
+@torch.no_grad()
+def decode_codes(model: VQVAE, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Code grids (N, h, w) -> uint8 images (N, C, H, W), through the stage-1 decoder."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    images = [to_uint8(model.decode_indices(codes[s:s + batch_size].to(device).long())).cpu()
+              for s in range(0, codes.shape[0], batch_size)]
+    model.train(was_training)
+    return torch.cat(images)
+
+
+def samples_grid(images: torch.Tensor, ncol: int | None = None) -> Image.Image:
+    """Generated images (N, C, H, W) as a grid, ``ceil(sqrt(N))`` per row by default."""
+    n = images.shape[0]
+    return tile(images, ncol or max(1, int(np.ceil(np.sqrt(n)))))

@@ -80,7 +80,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return from_dict(RunConfig, ckpt.read_json(path), "run config")
 
 
-def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> None:
+    """Create (or, resuming, reuse) a run folder; write its config dataclass and command line."""
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} already exists and is not empty: pass --resume "
                               f"{run_dir} to continue it, or choose another --out")
@@ -90,7 +91,7 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
         f.write(" ".join(sys.argv) + "\n")
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after ``step`` (the checkpoint a resume restarts from)."""
     if not path.exists():
         return
@@ -101,7 +102,7 @@ def _truncate_log(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -123,7 +124,7 @@ def resolve_config(cfg: RunConfig, splits: Splits) -> RunConfig:
     return replace(cfg, data=data, model=model)
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGINT/SIGTERM into a graceful stop (checkpoint first); a second SIGINT aborts."""
 
     def __init__(self) -> None:
@@ -135,7 +136,7 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.stop = True
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -207,9 +208,9 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     if resume:
         start = _restore(run_dir, model, opt, cfg)
     if runtime.is_main:
-        _prepare_run_dir(run_dir, cfg, resume)
+        prepare_run_dir(run_dir, cfg, resume)
         for log in (TRAIN_LOG, METRICS_LOG):
-            _truncate_log(run_dir / log, start)
+            truncate_log(run_dir / log, start)
     stream = BatchStream(len(splits.train), tc.batch_size, tc.seed, runtime.rank,
                          runtime.world_size)
     grid_images = _grid_images(splits, tc.grid)
@@ -223,7 +224,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                mininterval=0.1 if sys.stderr.isatty() else 15.0)  # sparse lines in logs
     t_window = time.perf_counter()
     model.train()
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while step < tc.steps:
             x = to_float(splits.train.images[stream.indices(step)]).to(runtime.device,
                                                                        non_blocking=True)
@@ -243,7 +244,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                 if not all(math.isfinite(v) for v in record.values()):
                     raise FloatingPointError(f"loss became non-finite at step {step}: {record}")
                 if runtime.is_main:
-                    _append_jsonl(run_dir / TRAIN_LOG, record)
+                    append_jsonl(run_dir / TRAIN_LOG, record)
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("mse_x", "mse_e", "mse_z")}
                                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
             bar.update(1)
@@ -269,7 +270,7 @@ def _save_all(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer
     _checkpoint(run_dir, step, model, opt, cfg)
     write_pictures(model, grid_images, cfg.train.grid, run_dir / "samples", f"_{step:07d}")
     metrics = _evaluate(model, splits, cfg.train.eval_images, runtime)
-    _append_jsonl(run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
+    append_jsonl(run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
     plot_curves(read_jsonl(run_dir / TRAIN_LOG), read_jsonl(run_dir / METRICS_LOG),
                 run_dir / "curves.png")
     return metrics

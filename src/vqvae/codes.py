@@ -1,0 +1,216 @@
+"""Code files: a data set turned into a trained VQ-VAE's code grids, in one safetensors file.
+
+Tensors ``{split}`` (N, h, w) hold code ids in the smallest integer dtype that fits the codebook and
+``{split}_labels`` (N,) the class ids when the source has them; string metadata names the codebook
+size, the source and the stage-1 checkpoint with its fingerprint (sha256 of its weights), so a
+prior never trains on, or decodes with, another model's codes. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .autoencoder import VQVAE
+from .config import DataConfig, RunConfig, from_dict
+from .data import DataError, ImageSet, load_splits, to_float
+
+FORMAT = "vqvae-codes/1"
+
+
+@dataclass(frozen=True)
+class CodeSplit:
+    codes: torch.Tensor  # (N, h, w) integer code ids
+    labels: torch.Tensor | None = None  # (N,) int64 class ids
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+
+@dataclass(frozen=True)
+class Codes:
+    """Code grids of one or more splits and where they came from."""
+
+    splits: dict[str, CodeSplit]
+    codebook_size: int
+    stage1: str  # the stage-1 checkpoint folder that made (and decodes) the codes
+    stage1_sha256: str
+    source: str = ""
+    classes: tuple[str, ...] | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        first = next(iter(self.splits.values()))
+        return int(first.codes.shape[1]), int(first.codes.shape[2])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 0
+
+    def split(self, name: str) -> CodeSplit:
+        if name not in self.splits:
+            raise DataError(f"the codes hold no {name!r} split (they have: "
+                            f"{', '.join(self.splits) or 'none'})")
+        return self.splits[name]
+
+
+def code_dtype(codebook_size: int) -> torch.dtype:
+    """The smallest integer dtype holding ids 0..codebook_size-1."""
+    if codebook_size <= 256:
+        return torch.uint8
+    if codebook_size <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def fingerprint(checkpoint_dir: str | Path) -> str:
+    """sha256 of a checkpoint's ``model.safetensors``: which exact weights made some codes."""
+    path = Path(checkpoint_dir) / ckpt.MODEL_FILE
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise ckpt.CheckpointError(f"cannot read {path}: {e}") from None
+    return digest.hexdigest()
+
+
+def check_stage1(expected_sha256: str, made_by: str, checkpoint_dir: str | Path) -> None:
+    """Refuse codes (or a prior) that another stage-1 model made: compare fingerprints."""
+    actual = fingerprint(checkpoint_dir)
+    if actual != expected_sha256:
+        raise DataError(f"the codes were made by another stage-1 model ({made_by}, sha256 "
+                        f"{expected_sha256[:12]}), not {checkpoint_dir} ({actual[:12]})")
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
+                  device: torch.device | str = "cpu", desc: str = "encode",
+                  progress: bool = True) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> code ids (N, h, w) in :func:`code_dtype`."""
+    model.eval()
+    dtype = code_dtype(model.cfg.codebook_size)
+    parts = []
+    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch",
+                      disable=not progress, dynamic_ncols=True):
+        x = to_float(images[start:start + batch_size].to(device))
+        parts.append(model.encode(x).indices.to("cpu", dtype))
+    if not parts:
+        raise DataError("no images to encode")
+    return torch.cat(parts)
+
+
+def stage1_data(run_dir: str | Path, model: VQVAE, source: str | None = None) -> DataConfig:
+    """The data config a stage-1 run trained on, or ``source`` at that run's size and channels."""
+    path = Path(run_dir) / "config.json"
+    data = (from_dict(RunConfig, ckpt.read_json(path), "run config").data if path.exists()
+            else DataConfig(size=model.cfg.image_size, channels=model.cfg.in_channels))
+    if source:
+        data = replace(data, source=source, size=model.cfg.image_size,
+                       channels=model.cfg.in_channels)
+    if data.size != model.cfg.image_size:
+        raise DataError(f"the stage-1 model expects {model.cfg.image_size}px images")
+    return data
+
+
+def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: int = 256,
+                   device: torch.device | str = "cpu", progress: bool = True) -> Codes:
+    """Encode the train and test splits of a data source (default: the run's own) with the
+    stage-1 model of ``run_dir``."""
+    directory = ckpt.resolve(run_dir)
+    model = ckpt.load_autoencoder(directory, device)
+    data = stage1_data(run_dir, model, source)
+    splits = load_splits(data)
+    encoded = {}
+    for name in ("train", "test"):
+        images: ImageSet = getattr(splits, name)
+        encoded[name] = CodeSplit(encode_images(model, images.images, batch_size, device,
+                                                f"encode {name}", progress), images.labels)
+    return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()),
+                 fingerprint(directory), data.source, splits.train.classes)
+
+
+# --- the file -----------------------------------------------------------------------------------
+
+
+def save_codes(codes: Codes, path: str | Path) -> Path:
+    """Write ``codes`` to one safetensors file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = code_dtype(codes.codebook_size)
+    tensors = {}
+    for name, split in codes.splits.items():
+        tensors[name] = split.codes.to(dtype).contiguous()
+        if split.labels is not None:
+            tensors[f"{name}_labels"] = split.labels.to(torch.int64).contiguous()
+    h, w = codes.grid
+    meta = {"format": FORMAT, "codebook_size": str(codes.codebook_size), "grid": f"{h}x{w}",
+            "splits": json.dumps(list(codes.splits)), "stage1": codes.stage1,
+            "stage1_sha256": codes.stage1_sha256, "source": codes.source,
+            "classes": json.dumps(list(codes.classes) if codes.classes else None)}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_codes(path: str | Path) -> Codes:
+    """Read and validate a codes file written by :func:`save_codes`."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise DataError(f"codes file {path} not found") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path} is not a vqvae codes file (written by `vqvae encode`)")
+    try:
+        k = int(meta["codebook_size"])
+        names = json.loads(meta["splits"])
+        classes = json.loads(meta["classes"])
+        stage1, sha = meta["stage1"], meta["stage1_sha256"]
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{path}: damaged metadata ({e})") from None
+    splits = {}
+    for name in names:
+        if name not in tensors:
+            raise DataError(f"{path}: split {name!r} is missing")
+        splits[name] = _check_split(path, name, tensors[name], tensors.get(f"{name}_labels"), k,
+                                    len(classes) if classes else 0)
+    if not splits or all(len(s) == 0 for s in splits.values()):
+        raise DataError(f"{path} holds no code grids")
+    if len({tuple(s.codes.shape[1:]) for s in splits.values()}) != 1:
+        raise DataError(f"{path}: splits have different grid shapes")
+    return Codes(splits, k, stage1, sha, meta.get("source", ""),
+                 tuple(classes) if classes else None)
+
+
+def _check_split(path: Path, name: str, codes: torch.Tensor, labels: torch.Tensor | None,
+                 k: int, num_classes: int) -> CodeSplit:
+    if codes.dim() != 3 or codes.dtype.is_floating_point:
+        raise DataError(f"{path}: split {name!r} must be integer (N, h, w), got {codes.dtype} "
+                        f"{tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise DataError(f"{path}: split {name!r} holds ids outside [0, {k - 1}]")
+    if labels is not None:
+        if labels.shape != (codes.shape[0],):
+            raise DataError(f"{path}: {labels.shape[0]} labels for {codes.shape[0]} {name} grids")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= max(num_classes, 1)):
+            raise DataError(f"{path}: {name} labels outside the {num_classes} classes")
+    return CodeSplit(codes, labels)

@@ -1,0 +1,227 @@
+"""Stage-2 training: fit the autoregressive prior to a codes file, with stage 1's run-folder habits.
+
+Teacher forcing with next-code cross-entropy, as the seed; held-out negative log-likelihood is
+logged in bits per code. Checkpoints, resume, time/step budgets and logs reuse :mod:`vqvae.train`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .autoencoder import VQVAE
+from .codes import Codes, CodeSplit, check_stage1, load_codes, save_codes
+from .config import PriorConfig, PriorRunConfig, from_dict, to_dict
+from .data import BatchStream, DataError
+from .metrics import evaluate_prior
+from .plots import plot_curves
+from .prior import Prior
+from .sample import decode_codes, samples_grid, save_png
+from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Runtime, StopFlag,
+                    append_jsonl, pick_device, prepare_run_dir, read_jsonl, truncate_log)
+
+CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
+
+
+def load_prior_run_config(run_dir: str | Path) -> PriorRunConfig:
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG
+    if not path.exists():
+        raise ckpt.CheckpointError(f"{run_dir} is not a prior run folder (no {RUN_CONFIG})")
+    return from_dict(PriorRunConfig, ckpt.read_json(path), "prior run config")
+
+
+def check_compatible(model: PriorConfig, codes: Codes) -> None:
+    """The prior's vocabulary, grid and classes must be those of the codes."""
+    if model.codebook_size != codes.codebook_size:
+        raise DataError(f"the codes use {codes.codebook_size} codes, the prior "
+                        f"{model.codebook_size}")
+    if (model.height, model.width) != codes.grid:
+        raise DataError(f"the codes are {codes.grid[0]}x{codes.grid[1]} grids, the prior models "
+                        f"{model.height}x{model.width}")
+    if model.num_classes and model.num_classes != codes.num_classes:
+        raise DataError(f"the prior conditions on {model.num_classes} classes, the codes have "
+                        f"{codes.num_classes or 'no labels'}")
+
+
+def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu") -> VQVAE:
+    """The stage-1 model that decodes this prior's codes, after checking its fingerprint."""
+    directory = Path(cfg.stage1)
+    if not directory.is_dir():
+        raise ckpt.CheckpointError(f"the stage-1 checkpoint {directory} is gone")
+    check_stage1(cfg.stage1_sha256, cfg.stage1, directory)
+    model = ckpt.load_autoencoder(directory, device)
+    if model.cfg.codebook_size != cfg.model.codebook_size:
+        raise DataError(f"stage-1 model has {model.cfg.codebook_size} codes, the prior "
+                        f"{cfg.model.codebook_size}")
+    return model
+
+
+@dataclass(frozen=True)
+class PriorTrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    samples: Path | None
+
+
+def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = False,
+                codes: Codes | None = None, runtime: Runtime | None = None,
+                progress: bool = True) -> PriorTrainResult:
+    """Train (or, with ``resume``, continue) a prior in ``run_dir``; returns held-out metrics.
+
+    ``codes`` may be passed in memory (e.g. just encoded); when ``cfg.codes`` is empty they are
+    written into the run folder so that a resume finds them.
+    """
+    run_dir = Path(run_dir)
+    runtime = runtime or Runtime(pick_device(cfg.train.device))
+    if not cfg.codes:
+        cfg = replace(cfg, codes=str((run_dir / CODES_FILE).resolve()))
+    elif codes is None:
+        codes = load_codes(cfg.codes)
+    assert codes is not None, "codes must be given when cfg.codes is empty"
+    check_compatible(cfg.model, codes)
+    stage1 = load_stage1(cfg, runtime.device)
+    check_stage1(codes.stage1_sha256, codes.stage1, cfg.stage1)
+    train, test = codes.split("train"), codes.split("test")
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    prior = Prior(cfg.model).to(runtime.device)
+    opt = _optimizer(prior, tc.lr, tc.weight_decay)
+    start = _restore(run_dir, prior, opt, cfg) if resume else 0
+    if runtime.is_main:
+        prepare_run_dir(run_dir, cfg, resume)
+        if not Path(cfg.codes).exists():
+            save_codes(codes, cfg.codes)
+        for log in (TRAIN_LOG, METRICS_LOG):
+            truncate_log(run_dir / log, start)
+    labels = train.labels if cfg.model.num_classes else None
+    stream = BatchStream(len(train), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
+    deadline = None if tc.minutes is None else time.monotonic() + 60 * tc.minutes
+    step, window, window_steps, metrics = start, 0.0, 0, {}
+    bar = tqdm(total=tc.steps, initial=start, desc="train prior", unit="step",
+               disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    t_window = time.perf_counter()
+    prior.train()
+    with StopFlag() as flag:
+        while step < tc.steps:
+            index = stream.indices(step)
+            batch_labels = None if labels is None else _drop_labels(labels[index], tc.p_uncond,
+                                                                    prior.null_class)
+            loss = _train_step(prior, opt, train.codes[index], batch_labels, step, cfg)
+            step += 1
+            window += loss
+            window_steps += 1
+            if step % LOG_EVERY == 0 or step == tc.steps:
+                elapsed = time.perf_counter() - t_window
+                nats = window / window_steps
+                if not math.isfinite(nats):
+                    raise FloatingPointError(f"loss became non-finite at step {step}")
+                record = {"step": step, "loss": nats, "bits": nats / math.log(2),
+                          "lr": _lr(step - 1, tc.lr, tc.warmup),
+                          "steps_per_s": window_steps / max(elapsed, 1e-9)}
+                window, window_steps, t_window = 0.0, 0, time.perf_counter()
+                if runtime.is_main:
+                    append_jsonl(run_dir / TRAIN_LOG, record)
+                bar.set_postfix({"bits": f"{record['bits']:.3f}"}
+                                | ({"test": f"{metrics['bits_per_code']:.3f}"} if metrics else {}))
+            bar.update(1)
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if step % tc.every == 0 or step == tc.steps or out_of_time or flag.stop:
+                metrics = _save_all(run_dir, step, prior, opt, cfg, stage1, test, runtime)
+            if out_of_time or flag.stop:
+                break
+    bar.close()
+    if not runtime.is_main:
+        return PriorTrainResult(run_dir, step, metrics, None)
+    final = evaluate_prior(prior, test.codes, test.labels, device=runtime.device)
+    ckpt.write_json(run_dir / "eval.json", {"step": step, "split": "test", **final})
+    return PriorTrainResult(run_dir, step, final, run_dir / "samples.png")
+
+
+def _optimizer(prior: Prior, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices, never on biases, norms or embeddings."""
+    decay = [p for n, p in prior.named_parameters() if p.dim() >= 2 and "weight" in n
+             and not isinstance(_owner(prior, n), torch.nn.Embedding)]
+    ids = {id(p) for p in decay}
+    rest = [p for p in prior.parameters() if id(p) not in ids]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+
+def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0])
+
+
+def _lr(step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then constant (a time budget leaves the end unknown)."""
+    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+
+
+def _drop_labels(labels: torch.Tensor, p: float, null: int) -> torch.Tensor:
+    """Replace each label by the null class with probability ``p`` (classifier-free guidance)."""
+    if p == 0.0:
+        return labels
+    return torch.where(torch.rand(labels.shape) < p, torch.full_like(labels, null), labels)
+
+
+def _train_step(prior: Prior, opt: torch.optim.Optimizer, codes: torch.Tensor,
+                labels: torch.Tensor | None, step: int, cfg: PriorRunConfig) -> float:
+    device = prior.head.weight.device
+    for group in opt.param_groups:
+        group["lr"] = _lr(step, cfg.train.lr, cfg.train.warmup)
+    codes = codes.to(device, non_blocking=True)
+    labels = None if labels is None else labels.to(device, non_blocking=True)
+    loss = prior.nll(codes, labels).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.train.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def sample_grid(prior: Prior, stage1: VQVAE, n: int, seed: int = 0) -> Image.Image:
+    """An n x n grid of new images; a conditional prior draws one class per row."""
+    labels = None
+    if prior.cfg.num_classes:
+        labels = (torch.arange(n * n) // n) % prior.cfg.num_classes
+    gen = torch.Generator().manual_seed(seed)
+    codes = prior.generate(n * n, labels=labels, generator=gen)
+    return samples_grid(decode_codes(stage1, codes), n)
+
+
+def _save_all(run_dir: Path, step: int, prior: Prior, opt: torch.optim.Optimizer,
+              cfg: PriorRunConfig, stage1: VQVAE, test: CodeSplit,
+              runtime: Runtime) -> dict[str, float]:
+    """Checkpoint, a sample grid, held-out bits/code and the curve plot (main process only)."""
+    if not runtime.is_main:
+        return {}
+    ckpt.write_checkpoint(run_dir, step, prior, ckpt.PRIOR_KIND, to_dict(cfg.model), opt)
+    grid = sample_grid(prior, stage1, cfg.train.grid, cfg.train.seed)
+    save_png(grid, run_dir / "samples" / f"prior_{step:07d}.png")
+    save_png(grid, run_dir / "samples.png")
+    limit = cfg.train.eval_codes or len(test)
+    labels = None if test.labels is None else test.labels[:limit]
+    metrics = evaluate_prior(prior, test.codes[:limit], labels, device=runtime.device)
+    append_jsonl(run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
+    plot_curves(read_jsonl(run_dir / TRAIN_LOG), read_jsonl(run_dir / METRICS_LOG),
+                run_dir / "curves.png", losses=("bits",),
+                metrics=(("bits_per_code", "test bits/code"),))
+    return metrics
+
+
+def _restore(run_dir: Path, prior: Prior, opt: torch.optim.Optimizer, cfg: PriorRunConfig) -> int:
+    directory = ckpt.resolve(run_dir)
+    saved = from_dict(PriorConfig, ckpt.load_config(directory, ckpt.PRIOR_KIND), "prior config")
+    if saved != cfg.model:
+        raise ckpt.CheckpointError(f"{directory} was trained with a different prior config")
+    ckpt.load_weights(directory, prior)
+    return int(ckpt.load_training_state(directory, opt)["step"])

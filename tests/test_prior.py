@@ -1,0 +1,181 @@
+import pytest
+import torch
+from torch import nn
+
+from vqvae import checkpoint as ckpt
+from vqvae.config import ConfigError, PriorConfig, default_prior, seed_prior, to_dict
+from vqvae.prior import Prior, SeedBlock, filter_logits, sample_next
+
+
+def tiny(variant="gpt", num_classes=0, h=3, w=4, k=7):
+    return PriorConfig(codebook_size=k, height=h, width=w, num_classes=num_classes,
+                       variant=variant, d_model=16, layers=2, heads=4, mlp_ratio=2, dropout=0.0)
+
+
+VARIANTS = [("seed", 0), ("gpt", 0), ("gpt", 3), ("seed", 3)]
+
+
+@pytest.mark.parametrize("variant,classes", VARIANTS)
+def test_causality(variant, classes):
+    """Changing a later token never changes earlier logits."""
+    prior = Prior(tiny(variant, classes)).eval()
+    codes = torch.randint(0, 7, (2, 3, 4))
+    labels = torch.tensor([0, 2]) if classes else None
+    inputs, _ = prior.inputs_and_targets(codes)
+    base = prior(inputs, labels)
+    assert base.shape == (2, 12, 7)
+    for t in (1, 5, 11):
+        changed = inputs.clone()
+        changed[:, t] = (changed[:, t] + 1) % 7
+        out = prior(changed, labels)
+        assert torch.equal(out[:, :t], base[:, :t]), t
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("variant,classes", VARIANTS)
+def test_cached_forward_matches_full_forward(variant, classes):
+    prior = Prior(tiny(variant, classes)).eval()
+    inputs, _ = prior.inputs_and_targets(torch.randint(0, 7, (3, 3, 4)))
+    labels = torch.tensor([0, 1, 3]) if classes else None  # 3 = the null class
+    full = prior(inputs, labels)
+    cache = prior.new_cache(3)
+    steps = [prior(inputs[:, :1], labels, cache)]
+    steps += [prior(inputs[:, t:t + 1], labels, cache) for t in range(1, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one token at a time"):
+        cache = prior.new_cache(3)
+        prior(inputs[:, :2], labels, cache)
+        prior(inputs[:, 2:4], labels, cache)
+
+
+@pytest.mark.parametrize("variant,classes", VARIANTS)
+@pytest.mark.parametrize("options", [{}, {"top_k": 3}, {"top_p": 0.8, "temperature": 1.5}])
+def test_cached_sampling_equals_full_recomputation(variant, classes, options):
+    """Same random stream -> exactly the same tokens (float64, so logits agree to ~1e-15)."""
+    prior = Prior(tiny(variant, classes)).double()
+    extra = {"labels": torch.tensor([0, 1, 2, 1, 0]), "guidance": 2.0} if classes else {}
+    a = prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
+                       **options, **extra)
+    b = prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
+                       use_cache=False, **options, **extra)
+    assert a.shape == (5, 3, 4) and a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert 0 <= a.min() and a.max() < 7
+    c = prior.generate(5, generator=torch.Generator().manual_seed(2), batch_size=3,
+                       **options, **extra)
+    assert not torch.equal(a, c)
+
+
+def test_sampling_is_reproducible_and_restores_mode():
+    prior = Prior(replace_dropout(tiny(), 0.3)).train()
+    a = prior.generate(4, generator=torch.Generator().manual_seed(0))
+    b = prior.generate(4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and prior.training
+
+
+def replace_dropout(cfg, p):
+    from dataclasses import replace
+    return replace(cfg, dropout=p)
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_candidates():
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.2, 0.15]])
+    logits = probs.log()
+    kept = lambda out: set(torch.isfinite(out[0]).nonzero().flatten().tolist())  # noqa: E731
+    assert kept(filter_logits(logits, top_k=1)) == {1}
+    assert kept(filter_logits(logits, top_k=3)) == {1, 3, 4}
+    assert kept(filter_logits(logits, top_k=5)) == {0, 1, 2, 3, 4}
+    assert kept(filter_logits(logits, top_p=0.3)) == {1}  # the most probable code always stays
+    assert kept(filter_logits(logits, top_p=0.6)) == {1, 3}
+    assert kept(filter_logits(logits, top_p=0.75)) == {1, 3, 4}
+    assert kept(filter_logits(logits, top_p=0.9)) == {1, 2, 3, 4}
+    assert kept(filter_logits(logits, top_p=1.0)) == {0, 1, 2, 3, 4}
+    assert kept(filter_logits(logits, top_k=2, top_p=0.75)) == {1, 3}  # renormalised over top-k
+    # draws only ever land on kept candidates
+    draws = sample_next(logits.expand(2000, 5), top_p=0.75,
+                        generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 3, 4}
+    # and follow the renormalised probabilities
+    freq = torch.bincount(draws, minlength=5).double() / 2000
+    assert freq[1] == pytest.approx(0.5 / 0.85, abs=0.04)
+
+
+def test_temperature_to_zero_is_greedy():
+    prior = Prior(tiny("seed"))
+    greedy = prior.generate(4, temperature=0.0)
+    assert torch.equal(greedy, prior.generate(4, temperature=0.0))
+    cold = prior.generate(4, temperature=1e-6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(cold, greedy)
+    logits = torch.randn(6, 7)
+    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
+
+
+def test_seed_preset_structure():
+    cfg = seed_prior(codebook_size=64, height=8, width=8)
+    prior = Prior(cfg)
+    assert prior.tok.weight.shape == (65, 256)  # Embedding(K + 1): codes and the start token
+    assert prior.row.weight.shape == (8, 256) and prior.col.weight.shape == (8, 256)
+    assert prior.head.weight.shape == (64, 256)
+    assert isinstance(prior.stack.norm, nn.LayerNorm)  # right after the summed embeddings
+    assert len(prior.stack.blocks) == 4
+    for block in prior.stack.blocks:
+        assert isinstance(block, SeedBlock)
+        attn = block.attn
+        assert attn.heads == 8 and cfg.d_model // attn.heads == 32
+        assert all(p.bias is None for p in (attn.q, attn.k, attn.v))  # Keras Dense(use_bias=False)
+        assert not hasattr(attn, "proj")  # no output projection
+        assert block.dense.weight.shape == (256, 256) and block.dense.bias is not None
+        assert isinstance(block.norm, nn.LayerNorm)
+    assert not any(isinstance(m, nn.Dropout) for m in prior.modules())
+    n_params = sum(p.numel() for p in prior.parameters())
+    # 4 x (3 * 256^2 + 256^2 + 256 + 2 * 256) + embeddings + 2 * 256 + head
+    expected = 4 * (4 * 256**2 + 3 * 256) + 65 * 256 + 16 * 256 + 2 * 256 + 64 * 257
+    assert n_params == expected
+    # positions: input p names row p // w, column p % w
+    inputs, targets = prior.inputs_and_targets(torch.arange(64).view(1, 8, 8))
+    assert inputs[0, 0] == 64 and torch.equal(inputs[0, 1:], torch.arange(63))
+    assert torch.equal(targets[0], torch.arange(64))
+
+
+def test_default_preset_is_gpt():
+    prior = Prior(default_prior(64, 8, 8))
+    assert prior.cfg.variant == "gpt" and prior.cfg.dropout > 0
+    assert prior.row.weight.shape == (8, 256)
+
+
+def test_save_load_identical_logits(tmp_path):
+    cfg = tiny("gpt", 3)
+    prior = Prior(cfg).eval()
+    ckpt.write_checkpoint(tmp_path, 5, prior, ckpt.PRIOR_KIND, to_dict(cfg))
+    loaded = ckpt.load_prior(tmp_path)
+    assert loaded.cfg == cfg
+    inputs, _ = prior.inputs_and_targets(torch.randint(0, 7, (2, 3, 4)))
+    labels = torch.tensor([1, 3])
+    assert torch.equal(loaded(inputs, labels), prior(inputs, labels))
+
+
+def test_config_and_sampling_errors():
+    with pytest.raises(ConfigError, match="multiple of heads"):
+        PriorConfig(d_model=30, heads=4)
+    with pytest.raises(ConfigError, match="variant"):
+        PriorConfig(variant="lstm")
+    conditional, plain = Prior(tiny("gpt", 3)), Prior(tiny())
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 2\]"):
+        conditional.generate(2, labels=3)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain.generate(2, labels=0)
+    with pytest.raises(ValueError, match="guidance needs"):
+        conditional.generate(2, guidance=3.0)
+    with pytest.raises(ValueError, match="top_p"):
+        plain.generate(2, top_p=0.0)
+    unguided = conditional.generate(2)  # a conditional prior samples unconditionally by default
+    assert unguided.shape == (2, 3, 4)
+
+
+def test_nll_is_per_code_cross_entropy():
+    prior = Prior(tiny())
+    codes = torch.randint(0, 7, (2, 3, 4))
+    nll = prior.nll(codes)
+    assert nll.shape == (2, 12) and (nll > 0).all()
+    # an untrained prior is close to uniform over the 7 codes
+    assert nll.mean().item() == pytest.approx(torch.log(torch.tensor(7.0)).item(), rel=0.1)

@@ -1,0 +1,132 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vqvae.checkpoint import load_prior
+from vqvae.cli import main
+from vqvae.codes import CodeSplit, load_codes, save_codes
+from vqvae.train import read_jsonl
+
+STAGE1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
+          "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-images", "32",
+          "--steps", "15"]
+PRIOR = ["--d-model", "16", "--layers", "1", "--heads", "2", "--batch-size", "16",
+         "--every", "10", "--eval-codes", "64", "--grid", "3"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    assert main(["train", *STAGE1, "--out", str(root / "run")]) == 0
+    assert main(["encode", str(root / "run"), "--out", str(root / "codes.safetensors")]) == 0
+    return root
+
+
+def test_help_for_stage2_commands(capsys):
+    for cmd in ("encode", "train-prior", "sample"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--top-p" in text and "--guidance" in text and "--d-model" in text
+
+
+def test_codes_file(stage1):
+    codes = load_codes(stage1 / "codes.safetensors")
+    assert codes.grid == (2, 2) and codes.codebook_size == 16 and codes.num_classes == 10
+    train, test = codes.split("train"), codes.split("test")
+    assert train.codes.dtype == torch.uint8 and train.codes.shape == (1617, 2, 2)
+    assert len(test) == 180 and test.labels is not None and test.labels.max() <= 9
+    assert len(codes.stage1_sha256) == 64 and codes.source == "digits"
+
+
+def test_train_prior_sample_end_to_end(stage1, tmp_path, capsys):
+    run = tmp_path / "prior"
+    assert main(["train-prior", "--codes", str(stage1 / "codes.safetensors"), *PRIOR,
+                 "--steps", "20", "--out", str(run)]) == 0
+    assert "bits/code" in capsys.readouterr().out
+    for name in ("config.json", "eval.json", "metrics.jsonl", "train.jsonl", "curves.png",
+                 "samples.png", "samples/prior_0000010.png",
+                 "checkpoints/step-0000020/model.safetensors"):
+        assert (run / name).exists(), name
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [10, 20] and 0 < metrics[-1]["bits_per_code"] < 8
+    assert {"loss", "bits", "lr"} <= set(read_jsonl(run / "train.jsonl")[0])
+
+    outs = [tmp_path / name for name in ("a", "b", "c")]
+    for out, seed in zip(outs, (3, 3, 4)):
+        assert main(["sample", str(run), "--n", "9", "--seed", str(seed), "--top-k", "8",
+                     "--out", str(out)]) == 0
+    assert "samples.png" in capsys.readouterr().out
+    a, b, c = (load_codes(out / "samples.safetensors").split("samples").codes for out in outs)
+    assert a.shape == (9, 2, 2) and torch.equal(a, b) and not torch.equal(a, c)
+    assert (outs[0] / "samples.png").read_bytes() == (outs[1] / "samples.png").read_bytes()
+
+
+def test_resume_matches_uninterrupted_run(stage1, tmp_path):
+    codes = str(stage1 / "codes.safetensors")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train-prior", "--codes", codes, *PRIOR, "--steps", "20", "--out", str(a)]) == 0
+    assert main(["train-prior", "--codes", codes, *PRIOR, "--steps", "10", "--out", str(b)]) == 0
+    assert main(["train-prior", "--resume", str(b), "--steps", "20"]) == 0
+    wa, wb = load_prior(a).state_dict(), load_prior(b).state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=1e-6), key
+    assert [m["step"] for m in read_jsonl(b / "metrics.jsonl")] == [10, 20]
+
+
+def test_conditional_prior_encoded_on_the_fly(stage1, tmp_path, capsys):
+    run = tmp_path / "cond"
+    assert main(["train-prior", "--stage1", str(stage1 / "run"), "--conditional", "--preset",
+                 "seed", *PRIOR, "--steps", "10", "--out", str(run)]) == 0
+    assert "null class" in capsys.readouterr().out
+    assert (run / "codes.safetensors").exists()  # kept for --resume
+    assert load_prior(run).cfg.num_classes == 10 and load_prior(run).cfg.variant == "seed"
+    assert main(["sample", str(run), "--n", "4", "--class", "3", "--guidance", "2"]) == 0
+    saved = load_codes(run / "sample" / "samples.safetensors").split("samples")
+    assert saved.labels.tolist() == [3, 3, 3, 3]
+    assert main(["sample", str(run), "--n", "4", "--class", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "--class 10 is out of range" in err and "0..9" in err and err.count("\n") == 1
+
+
+def test_bad_input_errors(stage1, tmp_path, capsys):
+    codes = load_codes(stage1 / "codes.safetensors")
+    # codes made by another model: its fingerprint does not match the stage-1 checkpoint
+    foreign = replace(codes, stage1_sha256="0" * 64)
+    save_codes(foreign, tmp_path / "foreign.safetensors")
+    assert main(["train-prior", "--codes", str(tmp_path / "foreign.safetensors"), *PRIOR,
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "made by another stage-1 model" in err and err.count("\n") == 1
+    # an empty codes file
+    empty = {n: CodeSplit(s.codes[:0], s.labels[:0]) for n, s in codes.splits.items()}
+    save_codes(replace(codes, splits=empty), tmp_path / "empty.safetensors")
+    assert main(["train-prior", "--codes", str(tmp_path / "empty.safetensors"),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "holds no code grids" in capsys.readouterr().err
+    # not a codes file at all, and a missing one
+    stage1_weights = next((stage1 / "run" / "checkpoints").glob("step-*")) / "model.safetensors"
+    assert main(["train-prior", "--codes", str(stage1_weights), "--out", str(tmp_path / "z")]) == 2
+    assert "not a vqvae codes file" in capsys.readouterr().err
+    missing = tmp_path / "nope"
+    assert main(["train-prior", "--codes", str(missing), "--out", str(tmp_path / "z")]) == 2
+    assert "not found" in capsys.readouterr().err
+    # unconditional codes cannot train a conditional prior; class on an unconditional prior
+    unlabeled = {n: CodeSplit(s.codes) for n, s in codes.splits.items()}
+    save_codes(replace(codes, splits=unlabeled, classes=None), tmp_path / "plain.safetensors")
+    assert main(["train-prior", "--codes", str(tmp_path / "plain.safetensors"), "--conditional",
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "needs class labels" in capsys.readouterr().err
+    assert main(["train-prior", "--out", str(tmp_path / "v")]) == 2
+    assert "either --codes" in capsys.readouterr().err
+    run = tmp_path / "plain"
+    assert main(["train-prior", "--codes", str(tmp_path / "plain.safetensors"), *PRIOR,
+                 "--steps", "2", "--out", str(run)]) == 0
+    assert main(["sample", str(run), "--n", "4", "--class", "1"]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+    assert main(["sample", str(run), "--n", "4", "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["train-prior", "--resume", str(run), "--layers", "3"]) == 2
+    assert "only" in capsys.readouterr().err
