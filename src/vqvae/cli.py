@@ -7,6 +7,7 @@ CLI and the configs cannot drift apart; unknown options are an error.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import types
 import warnings
@@ -25,16 +26,39 @@ from .sample import interpolation_grid, reconstruction_grid, save_png
 from .train import load_run_config, pick_device, train_autoencoder
 
 RESUMABLE = {"steps", "minutes", "device"}  # train fields a resumed run may change
+QUANTIZER_OPTIONS = ("kmeans_init", "restart_after", "cosine", "lookup_dim", "ema_decay",
+                     "ema_epsilon", "fsq_levels")
 
 
 # --- options from config fields ----------------------------------------------------------------
 
 
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _parser_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
-    """(argparse type, choices) for a field annotation such as ``int``, ``float | None``."""
+    """(argparse type, choices) for a field annotation such as ``int``, ``float | None``,
+    ``bool`` (true/false) or ``tuple[int, ...]`` (comma-separated)."""
     origin = get_origin(annotation)
     if origin is Literal:
         return str, get_args(annotation)
+    if annotation is bool:
+        return _bool, None
+    if origin is tuple:
+        return _int_tuple, None
     if origin in (Union, types.UnionType):
         inner = [a for a in get_args(annotation) if a is not type(None)]
         return _parser_type(inner[0])
@@ -65,7 +89,14 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig for ``vqvae train`` from a preset and the options actually given."""
     data = DataConfig(**_given(args, "data"))
     model = PRESETS[args.preset](data.size, data.channels or 3)
-    model = replace(model, **_given(args, "model"))
+    given = _given(args, "model")
+    if given.get("quantizer", model.quantizer) != model.quantizer:
+        # The preset's quantizer options belong to its quantizer: another one starts clean.
+        model = replace(model, **{name: VQVAEConfig.__dataclass_fields__[name].default
+                                  for name in QUANTIZER_OPTIONS})
+    if given.get("quantizer", model.quantizer) == "fsq" and "fsq_levels" in given:
+        given.setdefault("codebook_size", math.prod(given["fsq_levels"]))
+    model = replace(model, **given)
     return RunConfig(data=data, model=model, train=TrainConfig(**_given(args, "train")),
                      preset=args.preset)
 
