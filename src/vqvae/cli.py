@@ -21,7 +21,8 @@ from . import __version__
 from .checkpoint import CheckpointError, load_autoencoder, write_json
 from .config import (PRESETS, ConfigError, DataConfig, RunConfig, TrainConfig, VQVAEConfig)
 from .data import DataError, ImageSet, load_splits
-from .metrics import evaluate_autoencoder
+from .metrics import score_autoencoder
+from .plots import plot_code_usage
 from .sample import interpolation_grid, reconstruction_grid, save_png
 from .train import load_run_config, pick_device, train_autoencoder
 
@@ -170,14 +171,18 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     model, split, device = _model_and_split(args)
-    metrics = {"split": args.split, **evaluate_autoencoder(model, split.images, device=device)}
+    scores, counts = score_autoencoder(model, split.images, device=device)
+    metrics = {"split": args.split, **scores}
     out = Path(args.out or Path(args.run) / f"eval_{args.split}.json")
     write_json(out, metrics)
+    histogram = plot_code_usage(counts, out.with_name(f"code_usage_{args.split}.png"),
+                                f"{args.split} code usage")
     for key in ("images", "mse", "psnr", "mse_noq", "psnr_noq", "usage", "used_codes",
                 "dead_codes", "perplexity", "code_entropy_bits"):
         value = metrics[key]
         print(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
     print(f"written to {out}")
+    print(f"code usage histogram: {histogram}")
 
 
 # --- parser ------------------------------------------------------------------------------------
