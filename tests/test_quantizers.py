@@ -215,3 +215,21 @@ def test_code_usage_counts_a_sliding_window():
     assert stats["dead_codes"] == 2 and stats["used_codes"] == 2
     assert stats["perplexity"] == pytest.approx(math.exp(-(1 / 3) * math.log(1 / 3)
                                                          - (2 / 3) * math.log(2 / 3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cpu_and_cuda_agree(name):
+    torch.manual_seed(0)
+    cpu = VARIANTS[name]().eval()
+    gpu = VARIANTS[name]().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda()
+    z = torch.randn(3, D, 4, 5)
+    a, b = cpu(z), gpu(z.cuda())
+    assert torch.equal(a.indices, b.indices.cpu())
+    assert torch.allclose(a.quantized, b.quantized.cpu(), atol=1e-5)
+    assert torch.equal(gpu.indices_to_codes(b.indices), b.quantized)
+    gpu.train()(z.cuda())  # state updates run on the device
+    for key, value in gpu.state_dict().items():
+        assert value.device.type == "cuda", key
