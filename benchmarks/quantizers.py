@@ -34,8 +34,10 @@ RESTART_AFTER = 20  # steps: a code with a fair share of a 4096-vector batch exp
 
 
 def _arch(k: int) -> VQVAEConfig:
-    """The fixed architecture every non-seed variant uses: the default preset's."""
-    return replace(default_model(SIZE, CHANNELS), codebook_size=k, quantizer="vq")
+    """The fixed architecture every non-seed variant uses: the default preset's, with a plain
+    vq quantizer that each variant then changes."""
+    return replace(default_model(SIZE, CHANNELS), codebook_size=k, quantizer="vq",
+                   kmeans_init=False, restart_after=0, cosine=False, lookup_dim=None)
 
 
 # name -> config at codebook size K. "seed" is the seed preset itself (at K=64 exactly).

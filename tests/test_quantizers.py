@@ -172,7 +172,11 @@ def test_cli_quantizer_options():
 
 def test_seed_quantizer_state_is_the_codebook_alone():
     # Stage-1 checkpoints of the seed hold only ``quantizer.codebook``: still loadable.
-    model = VQVAE(seed_model(16, 1))
+    cfg = seed_model(16, 1)
+    assert (cfg.quantizer, cfg.codebook_size, cfg.code_dim, cfg.beta) == ("vq", 64, 128, 0.25)
+    assert not cfg.kmeans_init and cfg.restart_after == 0 and not cfg.cosine
+    assert cfg.lookup_dim is None
+    model = VQVAE(cfg)
     assert [k for k in model.state_dict() if k.startswith("quantizer.")] == ["quantizer.codebook"]
 
 
