@@ -84,7 +84,8 @@ def test_residual_block_is_identity_plus_branch():
 def test_default_preset_differs_only_where_documented():
     seed, default = seed_model(32, 1), default_model(32, 1)
     assert replace(default, res_blocks=seed.res_blocks, weight_init="keras", bn_momentum=0.01,
-                   bn_eps=1e-3) == seed
+                   bn_eps=1e-3, codebook_size=64, kmeans_init=False, restart_after=0,
+                   cosine=False, lookup_dim=None) == seed
 
 
 @pytest.mark.parametrize("field,value,words", [

@@ -6,13 +6,13 @@ plan is the blog post's Keras model (see shared/seed/DIGEST.md).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from .config import VQVAEConfig
-from .quantize import QUANTIZERS, QuantizerOutput
+from .config import QuantizerName, VQVAEConfig
+from .quantize import EMAVectorQuantizer, FiniteScalarQuantizer, QuantizerOutput, VectorQuantizer
 
 
 class ResidualBlock(nn.Module):
@@ -83,6 +83,27 @@ def _keras_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _codebook_options(cfg: VQVAEConfig) -> dict:
+    return {"kmeans_init": cfg.kmeans_init, "restart_after": cfg.restart_after,
+            "cosine": cfg.cosine, "lookup_dim": cfg.lookup_dim}
+
+
+# The config's quantizer name -> the leaf quantizer, built from plain numbers.
+QUANTIZER_BUILDERS: dict[QuantizerName, Callable[[VQVAEConfig], nn.Module]] = {
+    "vq": lambda cfg: VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta,
+                                      **_codebook_options(cfg)),
+    "ema": lambda cfg: EMAVectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta,
+                                          decay=cfg.ema_decay, epsilon=cfg.ema_epsilon,
+                                          **_codebook_options(cfg)),
+    "fsq": lambda cfg: FiniteScalarQuantizer(cfg.quantizer_levels, cfg.code_dim),
+}
+
+
+def build_quantizer(cfg: VQVAEConfig) -> nn.Module:
+    """The quantizer named by ``cfg.quantizer``; ``codebook_size`` codes for every variant."""
+    return QUANTIZER_BUILDERS[cfg.quantizer](cfg)
+
+
 class VQVAEOutput(NamedTuple):
     reconstruction: torch.Tensor  # (B, C, H, W) in [-1, 1]
     latents: torch.Tensor  # (B, D, h, w) continuous encoder output
@@ -96,7 +117,7 @@ class VQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = build_encoder(cfg)
-        self.quantizer = QUANTIZERS[cfg.quantizer](cfg.codebook_size, cfg.code_dim, cfg.beta)
+        self.quantizer = build_quantizer(cfg)
         self.decoder = build_decoder(cfg)
         if cfg.weight_init == "keras":
             self.apply(_keras_init)

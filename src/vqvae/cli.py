@@ -7,6 +7,7 @@ CLI and the configs cannot drift apart; unknown options are an error.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import types
 import warnings
@@ -22,22 +23,46 @@ from .codes import CodeSplit, Codes, encode_dataset, load_codes, save_codes
 from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, PriorConfig,
                      PriorRunConfig, PriorTrainConfig, RunConfig, TrainConfig, VQVAEConfig)
 from .data import DataError, ImageSet, load_splits
-from .metrics import evaluate_autoencoder
+from .metrics import score_autoencoder
+from .plots import plot_code_usage
 from .sample import decode_codes, interpolation_grid, reconstruction_grid, samples_grid, save_png
 from .train import load_run_config, pick_device, train_autoencoder
 from .train_prior import load_prior_run_config, load_stage1, train_prior
 
 RESUMABLE = {"steps", "minutes", "device"}  # train fields a resumed run may change
+QUANTIZER_OPTIONS = ("kmeans_init", "restart_after", "cosine", "lookup_dim", "ema_decay",
+                     "ema_epsilon", "fsq_levels")
 
 
 # --- options from config fields ----------------------------------------------------------------
 
 
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _parser_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
-    """(argparse type, choices) for a field annotation such as ``int``, ``float | None``."""
+    """(argparse type, choices) for a field annotation such as ``int``, ``float | None``,
+    ``bool`` (true/false) or ``tuple[int, ...]`` (comma-separated)."""
     origin = get_origin(annotation)
     if origin is Literal:
         return str, get_args(annotation)
+    if annotation is bool:
+        return _bool, None
+    if origin is tuple:
+        return _int_tuple, None
     if origin in (Union, types.UnionType):
         inner = [a for a in get_args(annotation) if a is not type(None)]
         return _parser_type(inner[0])
@@ -68,7 +93,14 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig for ``vqvae train`` from a preset and the options actually given."""
     data = DataConfig(**_given(args, "data"))
     model = PRESETS[args.preset](data.size, data.channels or 3)
-    model = replace(model, **_given(args, "model"))
+    given = _given(args, "model")
+    if given.get("quantizer", model.quantizer) != model.quantizer:
+        # The preset's quantizer options belong to its quantizer: another one starts clean.
+        model = replace(model, **{name: VQVAEConfig.__dataclass_fields__[name].default
+                                  for name in QUANTIZER_OPTIONS})
+    if given.get("quantizer", model.quantizer) == "fsq" and "fsq_levels" in given:
+        given.setdefault("codebook_size", math.prod(given["fsq_levels"]))
+    model = replace(model, **given)
     return RunConfig(data=data, model=model, train=TrainConfig(**_given(args, "train")),
                      preset=args.preset)
 
@@ -142,14 +174,18 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     model, split, device = _model_and_split(args)
-    metrics = {"split": args.split, **evaluate_autoencoder(model, split.images, device=device)}
+    scores, counts = score_autoencoder(model, split.images, device=device)
+    metrics = {"split": args.split, **scores}
     out = Path(args.out or Path(args.run) / f"eval_{args.split}.json")
     write_json(out, metrics)
+    histogram = plot_code_usage(counts, out.with_name(f"code_usage_{args.split}.png"),
+                                f"{args.split} code usage")
     for key in ("images", "mse", "psnr", "mse_noq", "psnr_noq", "usage", "used_codes",
                 "dead_codes", "perplexity", "code_entropy_bits"):
         value = metrics[key]
         print(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
     print(f"written to {out}")
+    print(f"code usage histogram: {histogram}")
 
 
 # --- stage 2 -----------------------------------------------------------------------------------

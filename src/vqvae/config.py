@@ -10,7 +10,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_type_hints
 
-QuantizerName = Literal["vq"]
+QuantizerName = Literal["vq", "ema", "fsq"]
 PresetName = Literal["seed", "default"]
 WeightInit = Literal["keras", "torch"]
 
@@ -57,7 +57,25 @@ class VQVAEConfig:
     codebook_size: int = field(default=64, metadata=_help("number of codes K"))
     code_dim: int = field(default=128, metadata=_help("dimension D of each code"))
     beta: float = field(default=0.25, metadata=_help("commitment loss weight"))
-    quantizer: QuantizerName = field(default="vq", metadata=_help("quantizer variant"))
+    quantizer: QuantizerName = field(default="vq", metadata=_help(
+        "vq: the seed's (codebook + commitment loss) | ema: codes are moving averages of their "
+        "vectors, commitment loss only | fsq: finite scalar quantization, an implicit codebook"))
+    kmeans_init: bool = field(default=False, metadata=_help(
+        "vq/ema: initialise the codes by k-means on the first training batch's encoder outputs"))
+    restart_after: int = field(default=0, metadata=_help(
+        "vq/ema: re-seed a code from the current batch's encoder outputs once it has been unused "
+        "for this many steps (0 = never)"))
+    cosine: bool = field(default=False, metadata=_help(
+        "vq/ema: l2-normalised codes and lookup vectors (nearest code = highest cosine)"))
+    lookup_dim: int | None = field(default=None, metadata=_help(
+        "vq/ema: look codes up in a learned linear projection to this many dimensions "
+        "(default: none, codes have code_dim dimensions)"))
+    ema_decay: float = field(default=0.99, metadata=_help("ema: decay of the moving averages"))
+    ema_epsilon: float = field(default=1e-5, metadata=_help(
+        "ema: Laplace smoothing of the codes' cluster sizes"))
+    fsq_levels: tuple[int, ...] = field(default=(), metadata=_help(
+        "fsq: values per channel, comma-separated (e.g. 8,8,8); their product is codebook_size "
+        "(default: codebook_size factorised into levels near 8)"))
     weight_init: WeightInit = field(default="keras", metadata=_help(
         "keras: glorot-uniform convs, U(-0.05, 0.05) codebook (the seed's); torch: PyTorch defaults"))
     bn_momentum: float = field(default=0.01, metadata=_help(
@@ -77,14 +95,61 @@ class VQVAEConfig:
         _check(self.beta >= 0.0, f"beta must be >= 0, got {self.beta}")
         _check(self.quantizer in get_args(QuantizerName),
                f"quantizer must be one of {get_args(QuantizerName)}, got {self.quantizer!r}")
+        self._check_quantizer_options()
         _check(self.weight_init in get_args(WeightInit),
                f"weight_init must be one of {get_args(WeightInit)}, got {self.weight_init!r}")
         _check(0.0 < self.bn_momentum <= 1.0, f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         _check(self.bn_eps > 0.0, f"bn_eps must be > 0, got {self.bn_eps}")
 
+    def _check_quantizer_options(self) -> None:
+        _check(isinstance(self.kmeans_init, bool), f"kmeans_init must be true or false, "
+               f"got {self.kmeans_init!r}")
+        _check(isinstance(self.cosine, bool), f"cosine must be true or false, got {self.cosine!r}")
+        _check(self.restart_after >= 0, f"restart_after must be >= 0, got {self.restart_after}")
+        _check(self.lookup_dim is None or self.lookup_dim >= 1,
+               f"lookup_dim must be >= 1, got {self.lookup_dim}")
+        _check(0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        _check(self.ema_epsilon > 0.0, f"ema_epsilon must be > 0, got {self.ema_epsilon}")
+        # JSON gives lists; keep a hashable tuple so configs compare equal after a round trip.
+        object.__setattr__(self, "fsq_levels", tuple(self.fsq_levels))
+        _check(all(isinstance(n, int) and n >= 2 for n in self.fsq_levels),
+               f"fsq_levels must be integers >= 2, got {self.fsq_levels}")
+        if self.quantizer != "fsq":
+            return
+        codebook_only = [name for name, on in (
+            ("kmeans_init", self.kmeans_init), ("restart_after", self.restart_after > 0),
+            ("cosine", self.cosine), ("lookup_dim", self.lookup_dim is not None)) if on]
+        _check(not codebook_only, f"fsq has no learned codebook: {', '.join(codebook_only)} "
+               f"do(es) not apply to it")
+        product = math.prod(self.quantizer_levels)
+        _check(product == self.codebook_size,
+               f"fsq_levels {self.fsq_levels} give {product} codes but codebook_size is "
+               f"{self.codebook_size}: the product of the levels must equal codebook_size")
+
+    @property
+    def quantizer_levels(self) -> tuple[int, ...]:
+        """fsq's levels: ``fsq_levels``, or ``codebook_size`` factorised when none are given."""
+        return self.fsq_levels or fsq_levels_for(self.codebook_size)
+
     @property
     def latent_size(self) -> int:
         return self.image_size // 2**self.downsamples
+
+
+def fsq_levels_for(codebook_size: int) -> tuple[int, ...]:
+    """``codebook_size`` as a product of about log8(K) levels, as equal as the factors allow
+    (512 -> 8,8,8; 1000 -> 10,10,10; 64 -> 8,8; a prime K -> one channel of K levels)."""
+    factors, n, p = [], codebook_size, 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    channels = max(1, round(math.log(codebook_size, 8)))
+    levels = [1] * channels
+    for f in sorted(factors, reverse=True):  # largest factors first, each into the smallest bin
+        levels[levels.index(min(levels))] *= f
+    return tuple(sorted((n for n in levels if n > 1), reverse=True))
 
 
 @dataclass(frozen=True)
@@ -130,14 +195,18 @@ def seed_model(image_size: int = 128, in_channels: int = 3) -> VQVAEConfig:
     return VQVAEConfig(
         image_size=image_size, in_channels=in_channels, hidden_channels=128, downsamples=2,
         res_blocks=max(0, int(math.log2(image_size)) - 4), codebook_size=64, code_dim=128,
-        beta=0.25, quantizer="vq", weight_init="keras", bn_momentum=0.01, bn_eps=1e-3)
+        beta=0.25, quantizer="vq", kmeans_init=False, restart_after=0, cosine=False,
+        lookup_dim=None, weight_init="keras", bn_momentum=0.01, bn_eps=1e-3)
 
 
 def default_model(image_size: int = 128, in_channels: int = 3) -> VQVAEConfig:
-    """The seed's architecture with at least two residual blocks and PyTorch's BN/init defaults."""
+    """The seed's architecture with at least two residual blocks and PyTorch's BN/init defaults,
+    and the quantizer that won benchmarks/quantizers.py (docs/quantizers.md): 512 cosine codes
+    looked up in 8 dimensions, k-means init, restarted after 20 unused steps."""
     seed = seed_model(image_size, in_channels)
     return replace(seed, res_blocks=max(2, seed.res_blocks), weight_init="torch",
-                   bn_momentum=0.1, bn_eps=1e-5)
+                   bn_momentum=0.1, bn_eps=1e-5, codebook_size=512, kmeans_init=True,
+                   restart_after=20, cosine=True, lookup_dim=8)
 
 
 PRESETS = {"seed": seed_model, "default": default_model}

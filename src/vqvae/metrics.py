@@ -1,17 +1,20 @@
 """Reconstruction and codebook metrics: PSNR, codebook usage, perplexity, bits per code.
 
 Usage and perplexity are counted over a whole set of images, not per batch: a code counts as used
-if any held-out vector maps to it.
+if any held-out vector maps to it. During training, :class:`CodeUsage` counts over a window of
+recent steps.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from .autoencoder import VQVAE
 from .data import to_float
+from .quantize import all_reduce_sum
 
 
 def psnr(mse: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -31,6 +34,34 @@ def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
             "code_entropy_bits": entropy / math.log(2)}
 
 
+class CodeUsage:
+    """Per-code assignment counts over a sliding window of the last ``window`` training steps.
+
+    A ring of per-step counts (window, K) on the model's device; ``update`` costs one bincount
+    and no host sync, ``stats`` (usage %, dead codes, perplexity over the window) syncs once.
+    """
+
+    def __init__(self, codebook_size: int, window: int, device: torch.device | str = "cpu"):
+        self.ring = torch.zeros(window, codebook_size, dtype=torch.long, device=device)
+        self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
+        self.slot = 0
+
+    def update(self, indices: torch.Tensor) -> None:
+        step = torch.bincount(indices.flatten(), minlength=self.counts.numel())
+        self.counts += step - self.ring[self.slot]
+        self.ring[self.slot] = step
+        self.slot = (self.slot + 1) % self.ring.shape[0]
+
+    def stats(self) -> dict[str, float]:
+        counts = all_reduce_sum(self.counts.clone())  # every rank's assignments (issue 6)
+        return codebook_stats(counts.cpu())
+
+
+class Evaluation(NamedTuple):
+    metrics: dict[str, float]
+    counts: torch.Tensor  # (K,) held-out assignments per code, for the usage histogram
+
+
 @torch.no_grad()
 def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
                          device: torch.device | str = "cpu") -> dict[str, float]:
@@ -40,6 +71,13 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
     decode the continuous latents. PSNR is the mean of per-image PSNR on the [-1, 1] scale
     (identical to the [0, 255] scale).
     """
+    return score_autoencoder(model, images, batch_size, device).metrics
+
+
+@torch.no_grad()
+def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
+                      device: torch.device | str = "cpu") -> Evaluation:
+    """:func:`evaluate_autoencoder`'s metrics and the per-code counts behind them."""
     was_training = model.training
     model.eval()
     k = model.cfg.codebook_size
@@ -56,8 +94,9 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
         counts += torch.bincount(q.indices.flatten(), minlength=k)
     model.train(was_training)
     n = images.shape[0]
-    return {**{name: value / n for name, value in sums.items()}, **codebook_stats(counts.cpu()),
-            "images": n}
+    counts = counts.cpu()
+    return Evaluation({**{name: value / n for name, value in sums.items()},
+                       **codebook_stats(counts), "images": n}, counts)
 
 
 @torch.no_grad()

@@ -1,26 +1,61 @@
-"""Vector quantizers: snap each latent vector to its nearest codebook entry.
+"""Quantizers behind one small API: ``forward(z) -> QuantizerOutput``, ``indices_to_codes``.
 
-van den Oord et al., "Neural Discrete Representation Learning" (2017), arXiv:1711.00937.
+vq: van den Oord et al., "Neural Discrete Representation Learning" (2017), arXiv:1711.00937;
+ema: the same paper's appendix / Razavi et al. (2019), arXiv:1906.00446; k-means init and
+dead-code restarts: Dhariwal et al., "Jukebox" (2020), arXiv:2005.00341; cosine codes in a
+projected lookup space: Yu et al., "Vector-quantized Image Modeling with Improved VQGAN" (2021),
+arXiv:2110.04627; fsq: Mentzer et al., "Finite Scalar Quantization" (2023), arXiv:2309.15505.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 # Rows of the (N, K) distance matrix computed at once: bounds memory to ~CHUNK_ELEMENTS floats.
 CHUNK_ELEMENTS = 1 << 22
+KMEANS_ITERS = 10
 
 
 class QuantizerOutput(NamedTuple):
     quantized: torch.Tensor  # (B, D, H, W), straight-through: forward = codes, backward = identity
     indices: torch.Tensor  # (B, H, W) int64
-    loss: torch.Tensor  # scalar: codebook_loss + beta * commitment_loss
+    loss: torch.Tensor  # scalar: the quantizer's share of the training loss
     codebook_loss: torch.Tensor  # scalar: mse(sg(z), e), moves codes towards encoder outputs
     commitment_loss: torch.Tensor  # scalar: mse(z, sg(e)), keeps encoder outputs near codes
+
+
+# --- the seam for data parallelism (issue 6) ---------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over data-parallel ranks; the identity in a single process.
+
+    Every statistic that updates a codebook (EMA sums, k-means, usage counters) goes through here,
+    so all ranks keep identical codebooks.
+    """
+    if _distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank (random choices: k-means seeds, restart samples)."""
+    if _distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+# --- shared pieces -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -35,36 +70,295 @@ def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for start in range(0, flat.shape[0], rows):
         chunk = flat[start:start + rows]
-        dist = torch.addmm(e_sq, chunk, codebook.t(), alpha=-2.0)  # (n, K)
-        out[start:start + rows] = dist.argmin(1)
+        dist_ = torch.addmm(e_sq, chunk, codebook.t(), alpha=-2.0)  # (n, K)
+        out[start:start + rows] = dist_.argmin(1)
     return out
 
 
-class VectorQuantizer(nn.Module):
-    """The seed's quantizer: a learned codebook, codebook loss + beta * commitment loss."""
+def cluster_sums(x: torch.Tensor, indices: torch.Tensor,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts (K,) and sums (K, D) of the rows of ``x`` (N, D) assigned by ``indices``,
+    summed over ranks; no (N, K) one-hot matrix is built."""
+    counts = torch.bincount(indices, minlength=k).to(x.dtype)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, indices, x)
+    return all_reduce_sum(counts), all_reduce_sum(sums)
 
-    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25):
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS,
+           cosine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the rows of ``x`` (N, D), seeded by k-means++ on rank 0.
+
+    Returns centroids (K, D) and their final cluster sizes (K,); with ``cosine`` the centroids
+    are kept on the unit sphere (spherical k-means). A cluster that empties keeps its seed.
+    """
+    x = x.float()
+    centroids = broadcast_from_main(_kmeans_plus_plus(x, k))
+    counts = torch.zeros(k, device=x.device)
+    for _ in range(iters):
+        counts, sums = cluster_sums(x, nearest_code(x, centroids), k)
+        means = sums / counts.clamp_min(1.0).unsqueeze(1)
+        if cosine:
+            means = F.normalize(means, dim=1)
+        centroids = torch.where(counts.unsqueeze(1) > 0, means, centroids)
+    return centroids, counts
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k seeds drawn with probability proportional to the squared distance to the nearest seed
+    so far (Arthur & Vassilvitskii, 2007). Fewer distinct rows than k: duplicates are drawn."""
+    seeds = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    seeds[0] = x[torch.randint(x.shape[0], (), device=x.device)]
+    d2 = (x - seeds[0]).pow(2).sum(1)  # (N,) squared distance to the nearest seed
+    for i in range(1, k):
+        pick = torch.multinomial(d2 + 1e-12, 1)  # all zero (k > distinct rows): uniform
+        seeds[i] = x[pick[0]]
+        d2 = torch.minimum(d2, (x - seeds[i]).pow(2).sum(1))
+    return seeds
+
+
+class LookupSpace(nn.Module):
+    """Where codes live: the latent space itself, or a linear projection of it to ``lookup_dim``
+    (and back), optionally l2-normalised so that nearest = highest cosine similarity."""
+
+    def __init__(self, dim: int, lookup_dim: int | None = None, cosine: bool = False):
+        super().__init__()
+        self.dim = lookup_dim or dim
+        self.cosine = cosine
+        self.project_in = nn.Linear(dim, lookup_dim) if lookup_dim else nn.Identity()
+        self.project_out = nn.Linear(lookup_dim, dim) if lookup_dim else nn.Identity()
+
+    def inward(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, dim) latents -> (N, lookup_dim) lookup vectors."""
+        x = self.project_in(flat)
+        return F.normalize(x, dim=-1) if self.cosine else x
+
+    def outward(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, lookup_dim) codes -> (N, dim) vectors for the decoder."""
+        return self.project_out(codes)
+
+
+def _flatten(z: torch.Tensor) -> torch.Tensor:
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, H, W) -> (B*H*W, D)
+
+
+def _unflatten(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    b, h, w = shape
+    return flat.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B*H*W, D) -> (B, D, H, W)
+
+
+# --- learned codebooks: vq and ema -------------------------------------------------------------
+
+
+class _CodebookQuantizer(nn.Module):
+    """What vq and ema share: the lookup, k-means init, dead-code restarts, the output.
+
+    Subclasses hold the codebook (a parameter or a buffer) and say how it is read
+    (``codebook_vectors``), overwritten (``_overwrite``) and learned (``_learn``, ``_loss``).
+    State lives in buffers so it is saved with the weights: ``initialized`` (with k-means init;
+    a loaded model never re-initialises) and ``unused_steps`` (with restarts).
+    """
+
+    def __init__(self, codebook_size: int, dim: int, beta: float, kmeans_init: bool,
+                 restart_after: int, cosine: bool, lookup_dim: int | None):
         super().__init__()
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
-        self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-0.05, 0.05))
+        self.restart_after = restart_after
+        self.space = LookupSpace(dim, lookup_dim, cosine)
+        if kmeans_init:
+            self.register_buffer("initialized", torch.tensor(False))
+        if restart_after > 0:
+            self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
+
+    def _init_codebook(self) -> torch.Tensor:
+        """The seed's U(-0.05, 0.05) codebook (K, lookup_dim), on the sphere for cosine codes."""
+        codebook = torch.empty(self.codebook_size, self.space.dim).uniform_(-0.05, 0.05)
+        return F.normalize(codebook, dim=1) if self.space.cosine else codebook
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """The codes (K, lookup_dim) in the lookup space."""
+        raise NotImplementedError
+
+    def _overwrite(self, mask: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor) -> None:
+        """Replace the codes where ``mask`` (K,) by ``vectors`` (K, d) backed by ``counts`` (K,)."""
+        raise NotImplementedError
+
+    def _learn(self, x: torch.Tensor, indices: torch.Tensor) -> None:
+        """Update the codebook from this batch's assignments (ema); vq learns by gradient."""
+
+    def _loss(self, codebook_loss: torch.Tensor, commitment_loss: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B, D, H, W) -> (B*H*W, D)
-        indices = nearest_code(flat.detach(), self.codebook.detach())
-        codes = self.indices_to_codes(indices.view(b, h, w))  # (B, D, H, W)
-        codebook_loss = F.mse_loss(codes, z.detach())
-        commitment_loss = F.mse_loss(z, codes.detach())
-        # Straight-through estimator: forward value is exactly ``codes`` (z - sg(z) == 0), the
-        # gradient flows to z unchanged; the seed's z + sg(e - z) is the same up to rounding.
-        quantized = codes.detach() + (z - z.detach())
-        return QuantizerOutput(quantized, indices.view(b, h, w),
-                               codebook_loss + self.beta * commitment_loss,
-                               codebook_loss, commitment_loss)
+        b, _, h, w = z.shape
+        x = self.space.inward(_flatten(z))  # (N, d) in the lookup space
+        if self.training:
+            self._maybe_initialize(x.detach())
+        indices = nearest_code(x.detach(), self.codebook_vectors().detach())  # (N,)
+        if self.training:  # state changes before the gather, so indices_to_codes agrees after
+            with torch.no_grad():
+                self._learn(x.detach().float(), indices)
+                self._restart_dead(x.detach().float(), indices)
+        codes = F.embedding(indices, self.codebook_vectors())  # (N, d)
+        codebook_loss = F.mse_loss(codes, x.detach())
+        commitment_loss = F.mse_loss(x, codes.detach())
+        # Straight-through: the forward value is exactly ``codes`` (x - sg(x) == 0), the gradient
+        # reaches x unchanged; the seed's z + sg(e - z) is the same up to rounding.
+        quantized = self.space.outward(codes.detach() + (x - x.detach()))
+        return QuantizerOutput(_unflatten(quantized, (b, h, w)), indices.view(b, h, w),
+                               self._loss(codebook_loss, commitment_loss), codebook_loss,
+                               commitment_loss)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""
-        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2).contiguous()
+        codes = F.embedding(indices.reshape(-1), self.codebook_vectors())  # (N, d)
+        return _unflatten(self.space.outward(codes), indices.shape)
+
+    @torch.no_grad()
+    def _maybe_initialize(self, x: torch.Tensor) -> None:
+        if not hasattr(self, "initialized") or bool(self.initialized):
+            return
+        centroids, counts = kmeans(x, self.codebook_size, cosine=self.space.cosine)
+        everything = torch.ones(self.codebook_size, dtype=torch.bool, device=x.device)
+        self._overwrite(everything, centroids, counts.clamp_min(1.0))
+        self.initialized.fill_(True)
+
+    def _restart_dead(self, x: torch.Tensor, indices: torch.Tensor) -> None:
+        """Re-seed every code unused for ``restart_after`` steps with a random vector of this
+        batch. Written without a host sync: all K rows get a candidate, the mask picks."""
+        if self.restart_after <= 0:
+            return
+        used = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size)) > 0
+        self.unused_steps.add_(1).masked_fill_(used, 0)
+        dead = self.unused_steps >= self.restart_after  # (K,)
+        pick = torch.randint(x.shape[0], (self.codebook_size,), device=x.device)
+        candidates = broadcast_from_main(x[pick].contiguous())  # (K, d)
+        self._overwrite(dead, candidates, torch.ones_like(dead, dtype=x.dtype))
+        self.unused_steps.masked_fill_(dead, 0)
 
 
-QUANTIZERS = {"vq": VectorQuantizer}
+class VectorQuantizer(_CodebookQuantizer):
+    """The seed's quantizer: a learned codebook, codebook loss + beta * commitment loss.
+
+    Options (all off in the seed): ``kmeans_init`` on the first training batch, ``restart_after``
+    steps unused -> re-seeded, ``cosine`` codes, lookup in a ``lookup_dim`` projection.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, *,
+                 kmeans_init: bool = False, restart_after: int = 0, cosine: bool = False,
+                 lookup_dim: int | None = None):
+        super().__init__(codebook_size, dim, beta, kmeans_init, restart_after, cosine, lookup_dim)
+        self.codebook = nn.Parameter(self._init_codebook())
+
+    def codebook_vectors(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=1) if self.space.cosine else self.codebook
+
+    def _overwrite(self, mask: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor) -> None:
+        self.codebook.data.copy_(torch.where(mask.unsqueeze(1), vectors.to(self.codebook.dtype),
+                                             self.codebook.data))
+
+    def _loss(self, codebook_loss: torch.Tensor, commitment_loss: torch.Tensor) -> torch.Tensor:
+        return codebook_loss + self.beta * commitment_loss
+
+
+class EMAVectorQuantizer(_CodebookQuantizer):
+    """Codes are exponential moving averages of the vectors assigned to them; the encoder
+    only pays the commitment loss.
+
+    ``cluster_size`` (K,) and ``embed_sum`` (K, d) are EMAs of per-code counts and sums; the
+    code is ``embed_sum / smoothed(cluster_size)`` with Laplace smoothing ``epsilon``.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, *,
+                 decay: float = 0.99, epsilon: float = 1e-5, kmeans_init: bool = False,
+                 restart_after: int = 0, cosine: bool = False, lookup_dim: int | None = None):
+        super().__init__(codebook_size, dim, beta, kmeans_init, restart_after, cosine, lookup_dim)
+        self.decay, self.epsilon = decay, epsilon
+        codebook = self._init_codebook()
+        self.register_buffer("codebook", codebook)
+        # Every code starts as the mean of one pseudo-vector: a code nothing is assigned to
+        # keeps its place instead of being dragged to zero by the decay.
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_sum", codebook.clone())
+
+    def codebook_vectors(self) -> torch.Tensor:
+        return self.codebook
+
+    def _refresh(self) -> None:
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
+        codebook = self.embed_sum / smoothed.unsqueeze(1)
+        self.codebook.copy_(F.normalize(codebook, dim=1) if self.space.cosine else codebook)
+
+    def _learn(self, x: torch.Tensor, indices: torch.Tensor) -> None:
+        counts, sums = cluster_sums(x, indices, self.codebook_size)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self._refresh()
+
+    def _overwrite(self, mask: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor) -> None:
+        self.cluster_size.copy_(torch.where(mask, counts, self.cluster_size))
+        self.embed_sum.copy_(torch.where(mask.unsqueeze(1), vectors * counts.unsqueeze(1),
+                                         self.embed_sum))
+        self._refresh()
+
+    def _loss(self, codebook_loss: torch.Tensor, commitment_loss: torch.Tensor) -> torch.Tensor:
+        return self.beta * commitment_loss  # codebook_loss is reported, never trained on
+
+
+# --- fsq: an implicit codebook ------------------------------------------------------------------
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """Bound each of ``len(levels)`` channels with tanh and round it to ``levels[c]`` values.
+
+    The implicit codebook is the grid of all combinations (``prod(levels)`` codes); an index is
+    the mixed-radix number of the per-channel digits. Latents of another width are projected to
+    ``len(levels)`` channels and back. No auxiliary loss: ``loss`` is zero, ``commitment_loss``
+    reports the rounding error.
+    """
+
+    def __init__(self, levels: Sequence[int], dim: int):
+        super().__init__()
+        if len(levels) == 0 or min(levels) < 2:
+            raise ValueError(f"fsq levels must be integers >= 2, got {tuple(levels)}")
+        self.levels, self.dim = tuple(int(n) for n in levels), dim
+        self.codebook_size = math.prod(self.levels)
+        self.space = LookupSpace(dim, None if dim == len(levels) else len(levels))
+        lv = torch.tensor(self.levels, dtype=torch.float32)
+        basis = torch.cumprod(torch.tensor((1,) + self.levels[:-1]), 0)
+        # Derived constants, not state: rebuilt from ``levels``, never saved.
+        self.register_buffer("_levels", lv, persistent=False)
+        self.register_buffer("_basis", basis, persistent=False)
+
+    def _bounded(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> values in (-L/2, L/2) per channel; the shrink keeps tanh's +-1 inside."""
+        return torch.tanh(x) * (self._levels / 2 * (1 - 1e-3))
+
+    def _grid(self, digits: torch.Tensor) -> torch.Tensor:
+        """Digits 0..L-1 -> code values (digit - (L-1)/2) / (L/2), symmetric in (-1, 1)."""
+        return (digits - (self._levels - 1) / 2) / (self._levels / 2)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        b, _, h, w = z.shape
+        y = self._bounded(self.space.inward(_flatten(z)).float())  # (N, C)
+        # Odd L: round to integers; even L: to half-integers. Digits are exact small integers.
+        offset = (1 - self._levels % 2) / 2
+        digits = (torch.round(y - offset) + offset + (self._levels - 1) / 2).detach()
+        codes = self._grid(digits)
+        scaled = y / (self._levels / 2)
+        indices = (digits.long() * self._basis).sum(1)  # (N,)
+        quantized = self.space.outward(codes + (scaled - scaled.detach()))  # straight-through
+        zero = z.new_zeros(())
+        return QuantizerOutput(_unflatten(quantized, (b, h, w)), indices.view(b, h, w), zero,
+                               zero, F.mse_loss(scaled.detach(), codes))
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""
+        flat = indices.reshape(-1, 1)
+        digits = (flat // self._basis) % self._basis.new_tensor(self.levels)  # (N, C)
+        codes = self._grid(digits.float())
+        return _unflatten(self.space.outward(codes), indices.shape)
+
+
+QUANTIZERS = {"vq": VectorQuantizer, "ema": EMAVectorQuantizer, "fsq": FiniteScalarQuantizer}

@@ -24,12 +24,13 @@ from . import checkpoint as ckpt
 from .autoencoder import VQVAE, VQVAEOutput
 from .config import ConfigError, RunConfig, VQVAEConfig, from_dict, to_dict
 from .data import BatchStream, Splits, load_splits, source_channels, to_float
-from .metrics import evaluate_autoencoder
-from .plots import plot_curves
+from .metrics import CodeUsage, Evaluation, score_autoencoder
+from .plots import plot_code_usage, plot_curves
 from .sample import interpolation_grid, reconstruction_grid, save_png
 
 TRAIN_LOG, METRICS_LOG, RUN_CONFIG = "train.jsonl", "metrics.jsonl", "config.json"
 LOG_EVERY = 10  # steps averaged into one train.jsonl line
+HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,9 @@ def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
     }
 
 
-def _evaluate(model: VQVAE, splits: Splits, limit: int, runtime: Runtime) -> dict[str, float]:
+def _evaluate(model: VQVAE, splits: Splits, limit: int, runtime: Runtime) -> Evaluation:
     images = splits.test.images if limit == 0 else splits.test.images[:limit]
-    return evaluate_autoencoder(model, images, device=runtime.device)
+    return score_autoencoder(model, images, device=runtime.device)
 
 
 def _checkpoint(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer,
@@ -222,13 +223,16 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     bar = tqdm(total=tc.steps, initial=start, desc="train vqvae", unit="step",
                disable=not (progress and runtime.is_main), dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 15.0)  # sparse lines in logs
+    usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)  # last --every steps
     t_window = time.perf_counter()
     model.train()
     with StopFlag() as flag:
         while step < tc.steps:
             x = to_float(splits.train.images[stream.indices(step)]).to(runtime.device,
                                                                        non_blocking=True)
-            losses = vqvae_losses(x, model(x))
+            out = model(x)
+            losses = vqvae_losses(x, out)
+            usage.update(out.quantized.indices)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
@@ -238,7 +242,9 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                 window[name] = window.get(name, 0.0) + value.item()
             if step % LOG_EVERY == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - t_window
+                health = usage.stats()
                 record = {"step": step, **{k: v / window_steps for k, v in window.items()},
+                          **{f"window_{k}": health[k] for k in HEALTH},
                           "steps_per_s": window_steps / max(elapsed, 1e-9)}
                 window, window_steps, t_window = {}, 0, time.perf_counter()
                 if not all(math.isfinite(v) for v in record.values()):
@@ -246,6 +252,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                 if runtime.is_main:
                     append_jsonl(run_dir / TRAIN_LOG, record)
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("mse_x", "mse_e", "mse_z")}
+                                | {"use%": f"{health['usage']:.0f}", "dead": health["dead_codes"]}
                                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
             bar.update(1)
             out_of_time = deadline is not None and time.monotonic() >= deadline
@@ -255,8 +262,10 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                 break
     bar.close()
     pictures = write_pictures(model, grid_images, tc.grid, run_dir) if runtime.is_main else {}
-    final = _evaluate(model, splits, 0, runtime) if runtime.is_main else metrics
+    final = metrics
     if runtime.is_main:
+        final, counts = _evaluate(model, splits, 0, runtime)
+        pictures["code_usage"] = plot_code_usage(counts, run_dir / "code_usage.png")
         ckpt.write_json(run_dir / "eval.json", {"step": step, "split": "test", **final})
     return TrainResult(run_dir, step, final, pictures)
 
@@ -264,12 +273,13 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
 def _save_all(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer,
               cfg: RunConfig, splits: Splits, grid_images: torch.Tensor,
               runtime: Runtime) -> dict[str, float]:
-    """Checkpoint, grids, held-out metrics and the curve plot, all on the main process."""
+    """Checkpoint, grids, held-out metrics, usage histogram and curves, on the main process."""
     if not runtime.is_main:
         return {}
     _checkpoint(run_dir, step, model, opt, cfg)
     write_pictures(model, grid_images, cfg.train.grid, run_dir / "samples", f"_{step:07d}")
-    metrics = _evaluate(model, splits, cfg.train.eval_images, runtime)
+    metrics, counts = _evaluate(model, splits, cfg.train.eval_images, runtime)
+    plot_code_usage(counts, run_dir / "samples" / f"code_usage_{step:07d}.png")
     append_jsonl(run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
     plot_curves(read_jsonl(run_dir / TRAIN_LOG), read_jsonl(run_dir / METRICS_LOG),
                 run_dir / "curves.png")

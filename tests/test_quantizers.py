@@ -1,0 +1,239 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqvae import VQVAE, ConfigError, VQVAEConfig, load_autoencoder, seed_model
+from vqvae import checkpoint as ckpt
+from vqvae import quantize
+from vqvae.cli import build_run_config, make_parser
+from vqvae.config import from_dict, fsq_levels_for, to_dict
+from vqvae.metrics import CodeUsage
+from vqvae.quantize import (EMAVectorQuantizer, FiniteScalarQuantizer, VectorQuantizer, kmeans)
+
+K, D = 12, 6
+VARIANTS = {
+    "vq": lambda: VectorQuantizer(K, D),
+    "vq-all": lambda: VectorQuantizer(K, D, kmeans_init=True, restart_after=2, cosine=True,
+                                      lookup_dim=3),
+    "ema": lambda: EMAVectorQuantizer(K, D),
+    "ema-all": lambda: EMAVectorQuantizer(K, D, kmeans_init=True, restart_after=2, cosine=True,
+                                          lookup_dim=3),
+    "fsq": lambda: FiniteScalarQuantizer((3, 4), D),
+    "fsq-no-projection": lambda: FiniteScalarQuantizer((3, 2, 2, 5, 2, 3), D),
+}
+CONFIGS = {
+    "vq": {}, "vq-all": dict(kmeans_init=True, restart_after=2, cosine=True, lookup_dim=3),
+    "ema": dict(quantizer="ema"),
+    "ema-all": dict(quantizer="ema", kmeans_init=True, restart_after=2, cosine=True, lookup_dim=3),
+    "fsq": dict(quantizer="fsq", codebook_size=16),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_index_round_trip_is_exact(name, training):
+    q = VARIANTS[name]().train(training)
+    z = torch.randn(3, D, 4, 5)
+    for _ in range(3):  # also after k-means init, EMA updates and restarts
+        out = q(z)
+        assert out.quantized.shape == z.shape
+        assert out.indices.shape == (3, 4, 5) and out.indices.dtype == torch.long
+        assert 0 <= out.indices.min() and out.indices.max() < q.codebook_size
+        assert torch.equal(q.indices_to_codes(out.indices), out.quantized)
+        assert all(t.dim() == 0 for t in out[2:])  # loss, codebook_loss, commitment_loss
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradients_reach_the_encoder(name, tiny_cfg):
+    model = VQVAE(replace(tiny_cfg, **CONFIGS[name]))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    out = model(x)
+    (F.mse_loss(out.reconstruction, x) + out.quantized.loss).backward()
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_loss_reporting():
+    z = torch.randn(2, D, 3, 3)
+    ema = EMAVectorQuantizer(K, D, beta=0.5).eval()(z)
+    assert torch.allclose(ema.loss, 0.5 * ema.commitment_loss)
+    assert torch.allclose(ema.codebook_loss, ema.commitment_loss)
+    fsq = FiniteScalarQuantizer((4, 4), D)(z)
+    assert fsq.loss == 0 and fsq.codebook_loss == 0 and fsq.commitment_loss > 0
+
+
+def test_ema_update_equals_hand_computed():
+    q = EMAVectorQuantizer(2, 1, decay=0.5, epsilon=0.1)
+    q.codebook.copy_(torch.tensor([[0.0], [10.0]]))
+    q.embed_sum.copy_(q.codebook)
+    z = torch.tensor([1.0, 2.0, 3.0, 9.0]).view(1, 1, 2, 2)  # codes 0, 0, 0, 1
+    q.train()(z)
+    # counts (3, 1), sums (6, 9); N = cluster_size = 0.5 * (1, 1) + 0.5 * (3, 1) = (2, 1)
+    assert torch.allclose(q.cluster_size, torch.tensor([2.0, 1.0]))
+    assert torch.allclose(q.embed_sum, torch.tensor([[0.5 * 0 + 0.5 * 6], [0.5 * 10 + 0.5 * 9]]))
+    n = 3.0
+    smoothed = torch.tensor([(2 + 0.1) / (n + 0.2) * n, (1 + 0.1) / (n + 0.2) * n])
+    assert torch.allclose(q.codebook.squeeze(1), torch.tensor([3.0, 9.5]) / smoothed)
+    before = q.codebook.clone()
+    q.eval()(z)  # eval never updates state
+    assert torch.equal(q.codebook, before)
+
+
+def _mixture(centres, per=200, spread=0.05):
+    return torch.cat([c + spread * torch.randn(per, c.numel()) for c in centres])
+
+
+def test_kmeans_finds_the_clusters_of_a_mixture():
+    centres = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 4.0], [0.0, -4.0], [3.0, 3.0]])
+    x = _mixture(centres)
+    found, counts = kmeans(x, 5)
+    assert torch.cdist(centres, found).min(1).values.max() < 0.1
+    assert sorted(counts.tolist()) == [200.0] * 5
+
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+def test_kmeans_init_on_first_training_batch_only(cls, monkeypatch):
+    centres = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    z = _mixture(centres, 64)[torch.randperm(192)].view(4, 6, 8, 3).permute(0, 3, 1, 2)
+    q = cls(3, 3, kmeans_init=True)
+    q.eval()(z)
+    assert not q.initialized  # eval never initialises
+    q.train()(z)
+    assert q.initialized
+    assert torch.cdist(centres, q.codebook_vectors()).min(1).values.max() < 0.1
+    monkeypatch.setattr(quantize, "kmeans", lambda *a, **k: pytest.fail("k-means ran twice"))
+    q(z)
+
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+def test_restart_revives_codes_forced_dead(cls):
+    q = cls(8, 2, restart_after=3).train()
+    with torch.no_grad():  # codes 4..7 far away from every input: never chosen
+        q.codebook[4:] = 1000.0
+        if cls is EMAVectorQuantizer:
+            q.embed_sum[4:] = 1000.0
+    z = torch.randn(2, 2, 8, 8)
+    for _ in range(2):
+        q(z)
+    assert (q.codebook_vectors()[4:] > 900).all()  # not yet: unused for 2 < 3 steps
+    assert q.unused_steps[4:].eq(2).all()
+    q(z)
+    assert q.codebook_vectors()[4:].abs().max() < 10  # re-seeded from the batch
+    assert q.unused_steps[4:].eq(0).all()
+    used = torch.zeros(8, dtype=torch.bool)
+    for _ in range(5):
+        used[q(z).indices.flatten()] = True
+    assert used[4:].any()
+
+
+def test_fsq_index_code_bijection():
+    levels = (3, 4, 2)
+    q = FiniteScalarQuantizer(levels, len(levels))  # no projection: codes are the grid itself
+    assert q.codebook_size == 24
+    every = torch.arange(24).view(2, 3, 4)
+    codes = q.indices_to_codes(every)  # (2, 3, 2, 3, 4) grid values
+    flat = codes.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert torch.unique(flat, dim=0).shape[0] == 24  # injective
+    assert flat.abs().max() < 1
+    # the latent tanh maps onto a grid point is quantized back to that point's index
+    scale = torch.tensor(levels) / 2 * (1 - 1e-3)
+    latent = torch.atanh(flat / (1 - 1e-3) * (torch.tensor(levels) / 2) / scale)
+    latent = latent.view(2, 3, 4, 3).permute(0, 3, 1, 2)
+    assert torch.equal(q(latent).indices, every)
+
+
+def test_fsq_levels_and_codebook_size():
+    assert fsq_levels_for(512) == (8, 8, 8) and fsq_levels_for(64) == (8, 8)
+    assert math.prod(fsq_levels_for(1000)) == 1000 and fsq_levels_for(7) == (7,)
+    cfg = VQVAEConfig(quantizer="fsq", codebook_size=512)
+    assert cfg.quantizer_levels == (8, 8, 8) and VQVAE(cfg).quantizer.codebook_size == 512
+    with pytest.raises(ConfigError, match="product of the levels"):
+        VQVAEConfig(quantizer="fsq", codebook_size=64, fsq_levels=(8, 8, 8))
+    with pytest.raises(ConfigError, match="kmeans_init"):
+        VQVAEConfig(quantizer="fsq", codebook_size=64, kmeans_init=True)
+    cfg = VQVAEConfig(quantizer="fsq", codebook_size=60, fsq_levels=[5, 4, 3])
+    assert from_dict(VQVAEConfig, to_dict(cfg)) == cfg  # JSON lists come back as tuples
+
+
+def test_cli_quantizer_options():
+    args = make_parser().parse_args(["train", "--out", "x", "--quantizer", "fsq",
+                                     "--fsq-levels", "5,4,3"])
+    model = build_run_config(args).model
+    assert model.fsq_levels == (5, 4, 3) and model.codebook_size == 60
+    args = make_parser().parse_args(["train", "--out", "x", "--quantizer", "ema", "--cosine",
+                                     "true", "--kmeans-init", "false", "--lookup-dim", "8"])
+    model = build_run_config(args).model
+    assert model.cosine is True and model.kmeans_init is False and model.lookup_dim == 8
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["train", "--cosine", "maybe"])
+
+
+def test_seed_quantizer_state_is_the_codebook_alone():
+    # Stage-1 checkpoints of the seed hold only ``quantizer.codebook``: still loadable.
+    cfg = seed_model(16, 1)
+    assert (cfg.quantizer, cfg.codebook_size, cfg.code_dim, cfg.beta) == ("vq", 64, 128, 0.25)
+    assert not cfg.kmeans_init and cfg.restart_after == 0 and not cfg.cosine
+    assert cfg.lookup_dim is None
+    model = VQVAE(cfg)
+    assert [k for k in model.state_dict() if k.startswith("quantizer.")] == ["quantizer.codebook"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_save_load_identical_and_no_reinitialisation(name, tiny_cfg, tmp_path, monkeypatch):
+    cfg = replace(tiny_cfg, **CONFIGS[name])
+    model = VQVAE(cfg)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    for _ in range(3):
+        out = model(x)
+        (F.mse_loss(out.reconstruction, x) + out.quantized.loss).backward()
+        opt.step()
+    ckpt.write_checkpoint(tmp_path, 3, model, ckpt.VQVAE_KIND, to_dict(cfg), opt)
+    loaded = load_autoencoder(tmp_path)
+    for key, value in model.state_dict().items():  # EMA sums, flags and counters included
+        assert torch.equal(loaded.state_dict()[key], value), key
+    monkeypatch.setattr(quantize, "kmeans", lambda *a, **k: pytest.fail("re-initialised"))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+        model.train(), loaded.train()
+        torch.manual_seed(1)
+        a = model(x)
+        torch.manual_seed(1)
+        b = loaded(x)
+    assert torch.equal(a.quantized.indices, b.quantized.indices)
+    assert torch.equal(a.reconstruction, b.reconstruction)
+
+
+def test_code_usage_counts_a_sliding_window():
+    usage = CodeUsage(4, window=2)
+    usage.update(torch.tensor([0, 0, 1]))
+    usage.update(torch.tensor([2]))
+    assert usage.counts.tolist() == [2, 1, 1, 0]
+    assert usage.stats()["dead_codes"] == 1 and usage.stats()["usage"] == 75.0
+    usage.update(torch.tensor([[3, 3]]))  # the first step leaves the window
+    assert usage.counts.tolist() == [0, 0, 1, 2]
+    stats = usage.stats()
+    assert stats["dead_codes"] == 2 and stats["used_codes"] == 2
+    assert stats["perplexity"] == pytest.approx(math.exp(-(1 / 3) * math.log(1 / 3)
+                                                         - (2 / 3) * math.log(2 / 3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cpu_and_cuda_agree(name):
+    torch.manual_seed(0)
+    cpu = VARIANTS[name]().eval()
+    gpu = VARIANTS[name]().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda()
+    z = torch.randn(3, D, 4, 5)
+    a, b = cpu(z), gpu(z.cuda())
+    assert torch.equal(a.indices, b.indices.cpu())
+    assert torch.allclose(a.quantized, b.quantized.cpu(), atol=1e-5)
+    assert torch.equal(gpu.indices_to_codes(b.indices), b.quantized)
+    gpu.train()(z.cuda())  # state updates run on the device
+    for key, value in gpu.state_dict().items():
+        assert value.device.type == "cuda", key
