@@ -46,6 +46,31 @@ def test_index_round_trip_is_exact(name, training):
         assert all(t.dim() == 0 for t in out[2:])  # loss, codebook_loss, commitment_loss
 
 
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+@pytest.mark.parametrize("options", [{}, dict(cosine=True, lookup_dim=3)])
+def test_continuous_path_is_the_lookup_without_the_snap(cls, options):
+    z = torch.randn(1, D, 3, 4)  # 12 vectors = K codes
+    q = cls(K, D, **options).eval()
+    cont = q.continuous(z)
+    if not options:  # the seed's: the latents themselves
+        assert torch.equal(cont, z)
+    # Put a code exactly on every lookup vector: the snap becomes a no-op, so the quantized
+    # output must equal the continuous path.
+    with torch.no_grad():
+        lookup = q.space.inward(z.permute(0, 2, 3, 1).reshape(-1, D))
+        q.codebook.copy_(lookup)
+    assert torch.allclose(q(z).quantized, cont, atol=1e-5)
+
+
+def test_fsq_continuous_path_is_within_half_a_step_of_the_codes():
+    levels = (3, 2, 2, 5, 2, 3)
+    q = FiniteScalarQuantizer(levels, D)  # no projection: D == len(levels)
+    z = torch.randn(2, D, 3, 3) * 2
+    gap = (q(z).quantized - q.continuous(z)).abs()  # scaled units: grid step 2 / L
+    bound = (1.0 / torch.tensor(levels, dtype=torch.float32)).view(1, -1, 1, 1)
+    assert (gap <= bound + 1e-6).all() and gap.max() > 0
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_gradients_reach_the_encoder(name, tiny_cfg):
     model = VQVAE(replace(tiny_cfg, **CONFIGS[name]))

@@ -139,9 +139,11 @@ class VQVAE(nn.Module):
         return self.decoder(self.quantizer.indices_to_codes(indices))
 
     def reconstruct(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-        """Images -> reconstructions, through the codebook or (``quantize=False``) around it."""
+        """Images -> reconstructions, through the codebook or (``quantize=False``) around it:
+        the quantizer's continuous path (projection/normalisation, no snap to a code)."""
         z = self.encoder(x)
-        return self.decoder(self.quantizer(z).quantized if quantize else z)
+        return self.decoder(self.quantizer(z).quantized if quantize
+                            else self.quantizer.continuous(z))
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         z = self.encoder(x)

@@ -68,7 +68,7 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
     """Held-out metrics of ``model`` on uint8 images (N, C, H, W).
 
     ``psnr``/``mse`` go through the codebook (the real reconstruction); ``psnr_noq``/``mse_noq``
-    decode the continuous latents. PSNR is the mean of per-image PSNR on the [-1, 1] scale
+    decode the quantizer's continuous path (no snap to a code). PSNR is the mean of per-image PSNR on the [-1, 1] scale
     (identical to the [0, 255] scale).
     """
     return score_autoencoder(model, images, batch_size, device).metrics
@@ -87,7 +87,7 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
         x = to_float(images[start:start + batch_size].to(device))
         z = model.encode_latents(x)
         q = model.quantizer(z)
-        for name, rec in (("", model.decode(q.quantized)), ("_noq", model.decode(z))):
+        for name, rec in (("", model.decode(q.quantized)), ("_noq", model.decode(model.quantizer.continuous(z)))):
             mse = (rec.float() - x).pow(2).flatten(1).mean(1)  # (B,)
             sums["mse" + name] += mse.sum().item()
             sums["psnr" + name] += psnr(mse).sum().item()

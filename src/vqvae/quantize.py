@@ -209,6 +209,12 @@ class _CodebookQuantizer(nn.Module):
                                self._loss(codebook_loss, commitment_loss), codebook_loss,
                                commitment_loss)
 
+    def continuous(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> what the decoder would see if the nearest code sat exactly on each
+        lookup vector: the projection and normalisation without the snap (identity for the seed)."""
+        b, _, h, w = z.shape
+        return _unflatten(self.space.outward(self.space.inward(_flatten(z))), (b, h, w))
+
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""
         codes = F.embedding(indices.reshape(-1), self.codebook_vectors())  # (N, d)
@@ -352,6 +358,12 @@ class FiniteScalarQuantizer(nn.Module):
         zero = z.new_zeros(())
         return QuantizerOutput(_unflatten(quantized, (b, h, w)), indices.view(b, h, w), zero,
                                zero, F.mse_loss(scaled.detach(), codes))
+
+    def continuous(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> the bounded, scaled latents before rounding, projected back."""
+        b, _, h, w = z.shape
+        y = self._bounded(self.space.inward(_flatten(z)).float()) / (self._levels / 2)
+        return _unflatten(self.space.outward(y), (b, h, w))
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""
