@@ -6,6 +6,7 @@ cross-GPU BatchNorm statistics as in Peng et al., "MegDet" (2018), arXiv:1711.07
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ def launch(device: torch.device) -> Iterator[Runtime]:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         yield Runtime(device, dist.get_rank(), dist.get_world_size())
+        if owner:  # leave together: a rank closing its connections early can abort the others
+            dist.barrier()
     finally:
         if owner:
             dist.destroy_process_group()
@@ -203,6 +206,9 @@ def data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
     cuda = runtime.device.type == "cuda"
     sync_batchnorm(model, cuda)
     # Buffers (BN running stats, EMA codebooks, restart counters) are kept identical by the
-    # synchronised updates themselves; no per-step broadcast from rank 0.
+    # synchronised updates themselves: no per-step broadcast from rank 0 (the option's name
+    # changed in newer torch).
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers"
+               in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
     return DistributedDataParallel(model, device_ids=[runtime.device.index] if cuda else None,
-                                   broadcast_buffers=False)
+                                   **{no_sync: False})
