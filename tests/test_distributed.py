@@ -69,7 +69,8 @@ def _worker(rank: int, ports: list[int], out: str) -> None:
     for name, port in zip(RUNS, ports):
         os.environ["MASTER_PORT"] = str(port)
         if name in QUANTIZERS:
-            argv = [*TINY, "--quantizer", name, "--batch-size", str(BATCH), "--out", str(out / name)]
+            argv = [*TINY, "--quantizer", name, "--batch-size", str(BATCH),
+                    "--out", str(out / name)]
         else:  # rank 0 copies the finished vq run, the other ranks wait for the copy
             if rank == 0:
                 shutil.copytree(out / "vq", out / name)

@@ -30,7 +30,8 @@ from .metrics import score_autoencoder
 from .plots import plot_code_usage
 from .sample import decode_codes, interpolation_grid, reconstruction_grid, samples_grid, save_png
 from .train import load_run_config, pick_device, train_autoencoder
-from .train_prior import load_prior_run_config, load_stage1, train_prior
+from .train_prior import (PriorTrainResult, load_prior_run_config, load_stage1,
+                          train_prior)
 
 # Train fields a resumed run may change; batch_size so that a resume with another number of
 # processes can keep the global batch (N x batch_size).
@@ -249,7 +250,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
     print(f"  metrics: {result.run_dir / 'eval.json'}")
 
 
-def _train_prior(args: argparse.Namespace, runtime: Runtime) -> Any:
+def _train_prior(args: argparse.Namespace, runtime: Runtime) -> PriorTrainResult:
     codes = None
     if args.resume:
         run_dir = Path(args.resume)

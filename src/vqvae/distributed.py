@@ -1,4 +1,4 @@
-"""Data parallelism: torchrun's environment -> a process group and a Runtime; synchronised BatchNorm.
+"""Data parallelism: torchrun's environment -> a process group and a Runtime; synchronised BN.
 
 PyTorch DistributedDataParallel (Li et al., "PyTorch Distributed", VLDB 2020, arXiv:2006.15704);
 cross-GPU BatchNorm statistics as in Peng et al., "MegDet" (2018), arXiv:1711.07240.
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ from .config import ConfigError
 # waiting forever. Rank 0 alone writes checkpoints, grids and plots while the others wait, so
 # this must exceed the slowest checkpoint.
 TIMEOUT = timedelta(minutes=15)
+PEER_GRACE_S = 10.0  # how long a rank that stops for rank 0's failure lets rank 0 go first
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ def launch(device: torch.device) -> Iterator[Runtime]:
         yield Runtime(device, dist.get_rank(), dist.get_world_size())
         if owner:  # leave together: a rank closing its connections early can abort the others
             dist.barrier()
+    except PeerError:
+        # Let rank 0 print its error and exit first: torchrun then names it as the root cause
+        # and stops this rank, instead of stopping rank 0 before it could say what went wrong.
+        time.sleep(PEER_GRACE_S)
+        raise
     finally:
         if owner:
             dist.destroy_process_group()
@@ -104,7 +111,7 @@ def mean_over_ranks(values: dict[str, float], runtime: Runtime) -> dict[str, flo
     return dict(zip(values, (t / runtime.world_size).tolist()))
 
 
-def main_does(fn: Any, runtime: Runtime, what: str) -> None:
+def main_does(fn: Callable[[], object], runtime: Runtime, what: str) -> None:
     """Run ``fn()`` on rank 0 only (I/O such as preparing the run folder); if it raises, rank 0
     re-raises and every other rank raises :class:`PeerError` instead of waiting for it."""
     error: BaseException | None = None
