@@ -11,9 +11,11 @@ import math
 import sys
 import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import (Any, Iterator, Literal, Sequence, Union, get_args, get_origin,
+                    get_type_hints)
 
 import torch
 
@@ -23,13 +25,17 @@ from .codes import CodeSplit, Codes, encode_dataset, load_codes, save_codes
 from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, PriorConfig,
                      PriorRunConfig, PriorTrainConfig, RunConfig, TrainConfig, VQVAEConfig)
 from .data import DataError, ImageSet, load_splits
+from .distributed import PeerError, Runtime, launch
 from .metrics import score_autoencoder
 from .plots import plot_code_usage
 from .sample import decode_codes, interpolation_grid, reconstruction_grid, samples_grid, save_png
 from .train import load_run_config, pick_device, train_autoencoder
-from .train_prior import load_prior_run_config, load_stage1, train_prior
+from .train_prior import (PriorTrainResult, load_prior_run_config, load_stage1,
+                          train_prior)
 
-RESUMABLE = {"steps", "minutes", "device"}  # train fields a resumed run may change
+# Train fields a resumed run may change; batch_size so that a resume with another number of
+# processes can keep the global batch (N x batch_size).
+RESUMABLE = {"steps", "minutes", "device", "batch_size"}
 QUANTIZER_OPTIONS = ("kmeans_init", "restart_after", "cosine", "lookup_dim", "ema_decay",
                      "ema_epsilon", "fsq_levels")
 
@@ -121,7 +127,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         if not args.out:
             raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
         run_dir, cfg = Path(args.out), build_run_config(args)
-    result = train_autoencoder(cfg, run_dir, resume=bool(args.resume))
+    with _launch(cfg.train.device) as runtime:
+        result = train_autoencoder(cfg, run_dir, resume=bool(args.resume), runtime=runtime)
+    if not runtime.is_main:
+        return
     m = result.metrics
     print(f"trained to step {result.step}; run folder: {result.run_dir}")
     print(f"held-out ({int(m['images'])} images): PSNR {m['psnr']:.2f} dB with quantization, "
@@ -201,19 +210,47 @@ def cmd_encode(args: argparse.Namespace) -> None:
           f"{codes.codebook_size} codes ({labels}): {path}")
 
 
-def _prior_codes(args: argparse.Namespace) -> tuple[Codes, str]:
-    """The codes to train on: a codes file, or a stage-1 run's data encoded now."""
+def _prior_codes(args: argparse.Namespace, runtime: Runtime) -> tuple[Codes, str]:
+    """The codes to train on: a codes file, or a stage-1 run's data encoded now (by every rank:
+    the same codes, no collective)."""
     if bool(args.codes) == bool(args.stage1):
         raise ConfigError("give either --codes CODES or --stage1 RUN_DIR (which encodes its data)")
     if args.codes:
         if args.data:
             raise ConfigError("--data goes with --stage1; a codes file already names its data")
         return load_codes(args.codes), str(Path(args.codes).resolve())
-    device = pick_device(_given(args, "ptrain").get("device", "auto"))
-    return encode_dataset(args.stage1, args.data, device=device), ""
+    return encode_dataset(args.stage1, args.data, device=runtime.device,
+                          progress=runtime.is_main), ""
+
+
+@contextmanager
+def _launch(device: str) -> Iterator[Runtime]:
+    """One process, or under torchrun one rank of many; only rank 0 talks (other ranks' warnings
+    are silenced: they would repeat rank 0's)."""
+    with launch(pick_device(device)) as runtime, warnings.catch_warnings():
+        if not runtime.is_main:
+            warnings.simplefilter("ignore")
+        yield runtime
 
 
 def cmd_train_prior(args: argparse.Namespace) -> None:
+    device = _given(args, "ptrain").get("device") or (
+        load_prior_run_config(args.resume).train.device if args.resume else "auto")
+    with _launch(device) as runtime:
+        result = _train_prior(args, runtime)
+    if not runtime.is_main:
+        return
+    m = result.metrics
+    print(f"trained the prior to step {result.step}; run folder: {result.run_dir}")
+    extra = (f" ({m['bits_per_code_uncond']:.4f} with the null class)"
+             if "bits_per_code_uncond" in m else "")
+    print(f"held-out ({m['grids']} grids): {m['bits_per_code']:.4f} bits/code{extra}")
+    print(f"  samples: {result.samples}")
+    print(f"  curves: {result.run_dir / 'curves.png'}")
+    print(f"  metrics: {result.run_dir / 'eval.json'}")
+
+
+def _train_prior(args: argparse.Namespace, runtime: Runtime) -> PriorTrainResult:
     codes = None
     if args.resume:
         run_dir = Path(args.resume)
@@ -228,7 +265,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
         if not args.out:
             raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
         run_dir = Path(args.out)
-        codes, codes_path = _prior_codes(args)
+        codes, codes_path = _prior_codes(args, runtime)
         if args.conditional and not codes.num_classes:
             raise ConfigError("--conditional needs class labels, and these codes have none")
         h, w = codes.grid
@@ -237,15 +274,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
         cfg = PriorRunConfig(replace(model, **_given(args, "prior")),
                              replace(make_train(), **_given(args, "ptrain")), codes_path,
                              codes.stage1, codes.stage1_sha256, args.preset)
-    result = train_prior(cfg, run_dir, resume=bool(args.resume), codes=codes)
-    m = result.metrics
-    print(f"trained the prior to step {result.step}; run folder: {result.run_dir}")
-    extra = (f" ({m['bits_per_code_uncond']:.4f} with the null class)"
-             if "bits_per_code_uncond" in m else "")
-    print(f"held-out ({m['grids']} grids): {m['bits_per_code']:.4f} bits/code{extra}")
-    print(f"  samples: {result.samples}")
-    print(f"  curves: {result.run_dir / 'curves.png'}")
-    print(f"  metrics: {result.run_dir / 'eval.json'}")
+    return train_prior(cfg, run_dir, resume=bool(args.resume), codes=codes, runtime=runtime)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -393,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"vqvae: warning: {msg}\n"  # one line
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileExistsError) as e:
+    except (ConfigError, DataError, CheckpointError, FileExistsError, PeerError) as e:
         print(f"vqvae: error: {e}", file=sys.stderr)
         return 2
     return 0

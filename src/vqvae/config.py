@@ -157,7 +157,8 @@ class TrainConfig:
     steps: int = field(default=2000, metadata=_help("total optimisation steps"))
     minutes: float | None = field(default=None, metadata=_help(
         "wall-clock budget of this invocation in minutes (stops early, saving a checkpoint)"))
-    batch_size: int = field(default=64, metadata=_help("images per step"))
+    batch_size: int = field(default=64, metadata=_help(
+        "images per step and process: under torchrun the global batch is N x this"))
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
     seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
     every: int = field(default=200, metadata=_help(
@@ -291,7 +292,8 @@ class PriorTrainConfig:
     steps: int = field(default=5000, metadata=_help("total optimisation steps"))
     minutes: float | None = field(default=None, metadata=_help(
         "wall-clock budget of this invocation in minutes (stops early, saving a checkpoint)"))
-    batch_size: int = field(default=64, metadata=_help("code grids per step"))
+    batch_size: int = field(default=64, metadata=_help(
+        "code grids per step and process: under torchrun the global batch is N x this"))
     lr: float = field(default=1e-3, metadata=_help("peak AdamW learning rate"))
     warmup: int = field(default=0, metadata=_help("steps of linear learning-rate warm-up"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay on matrices"))

@@ -74,10 +74,29 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
     return score_autoencoder(model, images, batch_size, device).metrics
 
 
+def _shard(data: torch.Tensor | None, rank: int, world_size: int) -> torch.Tensor | None:
+    """Rank ``rank``'s contiguous slice of ``data`` (all of it in one process)."""
+    return data if data is None or world_size == 1 else data.tensor_split(world_size)[rank]
+
+
+def _sum_over_ranks(sums: dict[str, float], device: torch.device | str,
+                    world_size: int) -> dict[str, float]:
+    if world_size == 1:
+        return sums
+    t = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
+    return dict(zip(sums, t.tolist()))
+
+
 @torch.no_grad()
 def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
-                      device: torch.device | str = "cpu") -> Evaluation:
-    """:func:`evaluate_autoencoder`'s metrics and the per-code counts behind them."""
+                      device: torch.device | str = "cpu", *, rank: int = 0,
+                      world_size: int = 1) -> Evaluation:
+    """:func:`evaluate_autoencoder`'s metrics and the per-code counts behind them.
+
+    With ``world_size`` > 1 (a collective: every rank calls it with the same ``images``), each
+    rank scores its slice and the sums and counts are summed over ranks.
+    """
+    images = _shard(images, rank, world_size)
     was_training = model.training
     model.eval()
     k = model.cfg.codebook_size
@@ -93,20 +112,24 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
             sums["psnr" + name] += psnr(mse).sum().item()
         counts += torch.bincount(q.indices.flatten(), minlength=k)
     model.train(was_training)
-    n = images.shape[0]
-    counts = counts.cpu()
-    return Evaluation({**{name: value / n for name, value in sums.items()},
+    sums = _sum_over_ranks({**sums, "n": float(images.shape[0])}, device, world_size)
+    n = int(sums.pop("n"))
+    counts = (all_reduce_sum(counts) if world_size > 1 else counts).cpu()
+    return Evaluation({**{name: value / max(n, 1) for name, value in sums.items()},
                        **codebook_stats(counts), "images": n}, counts)
 
 
 @torch.no_grad()
 def evaluate_prior(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                   batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+                   batch_size: int = 256, device: torch.device | str = "cpu", *, rank: int = 0,
+                   world_size: int = 1) -> dict[str, float]:
     """Held-out negative log-likelihood of code grids (N, h, w) in bits per code.
 
     A conditional prior is scored with the true labels (``bits_per_code``) and with the null
-    class (``bits_per_code_uncond``).
+    class (``bits_per_code_uncond``). ``world_size`` > 1: sharded like :func:`score_autoencoder`.
     """
+    grids = int(codes.shape[0])
+    codes, labels = _shard(codes, rank, world_size), _shard(labels, rank, world_size)
     was_training = prior.training
     prior.eval()
     conditional = labels is not None and prior.cfg.num_classes > 0
@@ -119,6 +142,6 @@ def evaluate_prior(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Te
         if conditional:
             totals["bits_per_code_uncond"] += prior.nll(batch).double().sum().item()
     prior.train(was_training)
-    n = codes.shape[0] * codes.shape[1] * codes.shape[2]
-    return {**{k: v / max(n, 1) / math.log(2) for k, v in totals.items()},
-            "grids": int(codes.shape[0])}
+    totals = _sum_over_ranks(totals, device, world_size)
+    n = grids * codes.shape[1] * codes.shape[2]
+    return {**{k: v / max(n, 1) / math.log(2) for k, v in totals.items()}, "grids": grids}

@@ -55,6 +55,28 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` (N, D) stacked in rank order (W*N, D): with equal local batches,
+    exactly the rows one process with the global batch would see. The identity in one process."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def pick_rows(x: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """Rows ``picks`` (K,) of :func:`gather_rows` (x) without gathering: each rank fills the rows
+    it holds, zeros elsewhere, and a sum over ranks assembles them. Every rank must hold the same
+    number of rows (the batch stream gives each rank an equal slice)."""
+    if not _distributed():
+        return x[picks]
+    n = x.shape[0]
+    mine = (picks // n == dist.get_rank()).unsqueeze(1)  # (K, 1)
+    return all_reduce_sum(torch.where(mine, x[picks % n], torch.zeros((), dtype=x.dtype,
+                                                                      device=x.device)))
+
+
 # --- shared pieces -----------------------------------------------------------------------------
 
 
@@ -87,13 +109,15 @@ def cluster_sums(x: torch.Tensor, indices: torch.Tensor,
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS,
            cosine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means of the rows of ``x`` (N, D), seeded by k-means++ on rank 0.
+    """Lloyd's k-means of the rows of ``x`` (N, D) on all ranks (sums over ranks), seeded by
+    k-means++ over every rank's rows.
 
     Returns centroids (K, D) and their final cluster sizes (K,); with ``cosine`` the centroids
     are kept on the unit sphere (spherical k-means). A cluster that empties keeps its seed.
     """
     x = x.float()
-    centroids = broadcast_from_main(_kmeans_plus_plus(x, k))
+    # Seeds from all ranks' rows, drawn identically on every rank; rank 0's are kept.
+    centroids = broadcast_from_main(_kmeans_plus_plus(gather_rows(x), k))
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
         counts, sums = cluster_sums(x, nearest_code(x, centroids), k)
@@ -231,14 +255,17 @@ class _CodebookQuantizer(nn.Module):
 
     def _restart_dead(self, x: torch.Tensor, indices: torch.Tensor) -> None:
         """Re-seed every code unused for ``restart_after`` steps with a random vector of this
-        batch. Written without a host sync: all K rows get a candidate, the mask picks."""
+        (global) batch. Written without a host sync: all K rows get a candidate, the mask picks."""
         if self.restart_after <= 0:
             return
         used = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size)) > 0
         self.unused_steps.add_(1).masked_fill_(used, 0)
         dead = self.unused_steps >= self.restart_after  # (K,)
-        pick = torch.randint(x.shape[0], (self.codebook_size,), device=x.device)
-        candidates = broadcast_from_main(x[pick].contiguous())  # (K, d)
+        world = dist.get_world_size() if _distributed() else 1
+        # Rank 0's draw among all ranks' vectors (the picks of one process with the global batch).
+        pick = broadcast_from_main(torch.randint(x.shape[0] * world, (self.codebook_size,),
+                                                 device=x.device))
+        candidates = pick_rows(x, pick)  # (K, d)
         self._overwrite(dead, candidates, torch.ones_like(dead, dtype=x.dtype))
         self.unused_steps.masked_fill_(dead, 0)
 

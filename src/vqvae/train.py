@@ -1,8 +1,9 @@
 """Stage-1 training: the VQ-VAE loss, a short loop over small helpers, resumable run folders.
 
 Loss (the seed's): mse(x, x_rec) + mse(sg(z), e) + beta * mse(z, sg(e)), straight-through
-estimator inside the quantizer. I/O happens on the main process only (``Runtime.is_main``), and
-batches come from a per-rank :class:`~vqvae.data.BatchStream`, so data parallelism slots in.
+estimator inside the quantizer. Under torchrun each rank trains a DistributedDataParallel copy
+on its slice of every global batch (a per-rank :class:`~vqvae.data.BatchStream`), evaluation is
+sharded, and I/O happens on the main process only (``Runtime.is_main``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from . import checkpoint as ckpt
 from .autoencoder import VQVAE, VQVAEOutput
 from .config import ConfigError, RunConfig, VQVAEConfig, from_dict, to_dict
 from .data import BatchStream, Splits, load_splits, source_channels, to_float
+from .distributed import Runtime, any_rank, data_parallel, main_does, mean_over_ranks
 from .metrics import CodeUsage, Evaluation, score_autoencoder
 from .plots import plot_code_usage, plot_curves
 from .sample import interpolation_grid, reconstruction_grid, save_png
@@ -31,19 +34,6 @@ from .sample import interpolation_grid, reconstruction_grid, save_png
 TRAIN_LOG, METRICS_LOG, RUN_CONFIG = "train.jsonl", "metrics.jsonl", "config.json"
 LOG_EVERY = 10  # steps averaged into one train.jsonl line
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: its device and, later, its rank among data-parallel workers."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -177,12 +167,31 @@ def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
 
 def _evaluate(model: VQVAE, splits: Splits, limit: int, runtime: Runtime) -> Evaluation:
     images = splits.test.images if limit == 0 else splits.test.images[:limit]
-    return score_autoencoder(model, images, device=runtime.device)
+    return score_autoencoder(model, images, device=runtime.device, rank=runtime.rank,
+                             world_size=runtime.world_size)  # sharded over ranks
 
 
 def _checkpoint(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer,
-                cfg: RunConfig) -> Path:
-    return ckpt.write_checkpoint(run_dir, step, model, ckpt.VQVAE_KIND, to_dict(cfg.model), opt)
+                cfg: RunConfig, runtime: Runtime) -> Path:
+    return ckpt.write_checkpoint(run_dir, step, model, ckpt.VQVAE_KIND, to_dict(cfg.model), opt,
+                                 extra=_batch_info(cfg.train.batch_size, runtime))
+
+
+def _batch_info(batch_size: int, runtime: Runtime) -> dict[str, int]:
+    """Saved beside a checkpoint, so a resume with another process count can say what changed."""
+    return {"world_size": runtime.world_size, "global_batch": batch_size * runtime.world_size}
+
+
+def warn_if_global_batch_changes(meta: dict[str, Any], batch_size: int, runtime: Runtime) -> None:
+    """Resuming with another process count changes the global batch unless --batch-size follows."""
+    before, now = int(meta.get("global_batch", batch_size)), batch_size * runtime.world_size
+    if before == now or not runtime.is_main:
+        return
+    keep = (f"; --batch-size {before // runtime.world_size} would keep it"
+            if before % runtime.world_size == 0 else "")
+    warnings.warn(f"the global batch changes from {before} ({meta.get('world_size', 1)} "
+                  f"process(es)) to {now} ({runtime.world_size} x --batch-size {batch_size}); "
+                  f"the data order continues from another point{keep}")
 
 
 @dataclass(frozen=True)
@@ -202,16 +211,14 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     splits = splits or load_splits(cfg.data)
     cfg = resolve_config(cfg, splits)
     tc = cfg.train
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
     model = VQVAE(cfg.model).to(runtime.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     start = 0
     if resume:
-        start = _restore(run_dir, model, opt, cfg)
-    if runtime.is_main:
-        prepare_run_dir(run_dir, cfg, resume)
-        for log in (TRAIN_LOG, METRICS_LOG):
-            truncate_log(run_dir / log, start)
+        start = _restore(run_dir, model, opt, cfg, runtime)
+    main_does(lambda: _prepare(run_dir, cfg, resume, start), runtime, "prepare the run folder")
+    net = data_parallel(model, runtime)  # trains; ``model`` is saved and evaluated
     stream = BatchStream(len(splits.train), tc.batch_size, tc.seed, runtime.rank,
                          runtime.world_size)
     grid_images = _grid_images(splits, tc.grid)
@@ -230,7 +237,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
         while step < tc.steps:
             x = to_float(splits.train.images[stream.indices(step)]).to(runtime.device,
                                                                        non_blocking=True)
-            out = model(x)
+            out = net(x)
             losses = vqvae_losses(x, out)
             usage.update(out.quantized.indices)
             opt.zero_grad(set_to_none=True)
@@ -243,7 +250,8 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             if step % LOG_EVERY == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - t_window
                 health = usage.stats()
-                record = {"step": step, **{k: v / window_steps for k, v in window.items()},
+                means = mean_over_ranks({k: v / window_steps for k, v in window.items()}, runtime)
+                record = {"step": step, **means,
                           **{f"window_{k}": health[k] for k in HEALTH},
                           "steps_per_s": window_steps / max(elapsed, 1e-9)}
                 window, window_steps, t_window = {}, 0, time.perf_counter()
@@ -256,29 +264,37 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
             bar.update(1)
             out_of_time = deadline is not None and time.monotonic() >= deadline
-            if step % tc.every == 0 or step == tc.steps or out_of_time or flag.stop:
+            stop = any_rank(out_of_time or flag.stop, runtime)  # every rank stops at one step
+            if step % tc.every == 0 or step == tc.steps or stop:
                 metrics = _save_all(run_dir, step, model, opt, cfg, splits, grid_images, runtime)
-            if out_of_time or flag.stop:
+            if stop:
                 break
     bar.close()
     pictures = write_pictures(model, grid_images, tc.grid, run_dir) if runtime.is_main else {}
-    final = metrics
+    final, counts = _evaluate(model, splits, 0, runtime)
     if runtime.is_main:
-        final, counts = _evaluate(model, splits, 0, runtime)
         pictures["code_usage"] = plot_code_usage(counts, run_dir / "code_usage.png")
         ckpt.write_json(run_dir / "eval.json", {"step": step, "split": "test", **final})
     return TrainResult(run_dir, step, final, pictures)
 
 
+def _prepare(run_dir: Path, cfg: RunConfig, resume: bool, start: int) -> None:
+    prepare_run_dir(run_dir, cfg, resume)
+    for log in (TRAIN_LOG, METRICS_LOG):
+        truncate_log(run_dir / log, start)
+
+
 def _save_all(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer,
               cfg: RunConfig, splits: Splits, grid_images: torch.Tensor,
               runtime: Runtime) -> dict[str, float]:
-    """Checkpoint, grids, held-out metrics, usage histogram and curves, on the main process."""
-    if not runtime.is_main:
-        return {}
-    _checkpoint(run_dir, step, model, opt, cfg)
-    write_pictures(model, grid_images, cfg.train.grid, run_dir / "samples", f"_{step:07d}")
+    """Checkpoint, grids, usage histogram and curves on the main process; held-out metrics
+    sharded over all ranks (the others wait for rank 0 there)."""
+    if runtime.is_main:
+        _checkpoint(run_dir, step, model, opt, cfg, runtime)
+        write_pictures(model, grid_images, cfg.train.grid, run_dir / "samples", f"_{step:07d}")
     metrics, counts = _evaluate(model, splits, cfg.train.eval_images, runtime)
+    if not runtime.is_main:
+        return metrics
     plot_code_usage(counts, run_dir / "samples" / f"code_usage_{step:07d}.png")
     append_jsonl(run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
     plot_curves(read_jsonl(run_dir / TRAIN_LOG), read_jsonl(run_dir / METRICS_LOG),
@@ -286,10 +302,14 @@ def _save_all(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer
     return metrics
 
 
-def _restore(run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer, cfg: RunConfig) -> int:
+def _restore(run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer, cfg: RunConfig,
+             runtime: Runtime) -> int:
+    """Every rank loads the same checkpoint (weights, optimizer, rank 0's RNG state)."""
     directory = ckpt.resolve(run_dir)
     saved = from_dict(VQVAEConfig, ckpt.load_config(directory, ckpt.VQVAE_KIND), "model config")
     if saved != cfg.model:
         raise ckpt.CheckpointError(f"{directory} was trained with a different model config")
     ckpt.load_weights(directory, model)
-    return int(ckpt.load_training_state(directory, opt)["step"])
+    meta = ckpt.load_training_state(directory, opt)
+    warn_if_global_batch_changes(meta, cfg.train.batch_size, runtime)
+    return int(meta["step"])

@@ -1,7 +1,8 @@
 """Stage-2 training: fit the autoregressive prior to a codes file, with stage 1's run-folder habits.
 
 Teacher forcing with next-code cross-entropy, as the seed; held-out negative log-likelihood is
-logged in bits per code. Checkpoints, resume, time/step budgets and logs reuse :mod:`vqvae.train`.
+logged in bits per code. Checkpoints, resume, time/step budgets, logs and data parallelism
+(DistributedDataParallel under torchrun, sharded evaluation, rank-0 I/O) reuse :mod:`vqvae.train`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
@@ -20,12 +22,14 @@ from .autoencoder import VQVAE
 from .codes import Codes, CodeSplit, check_stage1, load_codes, save_codes
 from .config import PriorConfig, PriorRunConfig, from_dict, to_dict
 from .data import BatchStream, DataError
+from .distributed import any_rank, data_parallel, main_does, mean_over_ranks
 from .metrics import evaluate_prior
 from .plots import plot_curves
 from .prior import Prior
 from .sample import decode_codes, samples_grid, save_png
 from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Runtime, StopFlag,
-                    append_jsonl, pick_device, prepare_run_dir, read_jsonl, truncate_log)
+                    append_jsonl, pick_device, prepare_run_dir, read_jsonl, truncate_log,
+                    _batch_info, warn_if_global_batch_changes)
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
 
@@ -95,13 +99,10 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     torch.manual_seed(tc.seed)
     prior = Prior(cfg.model).to(runtime.device)
     opt = _optimizer(prior, tc.lr, tc.weight_decay)
-    start = _restore(run_dir, prior, opt, cfg) if resume else 0
-    if runtime.is_main:
-        prepare_run_dir(run_dir, cfg, resume)
-        if not Path(cfg.codes).exists():
-            save_codes(codes, cfg.codes)
-        for log in (TRAIN_LOG, METRICS_LOG):
-            truncate_log(run_dir / log, start)
+    start = _restore(run_dir, prior, opt, cfg, runtime) if resume else 0
+    main_does(lambda: _prepare(run_dir, cfg, resume, start, codes), runtime,
+              "prepare the run folder")
+    nll = data_parallel(PriorNLL(prior), runtime)  # trains; ``prior`` is saved and evaluated
     labels = train.labels if cfg.model.num_classes else None
     stream = BatchStream(len(train), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
     deadline = None if tc.minutes is None else time.monotonic() + 60 * tc.minutes
@@ -115,13 +116,13 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
             index = stream.indices(step)
             batch_labels = None if labels is None else _drop_labels(labels[index], tc.p_uncond,
                                                                     prior.null_class)
-            loss = _train_step(prior, opt, train.codes[index], batch_labels, step, cfg)
+            loss = _train_step(nll, prior, opt, train.codes[index], batch_labels, step, cfg)
             step += 1
             window += loss
             window_steps += 1
             if step % LOG_EVERY == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - t_window
-                nats = window / window_steps
+                nats = mean_over_ranks({"nats": window / window_steps}, runtime)["nats"]
                 if not math.isfinite(nats):
                     raise FloatingPointError(f"loss became non-finite at step {step}")
                 record = {"step": step, "loss": nats, "bits": nats / math.log(2),
@@ -134,16 +135,45 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
                                 | ({"test": f"{metrics['bits_per_code']:.3f}"} if metrics else {}))
             bar.update(1)
             out_of_time = deadline is not None and time.monotonic() >= deadline
-            if step % tc.every == 0 or step == tc.steps or out_of_time or flag.stop:
+            stop = any_rank(out_of_time or flag.stop, runtime)  # every rank stops at one step
+            if step % tc.every == 0 or step == tc.steps or stop:
                 metrics = _save_all(run_dir, step, prior, opt, cfg, stage1, test, runtime)
-            if out_of_time or flag.stop:
+            if stop:
                 break
     bar.close()
+    final = _evaluate(prior, test, 0, runtime)
     if not runtime.is_main:
-        return PriorTrainResult(run_dir, step, metrics, None)
-    final = evaluate_prior(prior, test.codes, test.labels, device=runtime.device)
+        return PriorTrainResult(run_dir, step, final, None)
     ckpt.write_json(run_dir / "eval.json", {"step": step, "split": "test", **final})
     return PriorTrainResult(run_dir, step, final, run_dir / "samples.png")
+
+
+class PriorNLL(nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel (which hooks
+    ``forward``) can wrap it: (B, h, w) codes -> (B, h*w) nats."""
+
+    def __init__(self, prior: Prior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prior.nll(codes, labels)
+
+
+def _prepare(run_dir: Path, cfg: PriorRunConfig, resume: bool, start: int, codes: Codes) -> None:
+    prepare_run_dir(run_dir, cfg, resume)
+    if not Path(cfg.codes).exists():
+        save_codes(codes, cfg.codes)
+    for log in (TRAIN_LOG, METRICS_LOG):
+        truncate_log(run_dir / log, start)
+
+
+def _evaluate(prior: Prior, test: CodeSplit, limit: int, runtime: Runtime) -> dict[str, float]:
+    """Held-out bits per code of the first ``limit`` grids (0: all), sharded over ranks."""
+    limit = limit or len(test)
+    labels = None if test.labels is None else test.labels[:limit]
+    return evaluate_prior(prior, test.codes[:limit], labels, device=runtime.device,
+                          rank=runtime.rank, world_size=runtime.world_size)
 
 
 def _optimizer(prior: Prior, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -172,14 +202,14 @@ def _drop_labels(labels: torch.Tensor, p: float, null: int) -> torch.Tensor:
     return torch.where(torch.rand(labels.shape) < p, torch.full_like(labels, null), labels)
 
 
-def _train_step(prior: Prior, opt: torch.optim.Optimizer, codes: torch.Tensor,
+def _train_step(nll: nn.Module, prior: Prior, opt: torch.optim.Optimizer, codes: torch.Tensor,
                 labels: torch.Tensor | None, step: int, cfg: PriorRunConfig) -> float:
     device = prior.head.weight.device
     for group in opt.param_groups:
         group["lr"] = _lr(step, cfg.train.lr, cfg.train.warmup)
     codes = codes.to(device, non_blocking=True)
     labels = None if labels is None else labels.to(device, non_blocking=True)
-    loss = prior.nll(codes, labels).mean()
+    loss = nll(codes, labels).mean()  # over the local batch; DDP averages gradients over ranks
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip:
@@ -201,16 +231,17 @@ def sample_grid(prior: Prior, stage1: VQVAE, n: int, seed: int = 0) -> Image.Ima
 def _save_all(run_dir: Path, step: int, prior: Prior, opt: torch.optim.Optimizer,
               cfg: PriorRunConfig, stage1: VQVAE, test: CodeSplit,
               runtime: Runtime) -> dict[str, float]:
-    """Checkpoint, a sample grid, held-out bits/code and the curve plot (main process only)."""
+    """Checkpoint, a sample grid and the curve plot on the main process; held-out bits/code
+    sharded over all ranks (the others wait there while rank 0 samples: no collective in it)."""
+    if runtime.is_main:
+        ckpt.write_checkpoint(run_dir, step, prior, ckpt.PRIOR_KIND, to_dict(cfg.model), opt,
+                              extra=_batch_info(cfg.train.batch_size, runtime))
+        grid = sample_grid(prior, stage1, cfg.train.grid, cfg.train.seed)
+        save_png(grid, run_dir / "samples" / f"prior_{step:07d}.png")
+        save_png(grid, run_dir / "samples.png")
+    metrics = _evaluate(prior, test, cfg.train.eval_codes, runtime)
     if not runtime.is_main:
-        return {}
-    ckpt.write_checkpoint(run_dir, step, prior, ckpt.PRIOR_KIND, to_dict(cfg.model), opt)
-    grid = sample_grid(prior, stage1, cfg.train.grid, cfg.train.seed)
-    save_png(grid, run_dir / "samples" / f"prior_{step:07d}.png")
-    save_png(grid, run_dir / "samples.png")
-    limit = cfg.train.eval_codes or len(test)
-    labels = None if test.labels is None else test.labels[:limit]
-    metrics = evaluate_prior(prior, test.codes[:limit], labels, device=runtime.device)
+        return metrics
     append_jsonl(run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
     plot_curves(read_jsonl(run_dir / TRAIN_LOG), read_jsonl(run_dir / METRICS_LOG),
                 run_dir / "curves.png", losses=("bits",),
@@ -218,10 +249,13 @@ def _save_all(run_dir: Path, step: int, prior: Prior, opt: torch.optim.Optimizer
     return metrics
 
 
-def _restore(run_dir: Path, prior: Prior, opt: torch.optim.Optimizer, cfg: PriorRunConfig) -> int:
+def _restore(run_dir: Path, prior: Prior, opt: torch.optim.Optimizer, cfg: PriorRunConfig,
+             runtime: Runtime) -> int:
     directory = ckpt.resolve(run_dir)
     saved = from_dict(PriorConfig, ckpt.load_config(directory, ckpt.PRIOR_KIND), "prior config")
     if saved != cfg.model:
         raise ckpt.CheckpointError(f"{directory} was trained with a different prior config")
     ckpt.load_weights(directory, prior)
-    return int(ckpt.load_training_state(directory, opt)["step"])
+    meta = ckpt.load_training_state(directory, opt)
+    warn_if_global_batch_changes(meta, cfg.train.batch_size, runtime)
+    return int(meta["step"])

@@ -1,0 +1,221 @@
+"""Data parallelism: torchrun's environment -> a process group and a Runtime; synchronised BN.
+
+PyTorch DistributedDataParallel (Li et al., "PyTorch Distributed", VLDB 2020, arXiv:2006.15704);
+cross-GPU BatchNorm statistics as in Peng et al., "MegDet" (2018), arXiv:1711.07240.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import ConfigError
+
+# A rank that waits longer than this in a collective (a peer crashed or hangs) raises instead of
+# waiting forever. Rank 0 alone writes checkpoints, grids and plots while the others wait, so
+# this must exceed the slowest checkpoint.
+TIMEOUT = timedelta(minutes=15)
+PEER_GRACE_S = 10.0  # how long a rank that stops for rank 0's failure lets rank 0 go first
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its device and its rank among ``world_size`` data-parallel ranks."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class PeerError(RuntimeError):
+    """Another rank failed (its own message says why); this one stops too instead of hanging."""
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as set by torchrun; (0, 1, 0) in a plain process."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextmanager
+def launch(device: torch.device) -> Iterator[Runtime]:
+    """This process's :class:`Runtime`. Under ``torchrun`` with several processes: joins the
+    process group (NCCL on CUDA, one GPU per process = ``cuda:LOCAL_RANK``; gloo on the CPU) and
+    leaves it on the way out, also on error. A plain process gets ``Runtime(device)``."""
+    rank, world, local = torchrun_env()
+    if world == 1:
+        yield Runtime(device)
+        return
+    if device.type == "cuda":
+        if device.index not in (None, local):
+            raise ConfigError(f"under torchrun every process uses cuda:LOCAL_RANK; got --device "
+                              f"{device}: pass --device cuda (or auto)")
+        device, backend = torch.device("cuda", local), "nccl"
+        torch.cuda.set_device(device)
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ConfigError(f"data-parallel training needs CUDA (NCCL) or the CPU (gloo), not "
+                          f"{device.type}: pass --device cpu")
+    owner = not dist.is_initialized()  # a caller's own process group is left to the caller
+    if owner:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        yield Runtime(device, dist.get_rank(), dist.get_world_size())
+        if owner:  # leave together: a rank closing its connections early can abort the others
+            dist.barrier()
+    except PeerError:
+        # Let rank 0 print its error and exit first: torchrun then names it as the root cause
+        # and stops this rank, instead of stopping rank 0 before it could say what went wrong.
+        time.sleep(PEER_GRACE_S)
+        raise
+    finally:
+        if owner:
+            dist.destroy_process_group()
+
+
+# --- agreeing across ranks ---------------------------------------------------------------------
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """True on every rank if ``flag`` is true on any (a stop request, a deadline): ranks must
+    leave the training loop at the same step. Free in a single process."""
+    if runtime.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=runtime.device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def mean_over_ranks(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    """Per-rank numbers (e.g. window means of the loss terms) -> their mean over ranks, the same
+    on every rank. With equal local batches, the mean of the global batch."""
+    if runtime.world_size == 1 or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / runtime.world_size).tolist()))
+
+
+def main_does(fn: Callable[[], object], runtime: Runtime, what: str) -> None:
+    """Run ``fn()`` on rank 0 only (I/O such as preparing the run folder); if it raises, rank 0
+    re-raises and every other rank raises :class:`PeerError` instead of waiting for it."""
+    error: BaseException | None = None
+    if runtime.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, after the others have heard of it
+            error = e
+    if any_rank(error is not None, runtime):
+        if error is not None:
+            raise error
+        raise PeerError(f"rank 0 failed to {what} (its message says why)")
+
+
+# --- the model for training --------------------------------------------------------------------
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = sum of x over ranks; every rank's loss depends on y, so dx = sum of dy over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch of all ranks: the
+    per-channel sum, sum of squares and count are summed over ranks (differentiably), so W ranks
+    of batch B normalise like one process of batch W*B and update identical running stats.
+
+    For gloo on the CPU, where ``torch.nn.SyncBatchNorm`` refuses; eval mode and a single process
+    are plain BatchNorm2d, and the state dict has BatchNorm2d's keys.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        x64 = x.double()  # sums of squares in float64: E[x^2] - E[x]^2 without cancellation
+        local = torch.cat([x64.sum((0, 2, 3)), x64.pow(2).sum((0, 2, 3)),
+                           x64.new_full((1,), x.numel() // c)])  # (2C + 1,)
+        total = _SumOverRanks.apply(local)
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c:2 * c] / n - mean.pow(2)).clamp_min(0.0)  # biased, as BN normalises
+        if self.track_running_stats and self.running_mean is not None:
+            self._track(mean.detach(), var.detach() * n / (n - 1).clamp_min(1.0))
+        scale = torch.rsqrt(var + self.eps)  # (C,)
+        shift = -mean * scale
+        if self.weight is not None:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        view = (1, c, 1, 1)
+        return x * scale.to(x.dtype).view(view) + shift.to(x.dtype).view(view)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                  else self.momentum)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+
+def sync_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
+    """Swap every BatchNorm2d under ``module`` for a synchronised one holding the same parameters
+    and buffers (an optimizer built before keeps working): torch's SyncBatchNorm on CUDA, ours
+    elsewhere."""
+    if cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats, device="meta")
+            sync.weight, sync.bias = child.weight, child.bias
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(sync, buffer, getattr(child, buffer))
+            sync.train(child.training)
+            setattr(module, name, sync)
+        else:
+            sync_batchnorm(child, cuda)
+    return module
+
+
+def data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """``model`` ready to train on every rank: BatchNorm synchronised (in place) and wrapped in
+    DistributedDataParallel, which averages gradients. Save and evaluate ``model`` itself, never
+    the wrapper. A single process gets ``model`` back unchanged."""
+    if runtime.world_size == 1:
+        return model
+    cuda = runtime.device.type == "cuda"
+    sync_batchnorm(model, cuda)
+    # Buffers (BN running stats, EMA codebooks, restart counters) are kept identical by the
+    # synchronised updates themselves: no per-step broadcast from rank 0 (the option's name
+    # changed in newer torch).
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers"
+               in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    return DistributedDataParallel(model, device_ids=[runtime.device.index] if cuda else None,
+                                   **{no_sync: False})
