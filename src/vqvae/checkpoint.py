@@ -208,19 +208,38 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint in {path} (expected {MODEL_FILE} or {CHECKPOINTS}/)")
 
 
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
-    """A trained VQ-VAE (eval mode) from a run folder or a checkpoint folder."""
+MODELS = {VQVAE_KIND: (VQVAEConfig, VQVAE), PRIOR_KIND: (PriorConfig, Prior)}
+
+
+def load_model_config(directory: Path, kind: str) -> Any:
+    """The typed config of a ``kind`` checkpoint folder."""
+    return from_dict(MODELS[kind][0], load_config(directory, kind), f"{kind} config")
+
+
+def load_model(path: str | Path, kind: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A trained ``kind`` model (eval mode) from a run folder or a checkpoint folder."""
     directory = resolve(path)
-    cfg = from_dict(VQVAEConfig, load_config(directory, VQVAE_KIND), "model config")
-    model = VQVAE(cfg)
+    model = MODELS[kind][1](load_model_config(directory, kind))
     load_weights(directory, model)
     return model.to(device).eval()
+
+
+def restore(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, kind: str,
+            expected: Any) -> dict[str, Any]:
+    """Load the latest checkpoint of ``run_dir`` into ``module`` and ``optimizer`` (a resume),
+    after checking it was trained with the config ``expected``; returns the state metadata."""
+    directory = resolve(run_dir)
+    if load_model_config(directory, kind) != expected:
+        raise CheckpointError(f"{directory} was trained with a different {kind} config")
+    load_weights(directory, module)
+    return load_training_state(directory, optimizer)
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
+    """A trained VQ-VAE (eval mode) from a run folder or a checkpoint folder."""
+    return load_model(path, VQVAE_KIND, device)
 
 
 def load_prior(path: str | Path, device: str | torch.device = "cpu") -> Prior:
     """A trained prior (eval mode) from a prior run folder or a checkpoint folder."""
-    directory = resolve(path)
-    cfg = from_dict(PriorConfig, load_config(directory, PRIOR_KIND), "prior config")
-    model = Prior(cfg)
-    load_weights(directory, model)
-    return model.to(device).eval()
+    return load_model(path, PRIOR_KIND, device)

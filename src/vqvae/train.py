@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .autoencoder import VQVAE, VQVAEOutput
-from .config import ConfigError, RunConfig, VQVAEConfig, from_dict, to_dict
+from .config import ConfigError, RunConfig, from_dict, to_dict
 from .data import BatchStream, Splits, load_splits, source_channels, to_float
 from .distributed import Runtime, any_rank, data_parallel, main_does, mean_over_ranks
 from .metrics import CodeUsage, Evaluation, score_autoencoder
@@ -305,11 +305,6 @@ def _save_all(run_dir: Path, step: int, model: VQVAE, opt: torch.optim.Optimizer
 def _restore(run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer, cfg: RunConfig,
              runtime: Runtime) -> int:
     """Every rank loads the same checkpoint (weights, optimizer, rank 0's RNG state)."""
-    directory = ckpt.resolve(run_dir)
-    saved = from_dict(VQVAEConfig, ckpt.load_config(directory, ckpt.VQVAE_KIND), "model config")
-    if saved != cfg.model:
-        raise ckpt.CheckpointError(f"{directory} was trained with a different model config")
-    ckpt.load_weights(directory, model)
-    meta = ckpt.load_training_state(directory, opt)
+    meta = ckpt.restore(run_dir, model, opt, ckpt.VQVAE_KIND, cfg.model)
     warn_if_global_batch_changes(meta, cfg.train.batch_size, runtime)
     return int(meta["step"])

@@ -251,11 +251,6 @@ def _save_all(run_dir: Path, step: int, prior: Prior, opt: torch.optim.Optimizer
 
 def _restore(run_dir: Path, prior: Prior, opt: torch.optim.Optimizer, cfg: PriorRunConfig,
              runtime: Runtime) -> int:
-    directory = ckpt.resolve(run_dir)
-    saved = from_dict(PriorConfig, ckpt.load_config(directory, ckpt.PRIOR_KIND), "prior config")
-    if saved != cfg.model:
-        raise ckpt.CheckpointError(f"{directory} was trained with a different prior config")
-    ckpt.load_weights(directory, prior)
-    meta = ckpt.load_training_state(directory, opt)
+    meta = ckpt.restore(run_dir, prior, opt, ckpt.PRIOR_KIND, cfg.model)
     warn_if_global_batch_changes(meta, cfg.train.batch_size, runtime)
     return int(meta["step"])
