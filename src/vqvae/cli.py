@@ -114,15 +114,22 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
 # --- commands ----------------------------------------------------------------------------------
 
 
+def _resumed(args: argparse.Namespace, cfg: Any, prefixes: Sequence[str], train_prefix: str,
+             other_flags: Sequence[str]) -> Any:
+    """The saved run config of ``--resume RUN_DIR`` with only the resumable options applied;
+    anything else given on the command line is an error (it would silently be ignored)."""
+    changed = set().union(*(_given(args, prefix) for prefix in prefixes))
+    if changed - RESUMABLE or args.preset_given or any(getattr(args, f) for f in other_flags):
+        raise ConfigError(f"with --resume only {', '.join(sorted(RESUMABLE))} may be given; "
+                          f"the rest comes from {args.resume}/config.json")
+    return replace(cfg, train=replace(cfg.train, **_given(args, train_prefix)))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir)
-        changed = set(_given(args, "data")) | set(_given(args, "model")) | set(_given(args, "train"))
-        if changed - RESUMABLE or args.out or args.preset_given:
-            raise ConfigError(f"with --resume only {', '.join(sorted(RESUMABLE))} may be given; "
-                              f"the rest comes from {run_dir}/config.json")
-        cfg = replace(cfg, train=replace(cfg.train, **_given(args, "train")))
+        cfg = _resumed(args, load_run_config(run_dir), ("data", "model", "train"), "train",
+                       ("out",))
     else:
         if not args.out:
             raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
@@ -254,13 +261,8 @@ def _train_prior(args: argparse.Namespace, runtime: Runtime) -> PriorTrainResult
     codes = None
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_prior_run_config(run_dir)
-        changed = set(_given(args, "prior")) | set(_given(args, "ptrain"))
-        if (changed - RESUMABLE or args.out or args.preset_given or args.codes or args.stage1
-                or args.data or args.conditional):
-            raise ConfigError(f"with --resume only {', '.join(sorted(RESUMABLE))} may be given; "
-                              f"the rest comes from {run_dir}/config.json")
-        cfg = replace(cfg, train=replace(cfg.train, **_given(args, "ptrain")))
+        cfg = _resumed(args, load_prior_run_config(run_dir), ("prior", "ptrain"), "ptrain",
+                       ("out", "codes", "stage1", "data", "conditional"))
     else:
         if not args.out:
             raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
