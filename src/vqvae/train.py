@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .autoencoder import VQVAE, VQVAEOutput
-from .config import ConfigError, RunConfig, VQVAEConfig, from_dict, to_dict
+from .config import ConfigError, RunConfig, TrainConfig, VQVAEConfig, from_dict, to_dict
 from .data import BatchStream, Splits, load_splits, source_channels, to_float
 from .metrics import CodeUsage, Evaluation, score_autoencoder
 from .plots import plot_code_usage, plot_curves
@@ -150,6 +150,23 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def next_batch(images: torch.Tensor, stream: BatchStream, step: int, device: torch.device,
+               channels_last: bool = False) -> torch.Tensor:
+    """The batch of ``step``: rows of the uint8 cache (N, C, H, W), moved as uint8 (a quarter of
+    the bytes), then mapped to float [-1, 1] on the device, channels-last when asked."""
+    x = to_float(images[stream.indices(step)].to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def training_forward(model: VQVAE, tc: TrainConfig) -> Callable[[torch.Tensor], VQVAEOutput]:
+    """What the loop calls: ``model`` itself, or ``torch.compile(model)``; with ``channels_last``
+    the model's weights move to channels-last memory in place. Checkpoints, grids and evaluation
+    keep using ``model``, so saved weights never carry the compiled wrapper's prefixes."""
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if tc.compile else model
+
+
 def _grid_images(splits: Splits, n: int) -> torch.Tensor:
     """A fixed selection of held-out images, so grids are comparable across steps."""
     need = -(-n // 2) * n
@@ -204,6 +221,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     tc = cfg.train
     torch.manual_seed(tc.seed)
     model = VQVAE(cfg.model).to(runtime.device)
+    forward = training_forward(model, tc)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     start = 0
     if resume:
@@ -228,9 +246,8 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     model.train()
     with StopFlag() as flag:
         while step < tc.steps:
-            x = to_float(splits.train.images[stream.indices(step)]).to(runtime.device,
-                                                                       non_blocking=True)
-            out = model(x)
+            x = next_batch(splits.train.images, stream, step, runtime.device, tc.channels_last)
+            out = forward(x)
             losses = vqvae_losses(x, out)
             usage.update(out.quantized.indices)
             opt.zero_grad(set_to_none=True)
