@@ -4,8 +4,8 @@ images/s against the bare ``model.encode`` forward over pre-loaded float tensors
 The stage-1 model is the seed preset at 32 x 32 with its initial weights (speed does not depend
 on them), saved as an ordinary run folder; the data set is the first ``--images`` Fashion-MNIST
 training images written to an .npz file, so ``encode_dataset`` loads it through the real source
-path (90/10 held-out split, both splits encoded). Runs of the two alternate ``--rounds`` times;
-figures are medians.
+path (90/10 held-out split, both splits encoded). After one warm-up run of each, runs of the two
+alternate (order flipped every round) ``--rounds`` times; figures are medians.
 
     PYTHONPATH=src python benchmarks/encode_speed.py
 """
@@ -47,13 +47,13 @@ def bare_seconds(run: Path, data: Path, batch: int) -> tuple[float, int]:
     """The encoder + quantizer forward alone over float batches made before timing."""
     model = ckpt.load_autoencoder(run)
     splits = load_splits(DataConfig(source=str(data), size=32, channels=1))
-    images = torch.cat([splits.train.images, splits.test.images])
-    batches = [to_float(images[s:s + batch]) for s in range(0, len(images), batch)]
+    batches = [to_float(split.images[s:s + batch]) for split in (splits.train, splits.test)
+               for s in range(0, len(split), batch)]  # the same batches as encode_dataset
     start = time.perf_counter()
     with torch.inference_mode():
         for x in batches:
             model.encode(x).indices
-    return time.perf_counter() - start, len(images)
+    return time.perf_counter() - start, sum(len(x) for x in batches)
 
 
 def pipeline_seconds(run: Path, batch: int) -> tuple[float, int]:
@@ -73,11 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {"encode_dataset": [], "bare encode": []}
     with tempfile.TemporaryDirectory() as tmp:
         run, data = make_run(Path(tmp), args.images)
-        for _ in range(args.rounds):
-            t, n = pipeline_seconds(run, args.batch_size)
-            times["encode_dataset"].append(n / t)
-            t, n = bare_seconds(run, data, args.batch_size)
-            times["bare encode"].append(n / t)
+        runs = {"encode_dataset": lambda: pipeline_seconds(run, args.batch_size),
+                "bare encode": lambda: bare_seconds(run, data, args.batch_size)}
+        for fn in runs.values():  # warm-up
+            fn()
+        for r in range(args.rounds):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                t, n = runs[name]()
+                times[name].append(n / t)
     ips = {k: statistics.median(v) for k, v in times.items()}
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), seed "
           f"preset 32 x 32 x 1, {args.images} images, batch {args.batch_size}, median of "

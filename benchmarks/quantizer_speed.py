@@ -12,9 +12,10 @@ vectors; in train mode also the gather ``e[idx]``, ``mse(e[idx], x)`` and its ba
 the codebook. It is timed two ways, over the whole (N, K) matrix and in row chunks that stay in
 cache (the same chunking as ``vqvae.quantize``), and the faster of the two is the floor.
 
-Peak memory: each (subject, shape) runs one train step in a fresh process; the figure is the
-process's resident high-water mark (``ru_maxrss``) minus its resident set just before the step,
-inputs and modules already built. It counts every allocation torch makes on the CPU.
+Peak memory (Linux): each (subject, shape) runs one train step in a fresh process, inputs and
+modules already built; the figure is the resident high-water mark during the step (``VmHWM``,
+reset just before it) minus the resident set before it. It counts every allocation torch makes
+on the CPU, the step's first-touch allocations included (no warm-up step).
 
     PYTHONPATH=src python benchmarks/quantizer_speed.py                 # 1 thread, all shapes
     PYTHONPATH=src python benchmarks/quantizer_speed.py --threads 2 --repeats 9
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -212,19 +212,23 @@ def speed_tables(timings: dict, names: list[str], anchors: bool) -> str:
 # --- peak memory -------------------------------------------------------------------------------
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def peak_child(name: str, n: int, dim: int, k: int, channels_last: bool) -> None:
-    """In a fresh process: build, then one train step; print the step's extra peak RSS (MiB)."""
+    """In a fresh process: build, then one train step; print the step's extra peak RSS (MiB).
+
+    The high-water mark is reset just before the step (``/proc/self/clear_refs``), so neither
+    the start-up nor the parent's memory (``ru_maxrss`` keeps the forked parent's) counts."""
     torch.set_num_threads(1)
     train_step, _ = subject(name, n, dim, k, channels_last)
-    before = _rss_kib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = _status_kib("VmRSS")
     train_step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"peak_mib": max(0, peak - before) / 1024}))
+    print(json.dumps({"peak_mib": max(0, _status_kib("VmHWM") - before) / 1024}))
 
 
 def peak_mib(name: str, n: int, dim: int, k: int, channels_last: bool) -> float:
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                    metavar="NAME", help=f"default: all of {', '.join(OURS)}")
     p.add_argument("--no-anchor", action="store_true", help="skip vector-quantize-pytorch")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    p.add_argument("--no-speed", action="store_true", help="only the peak-memory table")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    default=TrainConfig().channels_last,
                    help="latents in channels-last memory (default: training's default)")
@@ -285,10 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     subjects = ["floor whole", "floor chunked"] + names + (
         [f"vqp {n}" for n in names] if anchors else [])
     timings = {}
-    for n, dim, k in shapes:
+    for n, dim, k in ([] if args.no_speed else shapes):
         timings[n, dim, k] = time_shape(subjects, n, dim, k, args.repeats, args.channels_last)
         print(f"  timed {n} x {dim} x {k}", file=sys.stderr, flush=True)
-    print(speed_tables(timings, names, anchors), flush=True)
+    if timings:
+        print(speed_tables(timings, names, anchors), flush=True)
     if not args.no_memory:
         print(memory_table(shapes, names, anchors, args.channels_last), flush=True)
 
