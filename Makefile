@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 DEMO := runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -27,6 +28,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The speed benchmarks (docs/benchmarks.md), each printing markdown tables: quantizer vs the floor
+# and vector-quantize-pytorch (the optional `bench` extra), stage-1 training, encoding, sampling.
+# Tens of minutes on 2 CPU cores; the quality benchmarks (quantizers.py, prior_nll.py) are run by
+# hand with the arguments in docs/quantizers.md and docs/prior.md.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/quantizer_speed.py
+	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/encode_speed.py
+	$(BIN)/python benchmarks/sampling.py --preset seed --repeats 3 --points 7
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

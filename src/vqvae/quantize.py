@@ -17,8 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# Rows of the (N, K) distance matrix computed at once: bounds memory to ~CHUNK_ELEMENTS floats.
-CHUNK_ELEMENTS = 1 << 22
+# Rows of the (N, K) distance matrix computed at once: bounds memory to ~CHUNK_ELEMENTS floats
+# (4 MiB). Chunks that stay in cache between the addmm and the argmin beat one whole matrix by
+# 1.5-2x on a CPU (benchmarks/quantizer_speed.py); every chunk reuses one buffer.
+CHUNK_ELEMENTS = 1 << 20
 KMEANS_ITERS = 10
 
 
@@ -88,12 +90,13 @@ def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     chunk of rows keeps the full (N, K) distance matrix from ever being held.
     """
     e_sq = codebook.pow(2).sum(1)  # (K,)
-    rows = max(1, CHUNK_ELEMENTS // codebook.shape[0])
+    rows = max(1, min(flat.shape[0], CHUNK_ELEMENTS // codebook.shape[0]))
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    dist_ = flat.new_empty(rows, codebook.shape[0])  # (rows, K), refilled by every chunk
     for start in range(0, flat.shape[0], rows):
         chunk = flat[start:start + rows]
-        dist_ = torch.addmm(e_sq, chunk, codebook.t(), alpha=-2.0)  # (n, K)
-        out[start:start + rows] = dist_.argmin(1)
+        d = torch.addmm(e_sq, chunk, codebook.t(), alpha=-2.0, out=dist_[:chunk.shape[0]])
+        torch.argmin(d, 1, out=out[start:start + rows])
     return out
 
 
@@ -163,12 +166,52 @@ class LookupSpace(nn.Module):
 
 
 def _flatten(z: torch.Tensor) -> torch.Tensor:
-    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, H, W) -> (B*H*W, D)
+    """(B, D, H, W) -> (B*H*W, D); a view, no copy, when ``z`` is channels-last in memory."""
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
-def _unflatten(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def _unflatten(flat: torch.Tensor, shape: Sequence[int],
+               like: torch.Tensor | None = None) -> torch.Tensor:
+    """(B*H*W, D) -> (B, D, H, W) in the memory format of ``like`` (contiguous without one):
+    a channels-last input gets a channels-last output for free, others pay one copy."""
     b, h, w = shape
-    return flat.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B*H*W, D) -> (B, D, H, W)
+    out = flat.view(b, h, w, -1).permute(0, 3, 1, 2)
+    return out if like is not None and _channels_last(like) else out.contiguous()
+
+
+def _channels_last(z: torch.Tensor) -> bool:
+    return not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last)
+
+
+class _SnapWithLosses(torch.autograd.Function):
+    """(x, codes) (N, d) -> (codes with x's gradient, mse(codes, sg(x)), mse(x, sg(codes))).
+
+    Straight-through: the forward value is exactly ``codes``, the gradient reaches x unchanged
+    (the seed's z + sg(e - z) is the same up to rounding). Both loss terms come from one
+    difference: three passes over (N, d) instead of about ten (``F.mse_loss`` twice, forward and
+    backward, and the estimator's arithmetic), which is most of a CPU train step beyond the lookup.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, codes: torch.Tensor):
+        diff = (codes - x).reshape(-1)  # (N*d,)
+        mse = torch.dot(diff, diff) / diff.numel()
+        ctx.save_for_backward(diff)
+        ctx.shape = x.shape
+        ctx.set_materialize_grads(False)  # an unused output sends no gradient, not zeros
+        return codes.view_as(codes), mse, mse.clone()
+
+    @staticmethod
+    def backward(ctx, grad_quantized, grad_codebook, grad_commitment):
+        (diff,) = ctx.saved_tensors
+        diff = diff.view(ctx.shape)
+        scale = 2.0 / diff.numel()  # d mse(a, b) / da = 2 (a - b) / n
+        grad_x = grad_quantized
+        if grad_commitment is not None:
+            grad_x = (diff * (grad_commitment * -scale) if grad_x is None
+                      else torch.addcmul(grad_x, diff, grad_commitment, value=-scale))
+        grad_codes = None if grad_codebook is None else diff * (grad_codebook * scale)
+        return grad_x, grad_codes
 
 
 # --- learned codebooks: vq and ema -------------------------------------------------------------
@@ -224,12 +267,9 @@ class _CodebookQuantizer(nn.Module):
                 self._learn(x.detach().float(), indices)
                 self._restart_dead(x.detach().float(), indices)
         codes = F.embedding(indices, self.codebook_vectors())  # (N, d)
-        codebook_loss = F.mse_loss(codes, x.detach())
-        commitment_loss = F.mse_loss(x, codes.detach())
-        # Straight-through: the forward value is exactly ``codes`` (x - sg(x) == 0), the gradient
-        # reaches x unchanged; the seed's z + sg(e - z) is the same up to rounding.
-        quantized = self.space.outward(codes.detach() + (x - x.detach()))
-        return QuantizerOutput(_unflatten(quantized, (b, h, w)), indices.view(b, h, w),
+        quantized, codebook_loss, commitment_loss = _SnapWithLosses.apply(x, codes)
+        quantized = self.space.outward(quantized)
+        return QuantizerOutput(_unflatten(quantized, (b, h, w), z), indices.view(b, h, w),
                                self._loss(codebook_loss, commitment_loss), codebook_loss,
                                commitment_loss)
 
@@ -237,7 +277,7 @@ class _CodebookQuantizer(nn.Module):
         """(B, D, H, W) -> what the decoder would see if the nearest code sat exactly on each
         lookup vector: the projection and normalisation without the snap (identity for the seed)."""
         b, _, h, w = z.shape
-        return _unflatten(self.space.outward(self.space.inward(_flatten(z))), (b, h, w))
+        return _unflatten(self.space.outward(self.space.inward(_flatten(z))), (b, h, w), z)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""
@@ -383,14 +423,14 @@ class FiniteScalarQuantizer(nn.Module):
         indices = (digits.long() * self._basis).sum(1)  # (N,)
         quantized = self.space.outward(codes + (scaled - scaled.detach()))  # straight-through
         zero = z.new_zeros(())
-        return QuantizerOutput(_unflatten(quantized, (b, h, w)), indices.view(b, h, w), zero,
+        return QuantizerOutput(_unflatten(quantized, (b, h, w), z), indices.view(b, h, w), zero,
                                zero, F.mse_loss(scaled.detach(), codes))
 
     def continuous(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> the bounded, scaled latents before rounding, projected back."""
         b, _, h, w = z.shape
         y = self._bounded(self.space.inward(_flatten(z)).float()) / (self._levels / 2)
-        return _unflatten(self.space.outward(y), (b, h, w))
+        return _unflatten(self.space.outward(y), (b, h, w), z)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""

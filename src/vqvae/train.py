@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .autoencoder import VQVAE, VQVAEOutput
-from .config import ConfigError, RunConfig, from_dict, to_dict
+from .config import ConfigError, RunConfig, TrainConfig, from_dict, to_dict
 from .data import BatchStream, Splits, load_splits, source_channels, to_float
 from .distributed import Runtime, any_rank, data_parallel, main_does, mean_over_ranks
 from .metrics import CodeUsage, Evaluation, score_autoencoder
@@ -140,6 +140,26 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def next_batch(images: torch.Tensor, stream: BatchStream, step: int, device: torch.device,
+               channels_last: bool = False) -> torch.Tensor:
+    """The batch of ``step``: rows of the uint8 cache (N, C, H, W), moved as uint8 (a quarter of
+    the bytes), then mapped to float [-1, 1] on the device, channels-last when asked."""
+    x = to_float(images[stream.indices(step)].to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def training_forward(model: VQVAE, tc: TrainConfig,
+                     runtime: Runtime) -> Callable[[torch.Tensor], VQVAEOutput]:
+    """What the loop calls: ``model``, wrapped for data parallelism on several ranks, compiled
+    with ``tc.compile``; with ``channels_last`` the weights move to channels-last memory in place.
+    Checkpoints, grids and evaluation keep using ``model``, so saved weights never carry a
+    wrapper's prefixes (``module.``, ``_orig_mod.``)."""
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = data_parallel(model, runtime)
+    return torch.compile(net) if tc.compile else net
+
+
 def _grid_images(splits: Splits, n: int) -> torch.Tensor:
     """A fixed selection of held-out images, so grids are comparable across steps."""
     need = -(-n // 2) * n
@@ -218,7 +238,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     if resume:
         start = _restore(run_dir, model, opt, cfg, runtime)
     main_does(lambda: _prepare(run_dir, cfg, resume, start), runtime, "prepare the run folder")
-    net = data_parallel(model, runtime)  # trains; ``model`` is saved and evaluated
+    net = training_forward(model, tc, runtime)  # trains; ``model`` is saved and evaluated
     stream = BatchStream(len(splits.train), tc.batch_size, tc.seed, runtime.rank,
                          runtime.world_size)
     grid_images = _grid_images(splits, tc.grid)
@@ -235,8 +255,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     model.train()
     with StopFlag() as flag:
         while step < tc.steps:
-            x = to_float(splits.train.images[stream.indices(step)]).to(runtime.device,
-                                                                       non_blocking=True)
+            x = next_batch(splits.train.images, stream, step, runtime.device, tc.channels_last)
             out = net(x)
             losses = vqvae_losses(x, out)
             usage.update(out.quantized.indices)
