@@ -64,7 +64,7 @@ def pipeline_seconds(run: Path, batch: int) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=8192)
+    p.add_argument("--images", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=256, help="encode_dataset's default")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
