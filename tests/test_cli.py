@@ -103,3 +103,13 @@ def test_resume_refuses_changed_model(tmp_path, capsys):
     assert main(["train", *TINY, "--steps", "15", "--out", str(run)]) == 0
     assert main(["train", "--resume", str(run), "--codebook-size", "8"]) == 2
     assert "only" in capsys.readouterr().err
+
+
+def test_minutes_budget_stops_early_with_a_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "100000", "--minutes", "0.0001", "--out", str(run)]) == 0
+    step = int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 1 <= step < 100000
+    assert f"step {step}" in capsys.readouterr().out
+    assert main(["train", "--resume", str(run), "--steps", str(step + 2)]) == 0  # and resumes
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step + 2:07d}"

@@ -115,19 +115,35 @@ def resolve_config(cfg: RunConfig, splits: Splits) -> RunConfig:
     return replace(cfg, data=data, model=model)
 
 
-class StopFlag:
-    """Turns SIGINT/SIGTERM into a graceful stop (checkpoint first); a second SIGINT aborts."""
+class Budget:
+    """When a training loop saves and stops: every ``every`` steps and at ``steps``, and early when
+    the wall-clock ``minutes`` run out or SIGINT/SIGTERM arrives (a checkpoint first; a second
+    SIGINT aborts). All ranks take the stop decision together, so they stop at the same step."""
 
-    def __init__(self) -> None:
-        self.stop = False
+    def __init__(self, steps: int, every: int, minutes: float | None, runtime: Runtime):
+        self.steps, self.every, self.runtime = steps, every, runtime
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+        self.signalled = False
         self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
+    def check(self, step: int) -> tuple[bool, bool]:
+        """(save, stop) after ``step`` steps."""
+        out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+        stop = any_rank(out_of_time or self.signalled, self.runtime)
+        return step % self.every == 0 or step == self.steps or stop, stop
 
-    def __enter__(self) -> StopFlag:
+    def progress(self, start: int, desc: str, enabled: bool = True) -> tqdm:
+        """The progress bar (main process only); sparse lines when stderr is not a terminal."""
+        return tqdm(total=self.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                    disable=not (enabled and self.runtime.is_main),
+                    mininterval=0.1 if sys.stderr.isatty() else 15.0)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signalled = True
+
+    def __enter__(self) -> Budget:
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -242,18 +258,15 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     stream = BatchStream(len(splits.train), tc.batch_size, tc.seed, runtime.rank,
                          runtime.world_size)
     grid_images = _grid_images(splits, tc.grid)
-    deadline = None if tc.minutes is None else time.monotonic() + 60 * tc.minutes
     step = start
     window: dict[str, float] = {}
     window_steps = 0
     metrics: dict[str, float] = {}
-    bar = tqdm(total=tc.steps, initial=start, desc="train vqvae", unit="step",
-               disable=not (progress and runtime.is_main), dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 15.0)  # sparse lines in logs
     usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)  # last --every steps
     t_window = time.perf_counter()
     model.train()
-    with StopFlag() as flag:
+    with Budget(tc.steps, tc.every, tc.minutes, runtime) as budget:
+        bar = budget.progress(start, "train vqvae", progress)
         while step < tc.steps:
             x = next_batch(splits.train.images, stream, step, runtime.device, tc.channels_last)
             out = net(x)
@@ -282,9 +295,8 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                                 | {"use%": f"{health['usage']:.0f}", "dead": health["dead_codes"]}
                                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
             bar.update(1)
-            out_of_time = deadline is not None and time.monotonic() >= deadline
-            stop = any_rank(out_of_time or flag.stop, runtime)  # every rank stops at one step
-            if step % tc.every == 0 or step == tc.steps or stop:
+            save, stop = budget.check(step)
+            if save:
                 metrics = _save_all(run_dir, step, model, opt, cfg, splits, grid_images, runtime)
             if stop:
                 break

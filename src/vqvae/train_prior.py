@@ -15,19 +15,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .autoencoder import VQVAE
 from .codes import Codes, CodeSplit, check_stage1, load_codes, save_codes
 from .config import PriorConfig, PriorRunConfig, from_dict, to_dict
 from .data import BatchStream, DataError
-from .distributed import any_rank, data_parallel, main_does, mean_over_ranks
+from .distributed import data_parallel, main_does, mean_over_ranks
 from .metrics import evaluate_prior
 from .plots import plot_curves
 from .prior import Prior
 from .sample import decode_codes, samples_grid, save_png
-from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Runtime, StopFlag,
+from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Budget, Runtime,
                     append_jsonl, pick_device, prepare_run_dir, read_jsonl, truncate_log,
                     _batch_info, warn_if_global_batch_changes)
 
@@ -105,13 +104,11 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     nll = data_parallel(PriorNLL(prior), runtime)  # trains; ``prior`` is saved and evaluated
     labels = train.labels if cfg.model.num_classes else None
     stream = BatchStream(len(train), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
-    deadline = None if tc.minutes is None else time.monotonic() + 60 * tc.minutes
     step, window, window_steps, metrics = start, 0.0, 0, {}
-    bar = tqdm(total=tc.steps, initial=start, desc="train prior", unit="step",
-               disable=not (progress and runtime.is_main), dynamic_ncols=True)
     t_window = time.perf_counter()
     prior.train()
-    with StopFlag() as flag:
+    with Budget(tc.steps, tc.every, tc.minutes, runtime) as budget:
+        bar = budget.progress(start, "train prior", progress)
         while step < tc.steps:
             index = stream.indices(step)
             batch_labels = None if labels is None else _drop_labels(labels[index], tc.p_uncond,
@@ -134,9 +131,8 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
                 bar.set_postfix({"bits": f"{record['bits']:.3f}"}
                                 | ({"test": f"{metrics['bits_per_code']:.3f}"} if metrics else {}))
             bar.update(1)
-            out_of_time = deadline is not None and time.monotonic() >= deadline
-            stop = any_rank(out_of_time or flag.stop, runtime)  # every rank stops at one step
-            if step % tc.every == 0 or step == tc.steps or stop:
+            save, stop = budget.check(step)
+            if save:
                 metrics = _save_all(run_dir, step, prior, opt, cfg, stage1, test, runtime)
             if stop:
                 break
