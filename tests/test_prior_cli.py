@@ -130,3 +130,8 @@ def test_bad_input_errors(stage1, tmp_path, capsys):
     assert "top_p" in capsys.readouterr().err
     assert main(["train-prior", "--resume", str(run), "--layers", "3"]) == 2
     assert "only" in capsys.readouterr().err
+
+
+def test_a_run_folder_of_the_other_stage_is_named(stage1, tmp_path, capsys):
+    assert main(["sample", str(stage1 / "run")]) == 2
+    assert "is a vqvae run folder, not a prior one" in capsys.readouterr().err

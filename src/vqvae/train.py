@@ -64,11 +64,24 @@ def vqvae_losses(x: torch.Tensor, out: VQVAEOutput) -> dict[str, torch.Tensor]:
 # --- run folder --------------------------------------------------------------------------------
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / RUN_CONFIG
+# A field that only one stage's run config has: tells a stage-1 run folder from a prior's.
+RUN_KEYS = {ckpt.VQVAE_KIND: "data", ckpt.PRIOR_KIND: "codes"}
+
+
+def read_run_config(run_dir: str | Path, cls: type, kind: str) -> Any:
+    """``RUN_DIR/config.json`` as ``cls``; a run folder of the other stage is named as such."""
+    path = Path(run_dir) / RUN_CONFIG
     if not path.exists():
-        raise ckpt.CheckpointError(f"{run_dir} is not a vqvae run folder (no {RUN_CONFIG})")
-    return from_dict(RunConfig, ckpt.read_json(path), "run config")
+        raise ckpt.CheckpointError(f"{run_dir} is not a {kind} run folder (no {RUN_CONFIG})")
+    raw = ckpt.read_json(path)
+    for other, key in RUN_KEYS.items():
+        if other != kind and isinstance(raw, dict) and key in raw:
+            raise ckpt.CheckpointError(f"{run_dir} is a {other} run folder, not a {kind} one")
+    return from_dict(cls, raw, f"{kind} run config")
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    return read_run_config(run_dir, RunConfig, ckpt.VQVAE_KIND)
 
 
 def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool) -> None:

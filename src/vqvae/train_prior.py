@@ -19,14 +19,14 @@ from torch import nn
 from . import checkpoint as ckpt
 from .autoencoder import VQVAE
 from .codes import Codes, CodeSplit, check_stage1, load_codes, save_codes
-from .config import PriorConfig, PriorRunConfig, from_dict, to_dict
+from .config import PriorConfig, PriorRunConfig, to_dict
 from .data import BatchStream, DataError
 from .distributed import data_parallel, main_does, mean_over_ranks
 from .metrics import evaluate_prior
 from .plots import plot_curves
 from .prior import Prior
 from .sample import decode_codes, samples_grid, save_png
-from .train import (LOG_EVERY, METRICS_LOG, RUN_CONFIG, TRAIN_LOG, Budget, Runtime,
+from .train import (LOG_EVERY, METRICS_LOG, TRAIN_LOG, Budget, Runtime, read_run_config,
                     append_jsonl, pick_device, prepare_run_dir, read_jsonl, truncate_log,
                     _batch_info, warn_if_global_batch_changes)
 
@@ -34,11 +34,7 @@ CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for 
 
 
 def load_prior_run_config(run_dir: str | Path) -> PriorRunConfig:
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_CONFIG
-    if not path.exists():
-        raise ckpt.CheckpointError(f"{run_dir} is not a prior run folder (no {RUN_CONFIG})")
-    return from_dict(PriorRunConfig, ckpt.read_json(path), "prior run config")
+    return read_run_config(run_dir, PriorRunConfig, ckpt.PRIOR_KIND)
 
 
 def check_compatible(model: PriorConfig, codes: Codes) -> None:
