@@ -111,5 +111,6 @@ def test_minutes_budget_stops_early_with_a_checkpoint(tmp_path, capsys):
     step = int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert 1 <= step < 100000
     assert f"step {step}" in capsys.readouterr().out
-    assert main(["train", "--resume", str(run), "--steps", str(step + 2)]) == 0  # and resumes
+    # and resumes (the budget is per invocation and kept by the run unless given again)
+    assert main(["train", "--resume", str(run), "--steps", str(step + 2), "--minutes", "10"]) == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step + 2:07d}"
