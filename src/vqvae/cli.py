@@ -420,13 +420,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "n", 2) < 2:
         print("vqvae: error: --n must be at least 2", file=sys.stderr)
         return 2
-    warnings.simplefilter("default")
+    original = warnings.formatwarning  # restored after: main() may run inside a host program
     warnings.formatwarning = lambda msg, cat, *a, **k: f"vqvae: warning: {msg}\n"  # one line
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            args.func(args)
     except (ConfigError, DataError, CheckpointError, FileExistsError, PeerError) as e:
         print(f"vqvae: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = original
     return 0
 
 
