@@ -246,6 +246,17 @@ def test_code_usage_counts_a_sliding_window():
                                                          - (2 / 3) * math.log(2 / 3)))
 
 
+def test_code_usage_long_windows_use_few_buckets():
+    usage = CodeUsage(200, window=100)  # 50 buckets of 2 steps
+    assert usage.ring.shape == (50, 200)
+    for code in range(150):  # one new code per step
+        usage.update(torch.tensor([code]))
+    # 150 steps = 75 full buckets; the ring holds the last 50 of them: steps 50..149
+    assert usage.counts.nonzero().flatten().tolist() == list(range(50, 150))
+    usage.update(torch.tensor([0]))  # a new bucket starts and the oldest (steps 50, 51) leaves
+    assert usage.stats()["used_codes"] == 99
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cpu_and_cuda_agree(name):

@@ -37,20 +37,31 @@ def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
 class CodeUsage:
     """Per-code assignment counts over a sliding window of the last ``window`` training steps.
 
-    A ring of per-step counts (window, K) on the model's device; ``update`` costs one bincount
-    and no host sync, ``stats`` (usage %, dead codes, perplexity over the window) syncs once.
+    Counts sit in a ring of at most ``MAX_BUCKETS`` rows (K,) of ``bucket`` steps each on the
+    model's device, so memory stays small for large K and long windows; the window slides one
+    bucket at a time (it spans between ``window - bucket`` and ``window`` steps). ``update``
+    costs one bincount and no host sync, ``stats`` (usage %, dead codes, perplexity) syncs once.
     """
 
+    MAX_BUCKETS = 64
+
     def __init__(self, codebook_size: int, window: int, device: torch.device | str = "cpu"):
-        self.ring = torch.zeros(window, codebook_size, dtype=torch.long, device=device)
+        self.bucket = -(-window // self.MAX_BUCKETS)  # steps per ring row
+        rows = -(-window // self.bucket)
+        self.ring = torch.zeros(rows, codebook_size, dtype=torch.long, device=device)
         self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
-        self.slot = 0
+        self.slot, self.filled = 0, 0  # the row being filled, and its steps so far
 
     def update(self, indices: torch.Tensor) -> None:
         step = torch.bincount(indices.flatten(), minlength=self.counts.numel())
-        self.counts += step - self.ring[self.slot]
-        self.ring[self.slot] = step
-        self.slot = (self.slot + 1) % self.ring.shape[0]
+        if self.filled == 0:  # a new bucket replaces the oldest one
+            self.counts -= self.ring[self.slot]
+            self.ring[self.slot].zero_()
+        self.ring[self.slot] += step
+        self.counts += step
+        self.filled += 1
+        if self.filled == self.bucket:
+            self.slot, self.filled = (self.slot + 1) % self.ring.shape[0], 0
 
     def stats(self) -> dict[str, float]:
         counts = all_reduce_sum(self.counts.clone())  # every rank's assignments (issue 6)
