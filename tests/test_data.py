@@ -144,3 +144,16 @@ def test_batch_stream_is_a_pure_function_of_step_and_shards_by_rank():
     r0, r1 = BatchStream(10, 2, 3, rank=0, world_size=2), BatchStream(10, 2, 3, 1, 2)
     together = torch.cat([torch.cat([r0.indices(s), r1.indices(s)]) for s in range(5)])
     assert torch.equal(together, first_epochs)  # two ranks of 2 == one process of 4
+
+
+def test_folder_decoding_in_chunks_keeps_order_and_labels(tmp_path, monkeypatch):
+    from vqvae import data
+
+    for cls in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / cls / f"{i}.png", value=30 * i + (100 if cls == "b" else 0))
+    whole = load_splits(DataConfig(source=str(tmp_path), size=4, holdout=0.5))
+    monkeypatch.setattr(data, "DECODE_CHUNK", 2)  # 6 images in 3 chunks
+    chunked = load_splits(DataConfig(source=str(tmp_path), size=4, holdout=0.5))
+    assert torch.equal(whole.train.images, chunked.train.images)
+    assert torch.equal(whole.test.labels, chunked.test.labels)

@@ -173,16 +173,21 @@ def _idx_splits(directory: Path) -> tuple[ImageSet, ImageSet | None]:
     return train, _idx_set(directory, "t10k")
 
 
-def _decode(path: Path) -> np.ndarray | str:
-    """One image file -> HWC uint8 RGB array, or the reason it could not be read."""
+def _decode(path: Path, size: int) -> torch.Tensor | str:
+    """One image file -> uint8 (1, 3, size, size), or the reason it could not be read. Runs in a
+    worker thread; resizing there keeps only size x size copies alive, never full-size images."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img.convert("RGB"))
+            array = np.asarray(img.convert("RGB"))
     except Exception as e:  # PIL raises many types for corrupt files
         return f"{type(e).__name__}: {e}"
+    return _resize_square(torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0), size)
+
+
+DECODE_CHUNK = 256  # images decoded per batch of thread-pool tasks: bounds what is in flight
 
 
 def _folder(directory: Path, size: int) -> ImageSet:
@@ -192,17 +197,19 @@ def _folder(directory: Path, size: int) -> ImageSet:
         raise DataError(f"no images found in {directory} (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)})")
     images, kept, failures = [], [], []
+    bar = tqdm(total=len(paths), desc="decoding images", unit="img", leave=False,
+               disable=len(paths) < 500)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = pool.map(_decode, paths)
-        for path, result in tqdm(zip(paths, decoded), total=len(paths), desc="decoding images",
-                                 unit="img", leave=False, disable=len(paths) < 500):
-            if isinstance(result, str):
-                failures.append((path, result))
-                continue
-            # Resize each image as it arrives so memory holds only S x S copies.
-            tensor = torch.from_numpy(result.copy()).permute(2, 0, 1).unsqueeze(0)
-            images.append(_resize_square(tensor, size))
-            kept.append(path)
+        for start in range(0, len(paths), DECODE_CHUNK):
+            chunk = paths[start:start + DECODE_CHUNK]
+            for path, result in zip(chunk, pool.map(_decode, chunk, [size] * len(chunk))):
+                if isinstance(result, str):
+                    failures.append((path, result))
+                else:
+                    images.append(result)
+                    kept.append(path)
+            bar.update(len(chunk))
+    bar.close()
     if failures:
         example = failures[0]
         warnings.warn(f"skipped {len(failures)} unreadable image(s) of {len(paths)} in "
