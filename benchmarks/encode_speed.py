@@ -26,7 +26,7 @@ from vqvae import checkpoint as ckpt
 from vqvae import VQVAE, DataConfig, load_splits, to_float
 from vqvae.codes import encode_dataset
 from vqvae.config import RunConfig, TrainConfig, seed_model, to_dict
-from vqvae.train import prepare_run_dir
+from vqvae.runs import prepare_run
 
 
 def make_run(root: Path, n: int) -> tuple[Path, Path]:
@@ -37,7 +37,7 @@ def make_run(root: Path, n: int) -> tuple[Path, Path]:
     cfg = RunConfig(DataConfig(source=str(data), size=32, channels=1), seed_model(32, 1),
                     TrainConfig(), preset="seed")
     run = root / "run"
-    prepare_run_dir(run, cfg, resume=False)
+    prepare_run(run, ckpt.VQVAE_KIND, cfg, resume=False, start=0)
     torch.manual_seed(0)
     ckpt.write_checkpoint(run, 0, VQVAE(cfg.model), ckpt.VQVAE_KIND, to_dict(cfg.model))
     return run, data

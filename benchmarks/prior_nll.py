@@ -52,7 +52,7 @@ def main() -> None:
         run = out / preset
         cmd = [sys.executable, "-m", "vqvae", "train-prior", "--codes", args.codes, "--preset",
                preset, "--minutes", str(args.minutes), "--steps", "1000000000", "--every",
-               str(args.every), "--eval-codes", str(args.eval_codes), "--seed", str(args.seed),
+               str(args.every), "--eval-count", str(args.eval_codes), "--seed", str(args.seed),
                "--device", "cpu", "--out", str(run)]
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / f"{preset}.log", "w")

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqvae.config import TrainConfig, fsq_levels_for
-from vqvae.quantize import (CHUNK_ELEMENTS, EMAVectorQuantizer, FiniteScalarQuantizer,
-                            VectorQuantizer)
+from vqvae.fsq import FiniteScalarQuantizer
+from vqvae.quantize import CHUNK_ELEMENTS, EMAVectorQuantizer, VectorQuantizer
 
 SHAPES = [(16384, 64, 512), (65536, 64, 512), (16384, 128, 64), (16384, 64, 8192)]
 SIDE = 32  # latent grids are (B, D, 32, 32)

@@ -86,7 +86,7 @@ def main() -> None:
     print("| grid | batch | cached tokens/s | full tokens/s | speed-up | full measured as |")
     print("|---|---|---|---|---|---|")
     for side in args.grids:
-        prior = Prior(PRIOR_PRESETS[args.preset][0](args.codebook_size, side, side)).eval()
+        prior = Prior(PRIOR_PRESETS[args.preset].model(args.codebook_size, side, side)).eval()
         for batch in args.batches:
             tokens = batch * side * side
             cached = cached_seconds(prior, batch, args.repeats)

@@ -33,7 +33,8 @@ import torch
 from vqvae import VQVAE, DataConfig, load_splits
 from vqvae.config import TrainConfig, seed_model
 from vqvae.data import BatchStream
-from vqvae.train import Runtime, next_batch, training_forward, vqvae_losses
+from vqvae.distributed import Runtime
+from vqvae.train import next_batch, training_forward, vqvae_losses
 
 VARIANTS = {  # name -> (channels_last, compile)
     "eager, NCHW": (False, False),

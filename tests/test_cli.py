@@ -8,10 +8,10 @@ from PIL import Image
 
 from vqvae import load_autoencoder
 from vqvae.cli import main
-from vqvae.train import read_jsonl
+from vqvae.runs import read_jsonl
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-images", "64"]
+        "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "64"]
 
 
 def test_help_for_every_command(capsys):

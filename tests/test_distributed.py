@@ -20,10 +20,11 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+import vqvae.runs
 import vqvae.train
 from vqvae import load_autoencoder
 from vqvae.cli import main
-from vqvae.train import read_jsonl
+from vqvae.runs import read_jsonl
 
 WORLD, BATCH, STEPS = 2, 8, 20  # per-rank batch; the 1-process reference uses WORLD * BATCH
 LIMIT_S = 120  # per group of processes; a healthy run takes a few seconds
@@ -34,7 +35,7 @@ LIMIT_S = 120  # per group of processes; a healthy run takes a few seconds
 # RUN_TOL over the whole run (measured: 0.4%).
 EARLY, EARLY_TOL, RUN_TOL = 5, 2e-4, 1e-2
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "32", "--every", "10", "--eval-images", "64", "--steps", str(STEPS),
+        "--codebook-size", "32", "--every", "10", "--eval-count", "64", "--steps", str(STEPS),
         "--kmeans-init", "true", "--restart-after", "3", "--device", "cpu"]
 QUANTIZERS = ("vq", "ema")
 RUNS, RESUMED = (*QUANTIZERS, "vq-resume"), 5  # vq-resume: the vq run resumed by 2 ranks
@@ -55,7 +56,7 @@ def _worker(rank: int, ports: list[int], out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    vqvae.train.LOG_EVERY = 1
+    vqvae.runs.LOG_EVERY = 1
     trained = {}
     real = vqvae.train.data_parallel
 
@@ -113,7 +114,7 @@ def one_process(tmp_path_factory) -> Path:
     """The reference: one process with the global batch WORLD * BATCH, per-step logs."""
     out = tmp_path_factory.mktemp("single")
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(vqvae.train, "LOG_EVERY", 1)
+        mp_.setattr(vqvae.runs, "LOG_EVERY", 1)
         for quantizer in QUANTIZERS:
             assert main(["train", *TINY, "--quantizer", quantizer, "--batch-size",
                          str(WORLD * BATCH), "--out", str(out / quantizer)]) == 0
@@ -153,7 +154,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks, tmp_path, mon
     assert state["world_size"] == WORLD and state["global_batch"] == WORLD * BATCH
     # One process with the same global batch continues the same data order from the same
     # checkpoint: its steps 21-25 are those of the 2 ranks that resumed it.
-    monkeypatch.setattr(vqvae.train, "LOG_EVERY", 1)
+    monkeypatch.setattr(vqvae.runs, "LOG_EVERY", 1)
     run = tmp_path / "vq"
     shutil.copytree(two_ranks / "vq", run)
     assert main(["train", "--resume", str(run), "--steps", str(STEPS + RESUMED), "--batch-size",

@@ -13,7 +13,7 @@ from vqvae import load_autoencoder
 from vqvae.cli import main
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "16", "--batch-size", "16", "--eval-images", "32", "--grid", "2"]
+        "--codebook-size", "16", "--batch-size", "16", "--eval-count", "32", "--grid", "2"]
 
 
 def _start(run: Path) -> subprocess.Popen:

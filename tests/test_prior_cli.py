@@ -6,13 +6,13 @@ import torch
 from vqvae.checkpoint import load_prior
 from vqvae.cli import main
 from vqvae.codes import CodeSplit, load_codes, save_codes
-from vqvae.train import read_jsonl
+from vqvae.runs import read_jsonl
 
 STAGE1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-          "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-images", "32",
+          "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "32",
           "--steps", "15"]
 PRIOR = ["--d-model", "16", "--layers", "1", "--heads", "2", "--batch-size", "16",
-         "--every", "10", "--eval-codes", "64", "--grid", "3"]
+         "--every", "10", "--eval-count", "64", "--grid", "3"]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from vqvae import quantize
+from vqvae.fsq import FiniteScalarQuantizer
 from vqvae.quantize import VectorQuantizer, nearest_code
 
 
@@ -54,7 +55,7 @@ def test_chunked_lookup_is_bit_identical_to_one_matrix(chunk, monkeypatch):
 @pytest.mark.parametrize("quantizer", [
     lambda: quantize.VectorQuantizer(16, 8), lambda: quantize.EMAVectorQuantizer(16, 8),
     lambda: quantize.VectorQuantizer(16, 8, cosine=True, lookup_dim=3),
-    lambda: quantize.FiniteScalarQuantizer((4, 3), 8)])
+    lambda: FiniteScalarQuantizer((4, 3), 8)])
 def test_channels_last_latents_give_the_same_output_and_gradients(quantizer):
     z = torch.randn(3, 8, 5, 4)
     upstream = torch.randn(3, 8, 5, 4)

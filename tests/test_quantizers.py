@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from vqvae import VQVAE, ConfigError, VQVAEConfig, load_autoencoder, seed_model
 from vqvae import checkpoint as ckpt
 from vqvae import quantize
-from vqvae.cli import build_run_config, make_parser
-from vqvae.config import from_dict, fsq_levels_for, to_dict
+from vqvae.cli import make_parser
+from vqvae.options import given
+from vqvae.config import from_dict, fsq_levels_for, run_config, to_dict
 from vqvae.metrics import CodeUsage
-from vqvae.quantize import (EMAVectorQuantizer, FiniteScalarQuantizer, VectorQuantizer, kmeans)
+from vqvae.fsq import FiniteScalarQuantizer
+from vqvae.quantize import EMAVectorQuantizer, VectorQuantizer, kmeans
 
 K, D = 12, 6
 VARIANTS = {
@@ -185,11 +187,11 @@ def test_fsq_levels_and_codebook_size():
 def test_cli_quantizer_options():
     args = make_parser().parse_args(["train", "--out", "x", "--quantizer", "fsq",
                                      "--fsq-levels", "5,4,3"])
-    model = build_run_config(args).model
+    model = run_config(args.preset, model=given(args, "model")).model
     assert model.fsq_levels == (5, 4, 3) and model.codebook_size == 60
     args = make_parser().parse_args(["train", "--out", "x", "--quantizer", "ema", "--cosine",
                                      "true", "--kmeans-init", "false", "--lookup-dim", "8"])
-    model = build_run_config(args).model
+    model = run_config(args.preset, model=given(args, "model")).model
     assert model.cosine is True and model.kmeans_init is False and model.lookup_dim == 8
     with pytest.raises(SystemExit):
         make_parser().parse_args(["train", "--cosine", "maybe"])

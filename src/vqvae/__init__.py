@@ -6,37 +6,41 @@ Stage 2 is an autoregressive Transformer prior over its code grids.
 
 __version__ = "0.1.0"
 
-from .autoencoder import VQVAE, ResidualBlock, VQVAEOutput, build_quantizer  # noqa: E402
-from .checkpoint import CheckpointError, load_autoencoder  # noqa: E402
-from .config import (PRESETS, ConfigError, DataConfig, RunConfig, TrainConfig,  # noqa: E402
-                     VQVAEConfig, default_model, seed_model)
+from .autoencoder import (QUANTIZERS, VQVAE, ResidualBlock, VQVAEOutput,  # noqa: E402
+                          build_quantizer)
+from .checkpoint import CheckpointError, load_autoencoder, load_prior  # noqa: E402
+from .codes import (CodeSplit, Codes, encode_dataset, load_codes, load_stage1,  # noqa: E402
+                    load_trained, save_codes)
+from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, LoopConfig,  # noqa: E402
+                     Preset, PriorConfig, PriorRunConfig, PriorTrainConfig, RunConfig,
+                     SampleConfig, TrainConfig, VQVAEConfig, default_model, default_prior,
+                     run_config, seed_model, seed_prior)
 from .data import DataError, ImageSet, Splits, load_splits, to_float, to_uint8  # noqa: E402
+from .distributed import Runtime  # noqa: E402
+from .fsq import FiniteScalarQuantizer  # noqa: E402
 from .metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # noqa: E402
                       score_autoencoder)
-from .quantize import (QUANTIZERS, EMAVectorQuantizer, FiniteScalarQuantizer,  # noqa: E402
-                       QuantizerOutput, VectorQuantizer)
-from .sample import interpolation_grid, reconstruction_grid  # noqa: E402
-from .train import Runtime, TrainResult, train_autoencoder  # noqa: E402
-from .checkpoint import load_prior  # noqa: E402
-from .codes import CodeSplit, Codes, encode_dataset, load_codes, save_codes  # noqa: E402
-from .config import (PRIOR_PRESETS, PriorConfig, PriorRunConfig,  # noqa: E402
-                     PriorTrainConfig, default_prior, seed_prior)
 from .prior import Prior  # noqa: E402
-from .sample import decode_codes, samples_grid  # noqa: E402
-from .train_prior import load_prior_run_config, load_stage1, train_prior  # noqa: E402
+from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
+from .runs import RunResult  # noqa: E402
+from .sample import (Samples, decode_codes, interpolation_grid, reconstruction_grid,  # noqa: E402
+                     sample_images, samples_grid, save_samples)
+from .train import load_run_config, train_autoencoder  # noqa: E402
+from .train_prior import load_prior_run_config, prior_run_config, train_prior  # noqa: E402
 
 __all__ = [
+    # stage 1
     "VQVAE", "VQVAEOutput", "ResidualBlock", "VectorQuantizer", "EMAVectorQuantizer",
     "FiniteScalarQuantizer", "QuantizerOutput", "QUANTIZERS", "build_quantizer",
-    "VQVAEConfig", "DataConfig", "TrainConfig", "RunConfig", "PRESETS", "seed_model",
-    "default_model", "ConfigError", "DataError", "CheckpointError", "ImageSet", "Splits",
-    "load_splits", "to_float", "to_uint8", "load_autoencoder", "train_autoencoder", "Runtime",
-    "TrainResult", "evaluate_autoencoder", "score_autoencoder", "CodeUsage", "codebook_stats",
-    "psnr", "reconstruction_grid",
-    "interpolation_grid",
+    "VQVAEConfig", "DataConfig", "LoopConfig", "TrainConfig", "RunConfig", "Preset", "PRESETS",
+    "run_config", "seed_model", "default_model", "ConfigError", "DataError", "CheckpointError",
+    "ImageSet", "Splits", "load_splits", "to_float", "to_uint8", "load_autoencoder",
+    "load_run_config", "load_trained", "train_autoencoder", "Runtime", "RunResult",
+    "evaluate_autoencoder", "score_autoencoder", "CodeUsage", "codebook_stats", "psnr",
+    "reconstruction_grid", "interpolation_grid",
     # stage 2
     "Prior", "PriorConfig", "PriorTrainConfig", "PriorRunConfig", "PRIOR_PRESETS", "seed_prior",
-    "default_prior", "Codes", "CodeSplit", "encode_dataset", "load_codes", "save_codes",
-    "load_prior", "load_prior_run_config", "load_stage1", "train_prior", "decode_codes",
-    "samples_grid",
+    "default_prior", "prior_run_config", "Codes", "CodeSplit", "encode_dataset", "load_codes",
+    "save_codes", "load_prior", "load_prior_run_config", "load_stage1", "train_prior",
+    "SampleConfig", "Samples", "sample_images", "save_samples", "decode_codes", "samples_grid",
 ]

@@ -1,7 +1,7 @@
 """The VQ-VAE autoencoder: convolutional encoder, vector quantizer, transposed-conv decoder.
 
 van den Oord et al., "Neural Discrete Representation Learning" (2017), arXiv:1711.00937; the layer
-plan is the blog post's Keras model (see shared/seed/DIGEST.md).
+plan is the VQ-VAE blog post's Keras model, which the ``seed`` preset reproduces layer by layer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .config import QuantizerName, VQVAEConfig
-from .quantize import EMAVectorQuantizer, FiniteScalarQuantizer, QuantizerOutput, VectorQuantizer
+from .fsq import FiniteScalarQuantizer
+from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
 
 
 class ResidualBlock(nn.Module):
@@ -88,8 +89,9 @@ def _codebook_options(cfg: VQVAEConfig) -> dict:
             "cosine": cfg.cosine, "lookup_dim": cfg.lookup_dim}
 
 
-# The config's quantizer name -> the leaf quantizer, built from plain numbers.
-QUANTIZER_BUILDERS: dict[QuantizerName, Callable[[VQVAEConfig], nn.Module]] = {
+# The one quantizer registry: the config's quantizer name -> the leaf quantizer, built from plain
+# numbers (quantize.py, fsq.py).
+QUANTIZERS: dict[QuantizerName, Callable[[VQVAEConfig], nn.Module]] = {
     "vq": lambda cfg: VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta,
                                       **_codebook_options(cfg)),
     "ema": lambda cfg: EMAVectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta,
@@ -101,7 +103,7 @@ QUANTIZER_BUILDERS: dict[QuantizerName, Callable[[VQVAEConfig], nn.Module]] = {
 
 def build_quantizer(cfg: VQVAEConfig) -> nn.Module:
     """The quantizer named by ``cfg.quantizer``; ``codebook_size`` codes for every variant."""
-    return QUANTIZER_BUILDERS[cfg.quantizer](cfg)
+    return QUANTIZERS[cfg.quantizer](cfg)
 
 
 class VQVAEOutput(NamedTuple):

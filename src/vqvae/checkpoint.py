@@ -51,6 +51,30 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
+# --- config files: one tagged format for checkpoints and run folders ---------------------------
+
+
+def write_config(path: Path, kind: str, config: dict[str, Any]) -> None:
+    """``{"kind": kind, "format": FORMAT, "config": config}``: every ``config.json`` this package
+    writes (checkpoint folders: ``vqvae``/``prior``; run folders: ``vqvae-run``/``prior-run``)."""
+    write_json(path, {"kind": kind, "format": FORMAT, "config": config})
+
+
+def read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """(kind, config) of a file written by :func:`write_config`. An object without a ``kind`` tag
+    is a run config written before run configs were tagged: (None, the object)."""
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a vqvae config (expected a JSON object)")
+    if "kind" not in meta:
+        return None, meta
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["kind"], str):
+        raise CheckpointError(f"{path} is not a vqvae config (bad kind or config)")
+    if not isinstance(meta.get("format", 0), int) or meta.get("format", 0) > FORMAT:
+        raise CheckpointError(f"{path} was written by a newer vqvae (format {meta['format']})")
+    return meta["kind"], meta["config"]
+
+
 # --- one folder --------------------------------------------------------------------------------
 
 
@@ -59,19 +83,17 @@ def save(directory: Path, module: nn.Module, kind: str, config: dict[str, Any]) 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(tensors, str(directory / MODEL_FILE))
-    write_json(directory / CONFIG_FILE, {"kind": kind, "format": FORMAT, "config": config})
+    write_config(directory / CONFIG_FILE, kind, config)
 
 
 def load_config(directory: Path, kind: str) -> dict[str, Any]:
     """The model config saved in ``directory``, after checking it is a ``kind`` checkpoint."""
-    meta = read_json(directory / CONFIG_FILE)
-    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a vqvae checkpoint config")
-    if meta["kind"] != kind:
-        raise CheckpointError(f"{directory} holds a {meta['kind']!r} checkpoint, not {kind!r}")
-    if meta.get("format", 0) > FORMAT:
-        raise CheckpointError(f"{directory} was written by a newer vqvae (format {meta['format']})")
-    return meta["config"]
+    found, config = read_config(directory / CONFIG_FILE)
+    if found is None or found.endswith("-run"):
+        raise CheckpointError(f"{directory} is a run folder, not a checkpoint folder")
+    if found != kind:
+        raise CheckpointError(f"{directory} holds a {found!r} checkpoint, not {kind!r}")
+    return config
 
 
 def load_weights(directory: Path, module: nn.Module) -> None:

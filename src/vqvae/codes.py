@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import runs
 from .autoencoder import VQVAE
-from .config import DataConfig, RunConfig, from_dict
-from .data import DataError, ImageSet, load_splits, to_float
+from .config import DataConfig, PriorRunConfig
+from .data import DataError, ImageSet, Splits, load_splits, to_float
 
 FORMAT = "vqvae-codes/1"
 
@@ -113,10 +114,27 @@ def encode_images(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
     return torch.cat(parts)
 
 
-def stage1_data(run_dir: str | Path, model: VQVAE, source: str | None = None) -> DataConfig:
-    """The data config a stage-1 run trained on, or ``source`` at that run's size and channels."""
-    path = Path(run_dir) / "config.json"
-    data = (from_dict(RunConfig, ckpt.read_json(path), "run config").data if path.exists()
+def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu") -> VQVAE:
+    """The stage-1 model that decodes a prior's codes, after checking its fingerprint."""
+    directory = Path(cfg.stage1)
+    if not directory.is_dir():
+        raise ckpt.CheckpointError(f"the stage-1 checkpoint {directory} is gone")
+    check_stage1(cfg.stage1_sha256, cfg.stage1, directory)
+    model = ckpt.load_autoencoder(directory, device)
+    if model.cfg.codebook_size != cfg.model.codebook_size:
+        raise DataError(f"stage-1 model has {model.cfg.codebook_size} codes, the prior "
+                        f"{cfg.model.codebook_size}")
+    return model
+
+
+def stage1_data(path: str | Path, model: VQVAE, source: str | None = None) -> DataConfig:
+    """The data a stage-1 model trained on (from the run folder holding ``path``), or ``source``
+    at the model's size and channels; a checkpoint outside a run folder needs ``source``."""
+    run_dir = runs.find_run(path)
+    if run_dir is None and not source:
+        raise DataError(f"{path} is a checkpoint outside a run folder: name its data source "
+                        f"(--data)")
+    data = (runs.read_run_config(run_dir, ckpt.VQVAE_KIND).data if run_dir is not None
             else DataConfig(size=model.cfg.image_size, channels=model.cfg.in_channels))
     if source:
         data = replace(data, source=source, size=model.cfg.image_size,
@@ -126,10 +144,19 @@ def stage1_data(run_dir: str | Path, model: VQVAE, source: str | None = None) ->
     return data
 
 
+def load_trained(path: str | Path, source: str | None = None,
+                 device: torch.device | str = "cpu") -> tuple[VQVAE, Splits]:
+    """A trained stage-1 model (eval mode) from a run folder or checkpoint folder, and the train
+    and test splits of its data (or of ``source``) at its size and channels."""
+    directory = ckpt.resolve(path)
+    model = ckpt.load_autoencoder(directory, device)
+    return model, load_splits(stage1_data(path, model, source))
+
+
 def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: int = 256,
                    device: torch.device | str = "cpu", progress: bool = True) -> Codes:
     """Encode the train and test splits of a data source (default: the run's own) with the
-    stage-1 model of ``run_dir``."""
+    stage-1 model of ``run_dir`` (a run folder or a checkpoint folder)."""
     directory = ckpt.resolve(run_dir)
     model = ckpt.load_autoencoder(directory, device)
     data = stage1_data(run_dir, model, source)

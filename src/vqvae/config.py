@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Callable, Literal, get_args, get_type_hints
 
 QuantizerName = Literal["vq", "ema", "fsq"]
 PresetName = Literal["seed", "default"]
@@ -61,21 +61,24 @@ class VQVAEConfig:
         "vq: the seed's (codebook + commitment loss) | ema: codes are moving averages of their "
         "vectors, commitment loss only | fsq: finite scalar quantization, an implicit codebook"))
     kmeans_init: bool = field(default=False, metadata=_help(
-        "vq/ema: initialise the codes by k-means on the first training batch's encoder outputs"))
+        "vq/ema: initialise the codes by k-means on the first training batch's encoder outputs",
+        quantizer_option=True))
     restart_after: int = field(default=0, metadata=_help(
         "vq/ema: re-seed a code from the current batch's encoder outputs once it has been unused "
-        "for this many steps (0 = never)"))
+        "for this many steps (0 = never)", quantizer_option=True))
     cosine: bool = field(default=False, metadata=_help(
-        "vq/ema: l2-normalised codes and lookup vectors (nearest code = highest cosine)"))
+        "vq/ema: l2-normalised codes and lookup vectors (nearest code = highest cosine)",
+        quantizer_option=True))
     lookup_dim: int | None = field(default=None, metadata=_help(
         "vq/ema: look codes up in a learned linear projection to this many dimensions "
-        "(default: none, codes have code_dim dimensions)"))
-    ema_decay: float = field(default=0.99, metadata=_help("ema: decay of the moving averages"))
+        "(default: none, codes have code_dim dimensions)", quantizer_option=True))
+    ema_decay: float = field(default=0.99, metadata=_help(
+        "ema: decay of the moving averages", quantizer_option=True))
     ema_epsilon: float = field(default=1e-5, metadata=_help(
-        "ema: Laplace smoothing of the codes' cluster sizes"))
+        "ema: Laplace smoothing of the codes' cluster sizes", quantizer_option=True))
     fsq_levels: tuple[int, ...] = field(default=(), metadata=_help(
         "fsq: values per channel, comma-separated (e.g. 8,8,8); their product is codebook_size "
-        "(default: codebook_size factorised into levels near 8)"))
+        "(default: codebook_size factorised into levels near 8)", quantizer_option=True))
     weight_init: WeightInit = field(default="keras", metadata=_help(
         "keras: glorot-uniform convs, U(-0.05, 0.05) codebook (the seed's); torch: PyTorch defaults"))
     bn_momentum: float = field(default=0.01, metadata=_help(
@@ -153,20 +156,58 @@ def fsq_levels_for(codebook_size: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class LoopConfig:
+    """What both stages' training loops share (:func:`vqvae.runs.fit`): the budget, the batch, the
+    step size, the seed, how often to save and score, where to run and what to log."""
+
     steps: int = field(default=2000, metadata=_help("total optimisation steps"))
     minutes: float | None = field(default=None, metadata=_help(
         "wall-clock budget of this invocation in minutes (stops early, saving a checkpoint)"))
     batch_size: int = field(default=64, metadata=_help(
-        "images per step and process: under torchrun the global batch is N x this"))
-    lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+        "examples per step and process: under torchrun the global batch is N x this"))
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
     seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
     every: int = field(default=200, metadata=_help(
-        "steps between checkpoints, grids and held-out metrics"))
-    eval_images: int = field(default=2048, metadata=_help(
-        "held-out images scored at each --every (0 = all of them)"))
+        "steps between checkpoints, sample grids and held-out metrics"))
+    eval_count: int = field(default=2048, metadata=_help(
+        "held-out examples (images, or code grids for a prior) scored at each --every "
+        "(0 = all of them)"))
     grid: int = field(default=8, metadata=_help("sample grids are grid x grid images"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
+    tensorboard: bool = field(default=False, metadata=_help(
+        "also log scalars and sample grids to RUN_DIR/tensorboard (needs the tensorboard "
+        "package: pip install 'vqvae[tensorboard]')"))
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
+        _check(self.every >= 1, f"every must be >= 1, got {self.every}")
+        _check(self.eval_count >= 0, f"eval_count must be >= 0, got {self.eval_count}")
+        _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
+        _check(isinstance(self.tensorboard, bool),
+               f"tensorboard must be true or false, got {self.tensorboard!r}")
+
+
+# Loop fields a resumed run may change (the rest is the run's identity); batch_size so that a
+# resume with another number of processes can keep the global batch (N x batch_size).
+RESUMABLE = frozenset({"steps", "minutes", "device", "batch_size", "tensorboard"})
+
+
+def resumed(cfg: Any, **changes: Any) -> Any:
+    """A saved run config (stage 1 or 2) with resumable loop fields changed; anything else is an
+    error (it would silently not apply to a run that already has its model and data)."""
+    fixed = sorted(set(changes) - RESUMABLE)
+    _check(not fixed, f"with --resume only {', '.join(sorted(RESUMABLE))} may be given, not "
+           f"{', '.join(fixed)}: the rest is the run's own config")
+    return replace(cfg, train=replace(cfg.train, **changes))
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    """Stage 1's loop: Adam on the VQ-VAE loss."""
+
     channels_last: bool = field(default=True, metadata=_help(
         "keep images and activations in channels-last memory (on: 1.2-1.4x faster training on a "
         "CPU, docs/benchmarks.md)"))
@@ -175,14 +216,8 @@ class TrainConfig:
         "of 10-30 s first, docs/benchmarks.md)"))
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
+        super().__post_init__()
         _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
-        _check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
-        _check(self.every >= 1, f"every must be >= 1, got {self.every}")
-        _check(self.eval_images >= 0, f"eval_images must be >= 0, got {self.eval_images}")
-        _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -216,7 +251,41 @@ def default_model(image_size: int = 128, in_channels: int = 3) -> VQVAEConfig:
                    restart_after=20, cosine=True, lookup_dim=8)
 
 
-PRESETS = {"seed": seed_model, "default": default_model}
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point of one stage: its model config for the data's shape (a function of
+    image size and channels, or of codebook size, grid and classes) and its loop config."""
+
+    model: Callable[..., Any]
+    train: LoopConfig
+
+
+PRESETS = {"seed": Preset(seed_model, TrainConfig()),
+           "default": Preset(default_model, TrainConfig())}
+
+
+def quantizer_options() -> tuple[str, ...]:
+    """The fields of :class:`VQVAEConfig` that belong to one quantizer (not to the model)."""
+    return tuple(f.name for f in fields(VQVAEConfig) if f.metadata.get("quantizer_option"))
+
+
+def run_config(preset: PresetName = "default", data: DataConfig | None = None,
+               model: dict[str, Any] | None = None,
+               train: dict[str, Any] | None = None) -> RunConfig:
+    """A stage-1 run config: ``preset``'s model for ``data``, with fields of ``model`` and
+    ``train`` overridden (what ``vqvae train`` builds from its options)."""
+    _check(preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    data = data or DataConfig()
+    given = dict(model or {})
+    base = PRESETS[preset].model(data.size, data.channels or 3)
+    if given.get("quantizer", base.quantizer) != base.quantizer:
+        # The preset's quantizer options belong to its quantizer: another one starts clean.
+        base = replace(base, **{name: VQVAEConfig.__dataclass_fields__[name].default
+                                for name in quantizer_options()})
+    if given.get("quantizer", base.quantizer) == "fsq" and "fsq_levels" in given:
+        given.setdefault("codebook_size", math.prod(given["fsq_levels"]))
+    return RunConfig(data=data, model=replace(base, **given),
+                     train=replace(PRESETS[preset].train, **(train or {})), preset=preset)
 
 
 # --- JSON round trip -------------------------------------------------------------------------
@@ -294,38 +363,23 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
-class PriorTrainConfig:
-    steps: int = field(default=5000, metadata=_help("total optimisation steps"))
-    minutes: float | None = field(default=None, metadata=_help(
-        "wall-clock budget of this invocation in minutes (stops early, saving a checkpoint)"))
-    batch_size: int = field(default=64, metadata=_help(
-        "code grids per step and process: under torchrun the global batch is N x this"))
-    lr: float = field(default=1e-3, metadata=_help("peak AdamW learning rate"))
+class PriorTrainConfig(LoopConfig):
+    """Stage 2's loop: AdamW with warm-up, weight decay and clipping on next-code cross-entropy."""
+
+    steps: int = field(default=5000, metadata=LoopConfig.__dataclass_fields__["steps"].metadata)
+    every: int = field(default=500, metadata=LoopConfig.__dataclass_fields__["every"].metadata)
     warmup: int = field(default=0, metadata=_help("steps of linear learning-rate warm-up"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay on matrices"))
     grad_clip: float = field(default=0.0, metadata=_help("gradient-norm clip, 0 = none"))
     p_uncond: float = field(default=0.1, metadata=_help(
         "conditional priors: probability of training with the null class (for guidance)"))
-    seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
-    every: int = field(default=500, metadata=_help(
-        "steps between checkpoints, sample grids and held-out bits/code"))
-    eval_codes: int = field(default=2048, metadata=_help(
-        "held-out code grids scored at each --every (0 = all of them)"))
-    grid: int = field(default=8, metadata=_help("sample grids are grid x grid images"))
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
+        super().__post_init__()
         _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
         _check(self.weight_decay >= 0.0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0.0, f"grad_clip must be >= 0, got {self.grad_clip}")
         _check(0.0 <= self.p_uncond < 1.0, f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        _check(self.every >= 1, f"every must be >= 1, got {self.every}")
-        _check(self.eval_codes >= 0, f"eval_codes must be >= 0, got {self.eval_codes}")
-        _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
 
 
 @dataclass(frozen=True)
@@ -360,15 +414,51 @@ def default_prior(codebook_size: int = 64, height: int = 8, width: int = 8,
                        mlp_ratio=4, dropout=0.1)
 
 
-def seed_prior_train() -> PriorTrainConfig:
-    """The seed's optimiser: Adam at Keras' default 1e-3, batch 32, no schedule."""
-    return PriorTrainConfig(batch_size=32, lr=1e-3, warmup=0, weight_decay=0.0, grad_clip=0.0)
+# The seed's optimiser: Adam at Keras' default 1e-3, batch 32, no schedule.
+SEED_PRIOR_TRAIN = PriorTrainConfig(batch_size=32, lr=1e-3, warmup=0, weight_decay=0.0,
+                                    grad_clip=0.0)
+# AdamW with a short warm-up, weight decay on matrices and gradient clipping.
+DEFAULT_PRIOR_TRAIN = PriorTrainConfig(batch_size=64, lr=1e-3, warmup=100, weight_decay=0.01,
+                                       grad_clip=1.0)
+PRIOR_PRESETS = {"seed": Preset(seed_prior, SEED_PRIOR_TRAIN),
+                 "default": Preset(default_prior, DEFAULT_PRIOR_TRAIN)}
 
 
-def default_prior_train() -> PriorTrainConfig:
-    """AdamW with a short warm-up, weight decay on matrices and gradient clipping."""
-    return PriorTrainConfig(batch_size=64, lr=1e-3, warmup=100, weight_decay=0.01, grad_clip=1.0)
+# --- sampling --------------------------------------------------------------------------------
 
 
-PRIOR_PRESETS = {"seed": (seed_prior, seed_prior_train),
-                 "default": (default_prior, default_prior_train)}
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   guidance: float) -> None:
+    """The sampling knobs' valid ranges, for :class:`SampleConfig` and ``Prior.generate`` alike."""
+    _check(math.isfinite(temperature) and temperature >= 0,
+           f"temperature must be a finite number >= 0, got {temperature}")
+    _check(top_k is None or top_k >= 1, f"top_k must be >= 1, got {top_k}")
+    _check(top_p is None or 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")
+    _check(math.isfinite(guidance), f"guidance must be a finite number, got {guidance}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How ``vqvae sample`` (:func:`vqvae.sample.sample_images`) draws new images from a prior."""
+
+    n: int = field(default=64, metadata=_help(
+        "images to draw, laid out ceil(sqrt(n)) per row (64: an 8 x 8 grid)"))
+    temperature: float = field(default=1.0, metadata=_help("0 = greedy"))
+    top_k: int | None = field(default=None, metadata=_help("keep only the k most probable codes"))
+    top_p: float | None = field(default=None, metadata=_help(
+        "keep the smallest set of codes with probability mass >= p"))
+    label: int | None = field(default=None, metadata=_help(
+        "class id to draw (class-conditional priors)", flag="class"))
+    guidance: float = field(default=1.0, metadata=_help(
+        "classifier-free guidance scale with --class, 1 = none"))
+    seed: int = field(default=0, metadata=_help("random seed: the same seed draws the same images"))
+    batch_size: int = field(default=64, metadata=_help("grids drawn at once"))
+    no_cache: bool = field(default=False, metadata=_help(
+        "recompute the whole prefix at every step (the seed's way; slow, the same codes)"))
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.guidance)
+        _check(self.label is None or self.label >= 0, f"--class must be >= 0, got {self.label}")
+        _check(self.guidance == 1.0 or self.label is not None, "--guidance needs --class")

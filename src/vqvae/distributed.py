@@ -88,6 +88,23 @@ def launch(device: torch.device) -> Iterator[Runtime]:
             dist.destroy_process_group()
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device {name!r} is not a valid torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
 # --- agreeing across ranks ---------------------------------------------------------------------
 
 
@@ -124,6 +141,66 @@ def main_does(fn: Callable[[], object], runtime: Runtime, what: str) -> None:
         if error is not None:
             raise error
         raise PeerError(f"rank 0 failed to {what} (its message says why)")
+
+
+def sum_over_ranks(values: dict[str, float], device: torch.device | str) -> dict[str, float]:
+    """Per-rank sums (e.g. of a sharded evaluation) -> their sum over ranks, in float64."""
+    if not _distributed() or not values:
+        return values
+    t = all_reduce_sum(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values, t.tolist()))
+
+
+# --- the implicit process group: what the quantizer's statistics and k-means go through -------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over data-parallel ranks; the identity in a single process.
+
+    Every statistic that updates a codebook (EMA sums, k-means, usage counters) goes through here,
+    so all ranks keep identical codebooks.
+    """
+    if _distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank (random choices: k-means seeds, restart samples)."""
+    if _distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    return dist.get_world_size() if _distributed() else 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` (N, D) stacked in rank order (W*N, D): with equal local batches,
+    exactly the rows one process with the global batch would see. The identity in one process."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def pick_rows(x: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """Rows ``picks`` (K,) of :func:`gather_rows` (x) without gathering: each rank fills the rows
+    it holds, zeros elsewhere, and a sum over ranks assembles them. Every rank must hold the same
+    number of rows (the batch stream gives each rank an equal slice)."""
+    if not _distributed():
+        return x[picks]
+    n = x.shape[0]
+    mine = (picks // n == dist.get_rank()).unsqueeze(1)  # (K, 1)
+    return all_reduce_sum(torch.where(mine, x[picks % n], torch.zeros((), dtype=x.dtype,
+                                                                      device=x.device)))
 
 
 # --- the model for training --------------------------------------------------------------------

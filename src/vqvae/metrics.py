@@ -14,7 +14,7 @@ import torch
 
 from .autoencoder import VQVAE
 from .data import to_float
-from .quantize import all_reduce_sum
+from .distributed import all_reduce_sum, sum_over_ranks
 
 
 def psnr(mse: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -64,7 +64,7 @@ class CodeUsage:
             self.slot, self.filled = (self.slot + 1) % self.ring.shape[0], 0
 
     def stats(self) -> dict[str, float]:
-        counts = all_reduce_sum(self.counts.clone())  # every rank's assignments (issue 6)
+        counts = all_reduce_sum(self.counts.clone())  # every rank's assignments
         return codebook_stats(counts.cpu())
 
 
@@ -88,14 +88,6 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
 def _shard(data: torch.Tensor | None, rank: int, world_size: int) -> torch.Tensor | None:
     """Rank ``rank``'s contiguous slice of ``data`` (all of it in one process)."""
     return data if data is None or world_size == 1 else data.tensor_split(world_size)[rank]
-
-
-def _sum_over_ranks(sums: dict[str, float], device: torch.device | str,
-                    world_size: int) -> dict[str, float]:
-    if world_size == 1:
-        return sums
-    t = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
-    return dict(zip(sums, t.tolist()))
 
 
 @torch.no_grad()
@@ -123,7 +115,8 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
             sums["psnr" + name] += psnr(mse).sum().item()
         counts += torch.bincount(q.indices.flatten(), minlength=k)
     model.train(was_training)
-    sums = _sum_over_ranks({**sums, "n": float(images.shape[0])}, device, world_size)
+    sums = {**sums, "n": float(images.shape[0])}
+    sums = sum_over_ranks(sums, device) if world_size > 1 else sums
     n = int(sums.pop("n"))
     counts = (all_reduce_sum(counts) if world_size > 1 else counts).cpu()
     return Evaluation({**{name: value / max(n, 1) for name, value in sums.items()},
@@ -153,6 +146,6 @@ def evaluate_prior(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Te
         if conditional:
             totals["bits_per_code_uncond"] += prior.nll(batch).double().sum().item()
     prior.train(was_training)
-    totals = _sum_over_ranks(totals, device, world_size)
+    totals = sum_over_ranks(totals, device) if world_size > 1 else totals
     n = grids * codes.shape[1] * codes.shape[2]
     return {**{k: v / max(n, 1) / math.log(2) for k, v in totals.items()}, "grids": grids}

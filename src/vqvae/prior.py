@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PriorConfig
+from .config import PriorConfig, check_sampling
 
 
 class KVCache:
@@ -320,7 +320,7 @@ class Prior(nn.Module):
         together. ``use_cache=False`` recomputes the whole prefix at every step (the seed's way);
         it draws exactly the same codes as the cached path from the same ``generator`` state.
         """
-        labels = self._check_sampling(n, labels, guidance, temperature, top_k, top_p)
+        labels = self._check_sampling(n, batch_size, labels, guidance, temperature, top_k, top_p)
         was_training = self.training
         self.eval()
         grids = []
@@ -331,17 +331,14 @@ class Prior(nn.Module):
         self.train(was_training)
         return torch.cat(grids).view(n, self.cfg.height, self.cfg.width)
 
-    def _check_sampling(self, n: int, labels: int | torch.Tensor | None, guidance: float,
-                        temperature: float, top_k: int | None, top_p: float | None
-                        ) -> torch.Tensor | None:
+    def _check_sampling(self, n: int, batch_size: int, labels: int | torch.Tensor | None,
+                        guidance: float, temperature: float, top_k: int | None,
+                        top_p: float | None) -> torch.Tensor | None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_sampling(temperature, top_k, top_p, guidance)  # ConfigError, a ValueError
         if labels is None:
             if guidance != 1.0:
                 raise ValueError("guidance needs class labels to guide towards")

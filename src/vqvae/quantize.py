@@ -1,21 +1,22 @@
-"""Quantizers behind one small API: ``forward(z) -> QuantizerOutput``, ``indices_to_codes``.
+"""Codebook quantizers behind one small API: ``forward(z) -> QuantizerOutput`` and its inverse,
+``indices_to_codes``.
 
 vq: van den Oord et al., "Neural Discrete Representation Learning" (2017), arXiv:1711.00937;
 ema: the same paper's appendix / Razavi et al. (2019), arXiv:1906.00446; k-means init and
 dead-code restarts: Dhariwal et al., "Jukebox" (2020), arXiv:2005.00341; cosine codes in a
 projected lookup space: Yu et al., "Vector-quantized Image Modeling with Improved VQGAN" (2021),
-arXiv:2110.04627; fsq: Mentzer et al., "Finite Scalar Quantization" (2023), arXiv:2309.15505.
+arXiv:2110.04627. The implicit codebook of FSQ, with the same API, is in :mod:`vqvae.fsq`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .distributed import all_reduce_sum, broadcast_from_main, gather_rows, pick_rows, world_size
 
 # Rows of the (N, K) distance matrix computed at once: bounds memory to ~CHUNK_ELEMENTS floats
 # (4 MiB). Chunks that stay in cache between the addmm and the argmin beat one whole matrix by
@@ -30,53 +31,6 @@ class QuantizerOutput(NamedTuple):
     loss: torch.Tensor  # scalar: the quantizer's share of the training loss
     codebook_loss: torch.Tensor  # scalar: mse(sg(z), e), moves codes towards encoder outputs
     commitment_loss: torch.Tensor  # scalar: mse(z, sg(e)), keeps encoder outputs near codes
-
-
-# --- the seam for data parallelism (issue 6) ---------------------------------------------------
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` in place over data-parallel ranks; the identity in a single process.
-
-    Every statistic that updates a codebook (EMA sums, k-means, usage counters) goes through here,
-    so all ranks keep identical codebooks.
-    """
-    if _distributed():
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
-    """Rank 0's ``tensor`` on every rank (random choices: k-means seeds, restart samples)."""
-    if _distributed():
-        dist.broadcast(tensor, src=0)
-    return tensor
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of ``x`` (N, D) stacked in rank order (W*N, D): with equal local batches,
-    exactly the rows one process with the global batch would see. The identity in one process."""
-    if not _distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def pick_rows(x: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
-    """Rows ``picks`` (K,) of :func:`gather_rows` (x) without gathering: each rank fills the rows
-    it holds, zeros elsewhere, and a sum over ranks assembles them. Every rank must hold the same
-    number of rows (the batch stream gives each rank an equal slice)."""
-    if not _distributed():
-        return x[picks]
-    n = x.shape[0]
-    mine = (picks // n == dist.get_rank()).unsqueeze(1)  # (K, 1)
-    return all_reduce_sum(torch.where(mine, x[picks % n], torch.zeros((), dtype=x.dtype,
-                                                                      device=x.device)))
 
 
 # --- shared pieces -----------------------------------------------------------------------------
@@ -165,12 +119,12 @@ class LookupSpace(nn.Module):
         return self.project_out(codes)
 
 
-def _flatten(z: torch.Tensor) -> torch.Tensor:
+def flatten_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, D, H, W) -> (B*H*W, D); a view, no copy, when ``z`` is channels-last in memory."""
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
-def _unflatten(flat: torch.Tensor, shape: Sequence[int],
+def unflatten_latents(flat: torch.Tensor, shape: Sequence[int],
                like: torch.Tensor | None = None) -> torch.Tensor:
     """(B*H*W, D) -> (B, D, H, W) in the memory format of ``like`` (contiguous without one):
     a channels-last input gets a channels-last output for free, others pay one copy."""
@@ -258,7 +212,7 @@ class _CodebookQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape
-        x = self.space.inward(_flatten(z))  # (N, d) in the lookup space
+        x = self.space.inward(flatten_latents(z))  # (N, d) in the lookup space
         if self.training:
             self._maybe_initialize(x.detach())
         indices = nearest_code(x.detach(), self.codebook_vectors().detach())  # (N,)
@@ -269,7 +223,7 @@ class _CodebookQuantizer(nn.Module):
         codes = F.embedding(indices, self.codebook_vectors())  # (N, d)
         quantized, codebook_loss, commitment_loss = _SnapWithLosses.apply(x, codes)
         quantized = self.space.outward(quantized)
-        return QuantizerOutput(_unflatten(quantized, (b, h, w), z), indices.view(b, h, w),
+        return QuantizerOutput(unflatten_latents(quantized, (b, h, w), z), indices.view(b, h, w),
                                self._loss(codebook_loss, commitment_loss), codebook_loss,
                                commitment_loss)
 
@@ -277,12 +231,13 @@ class _CodebookQuantizer(nn.Module):
         """(B, D, H, W) -> what the decoder would see if the nearest code sat exactly on each
         lookup vector: the projection and normalisation without the snap (identity for the seed)."""
         b, _, h, w = z.shape
-        return _unflatten(self.space.outward(self.space.inward(_flatten(z))), (b, h, w), z)
+        lookup = self.space.inward(flatten_latents(z))
+        return unflatten_latents(self.space.outward(lookup), (b, h, w), z)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""
         codes = F.embedding(indices.reshape(-1), self.codebook_vectors())  # (N, d)
-        return _unflatten(self.space.outward(codes), indices.shape)
+        return unflatten_latents(self.space.outward(codes), indices.shape)
 
     @torch.no_grad()
     def _maybe_initialize(self, x: torch.Tensor) -> None:
@@ -301,9 +256,8 @@ class _CodebookQuantizer(nn.Module):
         used = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size)) > 0
         self.unused_steps.add_(1).masked_fill_(used, 0)
         dead = self.unused_steps >= self.restart_after  # (K,)
-        world = dist.get_world_size() if _distributed() else 1
         # Rank 0's draw among all ranks' vectors (the picks of one process with the global batch).
-        pick = broadcast_from_main(torch.randint(x.shape[0] * world, (self.codebook_size,),
+        pick = broadcast_from_main(torch.randint(x.shape[0] * world_size(), (self.codebook_size,),
                                                  device=x.device))
         candidates = pick_rows(x, pick)  # (K, d)
         self._overwrite(dead, candidates, torch.ones_like(dead, dtype=x.dtype))
@@ -377,67 +331,3 @@ class EMAVectorQuantizer(_CodebookQuantizer):
 
     def _loss(self, codebook_loss: torch.Tensor, commitment_loss: torch.Tensor) -> torch.Tensor:
         return self.beta * commitment_loss  # codebook_loss is reported, never trained on
-
-
-# --- fsq: an implicit codebook ------------------------------------------------------------------
-
-
-class FiniteScalarQuantizer(nn.Module):
-    """Bound each of ``len(levels)`` channels with tanh and round it to ``levels[c]`` values.
-
-    The implicit codebook is the grid of all combinations (``prod(levels)`` codes); an index is
-    the mixed-radix number of the per-channel digits. Latents of another width are projected to
-    ``len(levels)`` channels and back. No auxiliary loss: ``loss`` is zero, ``commitment_loss``
-    reports the rounding error.
-    """
-
-    def __init__(self, levels: Sequence[int], dim: int):
-        super().__init__()
-        if len(levels) == 0 or min(levels) < 2:
-            raise ValueError(f"fsq levels must be integers >= 2, got {tuple(levels)}")
-        self.levels, self.dim = tuple(int(n) for n in levels), dim
-        self.codebook_size = math.prod(self.levels)
-        self.space = LookupSpace(dim, None if dim == len(levels) else len(levels))
-        lv = torch.tensor(self.levels, dtype=torch.float32)
-        basis = torch.cumprod(torch.tensor((1,) + self.levels[:-1]), 0)
-        # Derived constants, not state: rebuilt from ``levels``, never saved.
-        self.register_buffer("_levels", lv, persistent=False)
-        self.register_buffer("_basis", basis, persistent=False)
-
-    def _bounded(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> values in (-L/2, L/2) per channel; the shrink keeps tanh's +-1 inside."""
-        return torch.tanh(x) * (self._levels / 2 * (1 - 1e-3))
-
-    def _grid(self, digits: torch.Tensor) -> torch.Tensor:
-        """Digits 0..L-1 -> code values (digit - (L-1)/2) / (L/2), symmetric in (-1, 1)."""
-        return (digits - (self._levels - 1) / 2) / (self._levels / 2)
-
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        b, _, h, w = z.shape
-        y = self._bounded(self.space.inward(_flatten(z)).float())  # (N, C)
-        # Odd L: round to integers; even L: to half-integers. Digits are exact small integers.
-        offset = (1 - self._levels % 2) / 2
-        digits = (torch.round(y - offset) + offset + (self._levels - 1) / 2).detach()
-        codes = self._grid(digits)
-        scaled = y / (self._levels / 2)
-        indices = (digits.long() * self._basis).sum(1)  # (N,)
-        quantized = self.space.outward(codes + (scaled - scaled.detach()))  # straight-through
-        zero = z.new_zeros(())
-        return QuantizerOutput(_unflatten(quantized, (b, h, w), z), indices.view(b, h, w), zero,
-                               zero, F.mse_loss(scaled.detach(), codes))
-
-    def continuous(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> the bounded, scaled latents before rounding, projected back."""
-        b, _, h, w = z.shape
-        y = self._bounded(self.space.inward(_flatten(z)).float()) / (self._levels / 2)
-        return _unflatten(self.space.outward(y), (b, h, w), z)
-
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) code ids -> (B, D, H, W) code vectors; the exact inverse of the lookup."""
-        flat = indices.reshape(-1, 1)
-        digits = (flat // self._basis) % self._basis.new_tensor(self.levels)  # (N, C)
-        codes = self._grid(digits.float())
-        return _unflatten(self.space.outward(codes), indices.shape)
-
-
-QUANTIZERS = {"vq": VectorQuantizer, "ema": EMAVectorQuantizer, "fsq": FiniteScalarQuantizer}

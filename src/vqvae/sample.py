@@ -1,21 +1,29 @@
-"""Pictures of what a model learned: reconstruction grids, latent interpolations, PNG writing.
+"""Pictures of what the models learned: reconstruction and interpolation grids, and new images
+(prior -> codes -> stage-1 decoder -> images), written as PNGs.
 
-The grids follow the seed (DIGEST.md "Visualisations"): ``sample_ae_1`` pairs real images with
-their reconstruction without quantization, ``sample_ae_2`` with it, ``sample_inter`` interpolates
-continuous latents of image pairs, quantizes each step and decodes it.
+The stage-1 grids follow the blog post the project started from: ``sample_ae_1`` pairs real
+images with their reconstruction without quantization, ``sample_ae_2`` with it, ``sample_inter``
+interpolates continuous latents of image pairs, quantizes each step and decodes it. Sampling
+follows taming-transformers' split: the prior draws codes and knows nothing about pixels.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import checkpoint as ckpt
+from . import runs
 from .autoencoder import VQVAE
+from .codes import Codes, CodeSplit, load_stage1, save_codes
+from .config import ConfigError, SampleConfig
 from .data import to_float, to_uint8
+from .prior import Prior
 
 MIN_TILE = 48  # small images are enlarged (nearest) so a grid is readable
 
@@ -48,6 +56,18 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
+def grid_pairs(n: int) -> int:
+    """Images an n x n reconstruction grid shows: ceil(n / 2) rows' worth of real/rec pairs."""
+    return -(-n // 2) * n
+
+
+def pick(images: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` of ``images`` (N, ...) in an order drawn by ``seed``; a smaller set repeats."""
+    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    index = index[:count].repeat(-(-count // max(1, min(count, index.numel()))))[:count]
+    return images[index]
+
+
 def _device(model: VQVAE) -> torch.device:
     return next(model.parameters()).device
 
@@ -60,7 +80,7 @@ def reconstruction_grid(model: VQVAE, images: torch.Tensor, n: int = 8,
     ``images`` is uint8 (N, C, H, W) with at least ceil(n / 2) * n images; ``quantize=False``
     decodes the continuous latents (``sample_ae_1``), ``True`` the code vectors (``sample_ae_2``).
     """
-    pairs = -(-n // 2) * n
+    pairs = grid_pairs(n)
     if images.shape[0] < pairs:
         raise ValueError(f"a {n}x{n} reconstruction grid needs {pairs} images, got {images.shape[0]}")
     was_training = model.training
@@ -105,3 +125,50 @@ def samples_grid(images: torch.Tensor, ncol: int | None = None) -> Image.Image:
     """Generated images (N, C, H, W) as a grid, ``ceil(sqrt(N))`` per row by default."""
     n = images.shape[0]
     return tile(images, ncol or max(1, int(np.ceil(np.sqrt(n)))))
+
+
+# --- new images from a prior --------------------------------------------------------------------
+
+
+class Samples(NamedTuple):
+    images: torch.Tensor  # (n, C, H, W) uint8
+    codes: Codes  # split "samples": the (n, h, w) code ids (and labels), with their stage 1
+
+
+def draw(prior: Prior, stage1: VQVAE, cfg: SampleConfig,
+         labels: torch.Tensor | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.n`` new images: code grids drawn by ``prior`` (seeded by ``cfg.seed``; ``labels``,
+    default ``cfg.label``, for a conditional prior), decoded by ``stage1``.
+    Returns uint8 images (n, C, H, W) and the codes (n, h, w)."""
+    codes = prior.generate(cfg.n, labels=cfg.label if labels is None else labels,
+                           guidance=cfg.guidance, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, generator=torch.Generator().manual_seed(cfg.seed),
+                           batch_size=cfg.batch_size, use_cache=not cfg.no_cache)
+    return decode_codes(stage1, codes), codes
+
+
+def sample_images(prior_run: str | Path, cfg: SampleConfig = SampleConfig(),
+                  device: torch.device | str = "cpu") -> Samples:
+    """New images from the prior of ``prior_run`` (a prior run folder or one of its checkpoints),
+    decoded by the stage-1 checkpoint it was trained on (its fingerprint checked)."""
+    run_cfg = runs.read_run_config(prior_run, ckpt.PRIOR_KIND)
+    prior = ckpt.load_prior(prior_run, device)
+    classes = prior.cfg.num_classes
+    if cfg.label is not None and not classes:
+        raise ConfigError("--class needs a class-conditional prior (train-prior --conditional)")
+    if cfg.label is not None and cfg.label >= classes:
+        raise ConfigError(f"--class {cfg.label} is out of range: this prior knows classes "
+                          f"0..{classes - 1}")
+    images, codes = draw(prior, load_stage1(run_cfg, device), cfg)
+    labels = None if cfg.label is None else torch.full((cfg.n,), cfg.label, dtype=torch.long)
+    names = tuple(str(i) for i in range(classes)) if classes else None
+    return Samples(images, Codes({"samples": CodeSplit(codes.cpu(), labels)},
+                                 prior.cfg.codebook_size, run_cfg.stage1, run_cfg.stage1_sha256,
+                                 f"prior {prior_run}", names))
+
+
+def save_samples(samples: Samples, folder: str | Path) -> tuple[Path, Path]:
+    """``folder/samples.png`` (a grid) and ``folder/samples.safetensors`` (the codes)."""
+    folder = Path(folder)
+    return (save_png(samples_grid(samples.images), folder / "samples.png"),
+            save_codes(samples.codes, folder / "samples.safetensors"))

@@ -1,0 +1,66 @@
+"""Command-line options generated from typed config dataclasses, so the CLI cannot drift from
+the configs: one ``--flag`` per field, its type, choices and help taken from the field.
+
+Bools take ``--flag`` (true) or ``--flag false``; ``tuple[int, ...]`` takes ``8,8,8``; a field's
+``metadata`` may rename its flag (``flag``) or hide it (``cli=False``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from dataclasses import MISSING, fields
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+
+
+def _bool(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parser_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
+    """(argparse type, choices) for a field annotation such as ``int``, ``float | None``,
+    ``bool`` (true/false) or ``tuple[int, ...]`` (comma-separated)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return str, get_args(annotation)
+    if annotation is bool:
+        return _bool, None
+    if origin is tuple:
+        return _int_tuple, None
+    if origin in (Union, types.UnionType):
+        return _parser_type([a for a in get_args(annotation) if a is not type(None)][0])
+    return annotation, None
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str,
+                 show_default: bool = True) -> None:
+    """One option per field of ``cls`` (``--flag`` alone sets a bool field to true)."""
+    group = parser.add_argument_group(title)
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kind, choices = _parser_type(hints[f.name])
+        default = "" if not show_default or f.default is MISSING else f" (default: {f.default})"
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        extra = {"nargs": "?", "const": True} if kind is _bool else {}
+        group.add_argument(flag, dest=f"{prefix}.{f.name}", type=kind, choices=choices,
+                           default=None, metavar=None if choices else f.name.upper(),
+                           help=f.metadata.get("help", "") + default, **extra)
+
+
+def given(args: argparse.Namespace, *prefixes: str) -> dict[str, Any]:
+    """The options of these groups that were given, by field name."""
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items()
+            if k.split(".", 1)[0] in prefixes and "." in k and v is not None}
