@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-import vqvae.runs
+import vqvae.loop
 import vqvae.train
 from vqvae import load_autoencoder
 from vqvae.cli import main
@@ -56,7 +56,7 @@ def _worker(rank: int, ports: list[int], out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    vqvae.runs.LOG_EVERY = 1
+    vqvae.loop.LOG_EVERY = 1
     trained = {}
     real = vqvae.train.data_parallel
 
@@ -114,7 +114,7 @@ def one_process(tmp_path_factory) -> Path:
     """The reference: one process with the global batch WORLD * BATCH, per-step logs."""
     out = tmp_path_factory.mktemp("single")
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(vqvae.runs, "LOG_EVERY", 1)
+        mp_.setattr(vqvae.loop, "LOG_EVERY", 1)
         for quantizer in QUANTIZERS:
             assert main(["train", *TINY, "--quantizer", quantizer, "--batch-size",
                          str(WORLD * BATCH), "--out", str(out / quantizer)]) == 0
@@ -154,7 +154,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks, tmp_path, mon
     assert state["world_size"] == WORLD and state["global_batch"] == WORLD * BATCH
     # One process with the same global batch continues the same data order from the same
     # checkpoint: its steps 21-25 are those of the 2 ranks that resumed it.
-    monkeypatch.setattr(vqvae.runs, "LOG_EVERY", 1)
+    monkeypatch.setattr(vqvae.loop, "LOG_EVERY", 1)
     run = tmp_path / "vq"
     shutil.copytree(two_ranks / "vq", run)
     assert main(["train", "--resume", str(run), "--steps", str(STEPS + RESUMED), "--batch-size",

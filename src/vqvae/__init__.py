@@ -22,7 +22,7 @@ from .metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # 
                       score_autoencoder)
 from .prior import Prior  # noqa: E402
 from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
-from .runs import RunResult  # noqa: E402
+from .loop import RunResult  # noqa: E402
 from .sample import (Samples, decode_codes, interpolation_grid, reconstruction_grid,  # noqa: E402
                      sample_images, samples_grid, save_samples)
 from .train import load_run_config, train_autoencoder  # noqa: E402

@@ -24,7 +24,8 @@ from .distributed import PeerError, Runtime, launch, pick_device
 from .metrics import score_autoencoder
 from .options import add_options, given
 from .plots import plot_code_usage
-from .runs import RunResult, find_run
+from .loop import RunResult
+from .runs import find_run
 from .sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
                      save_png, save_samples)
 from .train import load_run_config, train_autoencoder

@@ -157,7 +157,7 @@ def fsq_levels_for(codebook_size: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """What both stages' training loops share (:func:`vqvae.runs.fit`): the budget, the batch, the
+    """What both stages' training loops share (:func:`vqvae.loop.fit`): the budget, the batch, the
     step size, the seed, how often to save and score, where to run and what to log."""
 
     steps: int = field(default=2000, metadata=_help("total optimisation steps"))

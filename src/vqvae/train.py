@@ -1,4 +1,4 @@
-"""Stage-1 training: the VQ-VAE loss, its setup, step and save hook over :func:`vqvae.runs.fit`.
+"""Stage-1 training: the VQ-VAE loss, its setup, step and save hook over :func:`vqvae.loop.fit`.
 
 Loss (the seed's): mse(x, x_rec) + mse(sg(z), e) + beta * mse(z, sg(e)), straight-through
 estimator inside the quantizer (van den Oord et al. 2017, arXiv:1711.00937). Under torchrun each
@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import runs
+from . import loop, runs
 from .autoencoder import VQVAE, VQVAEOutput
 from .checkpoint import VQVAE_KIND
 from .config import RunConfig, TrainConfig
@@ -93,7 +93,7 @@ def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
 
 
 class Stage1:
-    """Stage 1's hooks for :func:`vqvae.runs.fit`: one Adam step on the VQ-VAE loss, codebook
+    """Stage 1's hooks for :func:`vqvae.loop.fit`: one Adam step on the VQ-VAE loss, codebook
     health over the last ``every`` steps, and a save with grids and held-out metrics."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer,
@@ -136,7 +136,7 @@ class Stage1:
                                  device=self.runtime.device, rank=self.runtime.rank,
                                  world_size=self.runtime.world_size)
 
-    def save(self, step: int) -> runs.Saved:
+    def save(self, step: int) -> loop.Saved:
         """Checkpoint, grids and usage histogram on the main process; held-out metrics sharded
         over all ranks (the others wait for rank 0 there)."""
         tc, pictures = self.cfg.train, {}
@@ -149,12 +149,12 @@ class Stage1:
         if self.runtime.is_main:
             pictures["code_usage"] = plot_code_usage(
                 counts, self.run_dir / "samples" / f"code_usage_{step:07d}.png")
-        return runs.Saved(metrics, pictures)
+        return loop.Saved(metrics, pictures)
 
 
 def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
                       runtime: Runtime | None = None, progress: bool = True,
-                      splits: Splits | None = None) -> runs.RunResult:
+                      splits: Splits | None = None) -> loop.RunResult:
     """Train (or, with ``resume``, continue) a VQ-VAE in ``run_dir``; returns final metrics."""
     run_dir = Path(run_dir)
     runtime = runtime or Runtime(pick_device(cfg.train.device))
@@ -172,10 +172,10 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     model.train()
     with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
             train, evals, run_dir / "curves.png")) as logger:
-        step = runs.fit(stage, tc, runtime, start, logger, "train vqvae", progress)
+        step = loop.fit(stage, tc, runtime, start, logger, "train vqvae", progress)
     pictures = write_pictures(model, stage.grid, tc.grid, run_dir) if runtime.is_main else {}
     final, counts = stage.evaluate(0)
     if runtime.is_main:
         pictures["code_usage"] = plot_code_usage(counts, run_dir / "code_usage.png")
         runs.write_eval(run_dir, step, final)
-    return runs.RunResult(run_dir, step, final, pictures)
+    return loop.RunResult(run_dir, step, final, pictures)

@@ -1,4 +1,4 @@
-"""Stage-2 training: the prior's setup, step and save hook over :func:`vqvae.runs.fit`.
+"""Stage-2 training: the prior's setup, step and save hook over :func:`vqvae.loop.fit`.
 
 Teacher forcing with next-code cross-entropy, as the seed; held-out negative log-likelihood is
 logged in bits per code. Run folders, checkpoints, resume, budgets, logs and data parallelism are
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runs
+from . import loop, runs
 from .checkpoint import PRIOR_KIND
 from .autoencoder import VQVAE
 from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
@@ -101,7 +101,7 @@ def drop_labels(labels: torch.Tensor, p: float, null: int) -> torch.Tensor:
 
 
 class Stage2:
-    """Stage 2's hooks for :func:`vqvae.runs.fit`: one AdamW step on next-code cross-entropy,
+    """Stage 2's hooks for :func:`vqvae.loop.fit`: one AdamW step on next-code cross-entropy,
     and a save with a sample grid and held-out bits per code."""
 
     def __init__(self, cfg: PriorRunConfig, run_dir: Path, prior: Prior,
@@ -150,7 +150,7 @@ class Stage2:
                               device=self.runtime.device, rank=self.runtime.rank,
                               world_size=self.runtime.world_size)
 
-    def save(self, step: int) -> runs.Saved:
+    def save(self, step: int) -> loop.Saved:
         """Checkpoint and a sample grid on the main process; held-out bits/code sharded over all
         ranks (the others wait there while rank 0 samples: no collective in it)."""
         tc, pictures = self.cfg.train, {}
@@ -163,7 +163,7 @@ class Stage2:
             pictures["samples"] = save_png(grid,
                                            self.run_dir / "samples" / f"prior_{step:07d}.png")
             save_png(grid, self.run_dir / "samples.png")
-        return runs.Saved(self.evaluate(tc.eval_count), pictures)
+        return loop.Saved(self.evaluate(tc.eval_count), pictures)
 
     def _row_labels(self, n: int) -> torch.Tensor | None:
         """A conditional prior draws one class per row of an n x n grid."""
@@ -173,7 +173,7 @@ class Stage2:
 
 def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = False,
                 codes: Codes | None = None, runtime: Runtime | None = None,
-                progress: bool = True) -> runs.RunResult:
+                progress: bool = True) -> loop.RunResult:
     """Train (or, with ``resume``, continue) a prior in ``run_dir``; returns held-out metrics.
 
     ``codes`` may be passed in memory (e.g. just encoded); when ``cfg.codes`` is empty they are
@@ -203,11 +203,11 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
             train, evals, run_dir / "curves.png", losses=("bits",),
             metrics=(("bits_per_code", "test bits/code"),))) as logger:
-        step = runs.fit(stage, tc, runtime, start, logger, "train prior", progress)
+        step = loop.fit(stage, tc, runtime, start, logger, "train prior", progress)
     final = stage.evaluate(0)
     if runtime.is_main:
         runs.write_eval(run_dir, step, final)
-    return runs.RunResult(run_dir, step, final,
+    return loop.RunResult(run_dir, step, final,
                           {"samples": run_dir / "samples.png"} if runtime.is_main else {})
 
 
