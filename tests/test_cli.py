@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from vqvae import load_autoencoder
-from vqvae.cli import main
+from vqvae.cli import main, make_parser
+from vqvae.config import run_config
+from vqvae.options import given
 from vqvae.runs import read_jsonl
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
@@ -114,3 +116,57 @@ def test_minutes_budget_stops_early_with_a_checkpoint(tmp_path, capsys):
     # and resumes (the budget is per invocation and kept by the run unless given again)
     assert main(["train", "--resume", str(run), "--steps", str(step + 2), "--minutes", "10"]) == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step + 2:07d}"
+
+
+def test_commands_take_a_checkpoint_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "15", "--out", str(run)]) == 0
+    step = run / "checkpoints" / "step-0000015"
+    for folder in (step, run / "checkpoints"):
+        assert main(["eval", str(folder), "--out", str(tmp_path / "e.json")]) == 0
+        assert json.loads((tmp_path / "e.json").read_text())["images"] == 180  # the run's data
+    assert main(["reconstruct", str(step), "--n", "4"]) == 0
+    assert (run / "reconstruct" / "sample_ae_2.png").exists()  # beside the run, not in the step
+    assert main(["interpolate", str(step), "--n", "3"]) == 0
+    assert (run / "interpolate" / "sample_inter.png").exists()
+    # A checkpoint copied out of its run folder has no data of its own: --data names it.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (alone / name).write_bytes((step / name).read_bytes())
+    capsys.readouterr()
+    assert main(["eval", str(alone)]) == 2
+    err = capsys.readouterr().err
+    assert "outside a run folder" in err and "--data" in err and err.count("\n") == 1
+    assert main(["eval", str(alone), "--data", "digits"]) == 0
+    assert (alone / "eval_test.json").exists()
+
+
+def test_cli_quantizer_options():
+    args = make_parser().parse_args(["train", "--out", "x", "--quantizer", "fsq",
+                                     "--fsq-levels", "5,4,3"])
+    model = run_config(args.preset, model=given(args, "model")).model
+    assert model.fsq_levels == (5, 4, 3) and model.codebook_size == 60
+    args = make_parser().parse_args(["train", "--out", "x", "--quantizer", "ema", "--cosine",
+                                     "true", "--kmeans-init", "false", "--lookup-dim", "8"])
+    model = run_config(args.preset, model=given(args, "model")).model
+    assert model.cosine is True and model.kmeans_init is False and model.lookup_dim == 8
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["train", "--cosine", "maybe"])
+    # a bool option alone means true
+    args = make_parser().parse_args(["train", "--out", "x", "--tensorboard", "--cosine"])
+    assert given(args, "train")["tensorboard"] is True and given(args, "model")["cosine"] is True
+
+
+def test_tensorboard_run_and_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "20", "--every", "10", "--tensorboard",
+                 "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "30"]) == 0  # the run keeps it on
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/mse_x")] == [10, 20, 30]
+    assert [e.step for e in events.Scalars("test/psnr")] == [10, 20, 30]
+    assert {"pictures/sample_ae_2", "pictures/code_usage"} <= set(events.Tags()["images"])

@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import vqvae
 from vqvae.checkpoint import load_prior
 from vqvae.cli import main
 from vqvae.codes import CodeSplit, load_codes, save_codes
@@ -135,3 +136,44 @@ def test_bad_input_errors(stage1, tmp_path, capsys):
 def test_a_run_folder_of_the_other_stage_is_named(stage1, tmp_path, capsys):
     assert main(["sample", str(stage1 / "run")]) == 2
     assert "is a vqvae run folder, not a prior one" in capsys.readouterr().err
+
+
+def test_stage2_commands_take_checkpoint_folders(stage1, tmp_path, capsys):
+    step = stage1 / "run" / "checkpoints" / "step-0000015"
+    assert main(["encode", str(step), "--out", str(tmp_path / "c.safetensors")]) == 0
+    codes = load_codes(tmp_path / "c.safetensors")
+    assert codes.source == "digits" and len(codes.split("test")) == 180
+    assert codes.stage1 == str(step.resolve())
+    prior = tmp_path / "prior"
+    assert main(["train-prior", "--stage1", str(step), *PRIOR, "--steps", "10",
+                 "--out", str(prior)]) == 0
+    prior_step = prior / "checkpoints" / "step-0000010"
+    assert main(["sample", str(prior_step), "--n", "4"]) == 0
+    assert (prior / "sample" / "samples.png").exists()  # beside the run, not in the step
+    assert main(["sample", str(stage1 / "run"), "--n", "4"]) == 2
+    assert "is a vqvae run folder, not a prior one" in capsys.readouterr().err
+
+
+def test_train_a_prior_and_draw_samples_from_python(stage1, tmp_path):
+    """What README's Python section shows: no CLI involved."""
+    codes = vqvae.load_codes(stage1 / "codes.safetensors")
+    cfg = vqvae.prior_run_config(codes, str(stage1 / "codes.safetensors"), "seed",
+                                 conditional=True, model={"d_model": 16, "layers": 1, "heads": 2},
+                                 train={"steps": 10, "every": 10, "batch_size": 16, "grid": 2})
+    assert cfg.model.num_classes == 10 and cfg.train.batch_size == 16
+    result = vqvae.train_prior(cfg, tmp_path / "prior", progress=False)
+    assert result.step == 10 and result.pictures["samples"].exists()
+    draw = vqvae.SampleConfig(n=6, label=3, guidance=2.0, top_k=8, seed=1)
+    first = vqvae.sample_images(result.run_dir, draw)
+    again = vqvae.sample_images(result.run_dir / "checkpoints", draw)
+    assert first.images.shape == (6, 1, 8, 8) and first.images.dtype == torch.uint8
+    samples = first.codes.split("samples")
+    assert samples.codes.shape == (6, 2, 2) and samples.labels.tolist() == [3] * 6
+    assert torch.equal(first.images, again.images) and torch.equal(samples.codes,
+                                                                   again.codes.split("samples").codes)
+    png, saved = vqvae.save_samples(first, tmp_path / "out")
+    assert png.exists() and torch.equal(load_codes(saved).split("samples").codes, samples.codes)
+    with pytest.raises(vqvae.ConfigError, match="--guidance needs --class"):
+        vqvae.SampleConfig(guidance=2.0)
+    with pytest.raises(vqvae.ConfigError, match="temperature"):
+        vqvae.SampleConfig(temperature=float("nan"))
