@@ -190,16 +190,23 @@ class JsonlLogger(Logger):
                         read_jsonl(self.run_dir / METRICS_LOG))
 
 
+def check_loggers(loop: LoopConfig) -> None:
+    """Fail before a run folder is made when a logger asked for cannot be used."""
+    if loop.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install "
+                              "'vqvae[tensorboard]'") from None
+
+
 class TensorBoardLogger(Logger):
     """Scalars under ``train/`` and ``test/`` and every picture of a checkpoint under
     ``pictures/``, in ``RUN/tensorboard``; a resume drops the events written after its step."""
 
     def __init__(self, run_dir: Path, start: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install "
-                              "'vqvae[tensorboard]'") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR),
                                     purge_step=start + 1 if start else None)
 

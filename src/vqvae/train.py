@@ -157,6 +157,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                       splits: Splits | None = None) -> loop.RunResult:
     """Train (or, with ``resume``, continue) a VQ-VAE in ``run_dir``; returns final metrics."""
     run_dir = Path(run_dir)
+    runs.check_loggers(cfg.train)
     runtime = runtime or Runtime(pick_device(cfg.train.device))
     splits = splits or load_splits(cfg.data)
     cfg = resolve_config(cfg, splits)

@@ -180,6 +180,7 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     written into the run folder so that a resume finds them.
     """
     run_dir = Path(run_dir)
+    runs.check_loggers(cfg.train)
     runtime = runtime or Runtime(pick_device(cfg.train.device))
     if not cfg.codes:
         cfg = replace(cfg, codes=str((run_dir / CODES_FILE).resolve()))
