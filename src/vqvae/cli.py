@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .checkpoint import CheckpointError, write_json
@@ -24,7 +23,6 @@ from .distributed import PeerError, Runtime, launch, pick_device
 from .metrics import score_autoencoder
 from .options import add_options, given
 from .plots import plot_code_usage
-from .loop import RunResult
 from .runs import find_run
 from .sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
                      save_png, save_samples)
@@ -55,16 +53,6 @@ def _beside(run: str, name: str) -> Path:
     return (find_run(run) or Path(run)) / name
 
 
-@contextmanager
-def _launch(device: str) -> Iterator[Runtime]:
-    """One process, or under torchrun one rank of many; only rank 0 talks (other ranks' warnings
-    are silenced: they would repeat rank 0's)."""
-    with launch(pick_device(device)) as runtime, warnings.catch_warnings():
-        if not runtime.is_main:
-            warnings.simplefilter("ignore")
-        yield runtime
-
-
 # --- commands ----------------------------------------------------------------------------------
 
 
@@ -75,22 +63,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = run_config(args.preset, DataConfig(**given(args, "data")), given(args, "model"),
                          given(args, "train"))
         run_dir = _out(args)
-    with _launch(cfg.train.device) as runtime:
+    with launch(pick_device(cfg.train.device)) as runtime:
         result = train_autoencoder(cfg, run_dir, resume=bool(args.resume), runtime=runtime)
     if runtime.is_main:
-        m = result.metrics
-        print(f"trained to step {result.step}; run folder: {result.run_dir}")
-        print(f"held-out ({int(m['images'])} images): PSNR {m['psnr']:.2f} dB with quantization, "
-              f"{m['psnr_noq']:.2f} dB without; codebook usage {m['usage']:.1f}% "
-              f"({m['used_codes']}/{m['used_codes'] + m['dead_codes']}), "
-              f"perplexity {m['perplexity']:.1f}")
-        _print_files(result)
-
-
-def _print_files(result: RunResult) -> None:
-    for name, path in {**result.pictures, "curves": result.run_dir / "curves.png",
-                       "metrics": result.run_dir / "eval.json"}.items():
-        print(f"  {name}: {path}")
+        print(result.summary())
 
 
 def _trained(args: argparse.Namespace) -> tuple[Any, ImageSet]:
@@ -129,11 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> None:
     codes = encode_dataset(args.run, args.data, args.batch_size, pick_device(args.device))
-    path = save_codes(codes, args.out)
-    sizes = ", ".join(f"{len(s)} {name}" for name, s in codes.splits.items())
-    labels = f"{codes.num_classes} classes" if codes.classes else "no labels"
-    print(f"encoded {sizes} images of {codes.source} into {codes.grid[0]}x{codes.grid[1]} grids "
-          f"of {codes.codebook_size} codes ({labels}): {path}")
+    print(f"encoded {codes.summary()}: {save_codes(codes, args.out)}")
 
 
 def _prior_codes(args: argparse.Namespace, runtime: Runtime) -> tuple[Codes, str]:
@@ -153,7 +125,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
     resuming = (_run_config(args, load_prior_run_config, STAGE2,
                             ("codes", "stage1", "data", "conditional")) if args.resume else None)
     device = given(args, "ptrain").get("device") or (resuming.train.device if resuming else "auto")
-    with _launch(device) as runtime:
+    with launch(pick_device(device)) as runtime:
         if resuming:
             result = train_prior(resuming, args.resume, resume=True, runtime=runtime)
         else:
@@ -162,12 +134,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
                                    given(args, "prior"), given(args, "ptrain"))
             result = train_prior(cfg, _out(args), codes=codes, runtime=runtime)
     if runtime.is_main:
-        m = result.metrics
-        print(f"trained the prior to step {result.step}; run folder: {result.run_dir}")
-        extra = (f" ({m['bits_per_code_uncond']:.4f} with the null class)"
-                 if "bits_per_code_uncond" in m else "")
-        print(f"held-out ({m['grids']} grids): {m['bits_per_code']:.4f} bits/code{extra}")
-        _print_files(result)
+        print(result.summary())
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

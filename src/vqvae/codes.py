@@ -57,6 +57,13 @@ class Codes:
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else 0
 
+    def summary(self) -> str:
+        """E.g. "1617 train, 180 test images of digits into 4x4 grids of 512 codes (10 classes)"."""
+        sizes = ", ".join(f"{len(s)} {name}" for name, s in self.splits.items())
+        labels = f"{self.num_classes} classes" if self.classes else "no labels"
+        return (f"{sizes} images of {self.source} into {self.grid[0]}x{self.grid[1]} grids of "
+                f"{self.codebook_size} codes ({labels})")
+
     def split(self, name: str) -> CodeSplit:
         if name not in self.splits:
             raise DataError(f"the codes hold no {name!r} split (they have: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,7 +56,8 @@ def torchrun_env() -> tuple[int, int, int]:
 def launch(device: torch.device) -> Iterator[Runtime]:
     """This process's :class:`Runtime`. Under ``torchrun`` with several processes: joins the
     process group (NCCL on CUDA, one GPU per process = ``cuda:LOCAL_RANK``; gloo on the CPU) and
-    leaves it on the way out, also on error. A plain process gets ``Runtime(device)``."""
+    leaves it on the way out, also on error; only rank 0 talks (the other ranks' warnings would
+    repeat its own and are silenced). A plain process gets ``Runtime(device)``."""
     rank, world, local = torchrun_env()
     if world == 1:
         yield Runtime(device)
@@ -75,7 +77,10 @@ def launch(device: torch.device) -> Iterator[Runtime]:
     if owner:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
-        yield Runtime(device, dist.get_rank(), dist.get_world_size())
+        with warnings.catch_warnings():
+            if dist.get_rank() != 0:
+                warnings.simplefilter("ignore")
+            yield Runtime(device, dist.get_rank(), dist.get_world_size())
         if owner:  # leave together: a rank closing its connections early can abort the others
             dist.barrier()
     except PeerError:

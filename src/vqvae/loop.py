@@ -182,3 +182,10 @@ class RunResult:
     step: int
     metrics: dict[str, float]
     pictures: dict[str, Path]
+    headline: str = ""  # what was trained, how far, where, and the held-out metrics
+
+    def summary(self) -> str:
+        """What ``vqvae train`` / ``train-prior`` print: the headline, then the files."""
+        files = {**self.pictures, "curves": self.run_dir / "curves.png",
+                 "metrics": self.run_dir / "eval.json"}
+        return "\n".join([self.headline, *(f"  {name}: {path}" for name, path in files.items())])

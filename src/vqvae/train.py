@@ -179,4 +179,9 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     if runtime.is_main:
         pictures["code_usage"] = plot_code_usage(counts, run_dir / "code_usage.png")
         runs.write_eval(run_dir, step, final)
-    return loop.RunResult(run_dir, step, final, pictures)
+    headline = (f"trained to step {step}; run folder: {run_dir}\n"
+                f"held-out ({int(final['images'])} images): PSNR {final['psnr']:.2f} dB with "
+                f"quantization, {final['psnr_noq']:.2f} dB without; codebook usage "
+                f"{final['usage']:.1f}% ({final['used_codes']}/{cfg.model.codebook_size}), "
+                f"perplexity {final['perplexity']:.1f}")
+    return loop.RunResult(run_dir, step, final, pictures, headline)

@@ -208,8 +208,13 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     final = stage.evaluate(0)
     if runtime.is_main:
         runs.write_eval(run_dir, step, final)
+    uncond = (f" ({final['bits_per_code_uncond']:.4f} with the null class)"
+              if "bits_per_code_uncond" in final else "")
     return loop.RunResult(run_dir, step, final,
-                          {"samples": run_dir / "samples.png"} if runtime.is_main else {})
+                          {"samples": run_dir / "samples.png"} if runtime.is_main else {},
+                          f"trained the prior to step {step}; run folder: {run_dir}\n"
+                          f"held-out ({final['grids']} grids): {final['bits_per_code']:.4f} "
+                          f"bits/code{uncond}")
 
 
 def _prepare(run_dir: Path, cfg: PriorRunConfig, resume: bool, start: int, codes: Codes) -> None:
