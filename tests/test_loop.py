@@ -48,8 +48,8 @@ class Recorder(runs.Logger):
 
 def test_fit_logs_window_means_saves_every_and_at_the_end():
     stage, logger = CountingStage(), Recorder()
-    step = loop.fit(stage, LoopConfig(steps=25, every=10), CPU, 0, logger, "t", progress=False)
-    assert step == 25 and stage.saves == [10, 20, 25]
+    step, signum = loop.fit(stage, LoopConfig(steps=25, every=10), CPU, 0, logger, "t", False)
+    assert step == 25 and signum is None and stage.saves == [10, 20, 25]
     assert [r["step"] for r in logger.lines] == [10, 20, 25]
     first = logger.lines[0]  # steps 0..9: mean 4.5
     assert first["loss"] == pytest.approx(4.5) and first["twice"] == pytest.approx(9.0)
@@ -60,7 +60,7 @@ def test_fit_logs_window_means_saves_every_and_at_the_end():
 
 def test_fit_resumes_from_start():
     stage, logger = CountingStage(), Recorder()
-    assert loop.fit(stage, LoopConfig(steps=30, every=10), CPU, 20, logger, "t", False) == 30
+    assert loop.fit(stage, LoopConfig(steps=30, every=10), CPU, 20, logger, "t", False).step == 30
     assert stage.saves == [30] and logger.lines[0]["loss"] == pytest.approx(24.5)
 
 
@@ -77,9 +77,14 @@ def test_fit_reads_losses_only_at_log_lines(monkeypatch):
 
 def test_a_non_finite_loss_stops_before_the_save():
     stage = CountingStage(nan_at=15)
-    with pytest.raises(FloatingPointError, match="step 20"):
+    with pytest.raises(runs.NonFiniteError, match="by step 20.*step 10 stays the latest"):
         loop.fit(stage, LoopConfig(steps=40, every=10), CPU, 0, Recorder(), "t", False)
     assert stage.saves == [10]
+    # a save between log lines checks the steps since the last line first
+    stage = CountingStage(nan_at=12)
+    with pytest.raises(runs.NonFiniteError, match="by step 13.*no checkpoint was written"):
+        loop.fit(stage, LoopConfig(steps=40, every=13), CPU, 0, Recorder(), "t", False)
+    assert stage.saves == []
 
 
 def test_projected_total_is_the_binding_budget():
@@ -105,7 +110,11 @@ def test_progress_under_a_deadline_counts_towards_it():
 def test_run_config_is_tagged_and_found_from_its_checkpoints(tmp_path):
     cfg = run_config("seed", train={"steps": 3})
     run = tmp_path / "run"
-    runs.prepare_run(run, ckpt.VQVAE_KIND, cfg, resume=False, start=0)
+    with runs.opened(run, False, CPU):
+        runs.prepare_run(run, ckpt.VQVAE_KIND, cfg, start=0)
+        with pytest.raises(runs.RunLockedError, match="in use by pid"):
+            with runs.opened(run, True, CPU):
+                pass
     raw = json.loads((run / "config.json").read_text())
     assert raw["kind"] == "vqvae-run" and raw["format"] == ckpt.FORMAT
     step_dir = run / "checkpoints" / "step-0000003"
@@ -124,7 +133,8 @@ def test_run_config_is_tagged_and_found_from_its_checkpoints(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a vqvae run folder"):
         runs.read_run_config(alone, ckpt.VQVAE_KIND)
     with pytest.raises(FileExistsError, match="--resume"):
-        runs.prepare_run(run, ckpt.VQVAE_KIND, cfg, resume=False, start=0)
+        with runs.opened(run, False, CPU):
+            pass
 
 
 def test_untagged_run_configs_from_before_still_read(tmp_path):

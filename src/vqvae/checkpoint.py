@@ -1,20 +1,27 @@
 """Checkpoints as folders: ``model.safetensors`` + ``config.json``, training state beside them.
 
-Writes are atomic (a temporary folder renamed into place, then a ``latest`` pointer replaced), so a
-process killed at any moment leaves the last good checkpoint readable. Nothing is ever unpickled.
+Writes are atomic and durable (a temporary folder, fsynced, renamed into place, then a ``latest``
+pointer replaced), so a process killed at any moment, or a power cut, leaves the last good
+checkpoint readable. ``config.json`` records the weights' sha256, checked on every load. A
+checkpoint that codes or a prior depend on carries a ``keep.json`` and is never pruned. Nothing
+is ever unpickled.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import safetensors.torch as st
 from torch import nn
 
 from .autoencoder import VQVAE
@@ -24,7 +31,8 @@ from .prior import Prior
 FORMAT = 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STATE_FILE, STATE_META = "state.safetensors", "state.json"
-CHECKPOINTS, LATEST = "checkpoints", "latest"
+CHECKPOINTS, LATEST, KEEP = "checkpoints", "latest", "keep.json"
+STEP_NAME = re.compile(r"step-\d{7,}")
 
 
 VQVAE_KIND = "vqvae"
@@ -35,11 +43,33 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or belongs to another model."""
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then rename."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically and durably: a temporary file in the same folder, fsynced, then
+    renamed over ``path`` (and the folder fsynced, so the rename survives a power cut)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically and durably."""
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -54,36 +84,45 @@ def read_json(path: Path) -> Any:
 # --- config files: one tagged format for checkpoints and run folders ---------------------------
 
 
-def write_config(path: Path, kind: str, config: dict[str, Any]) -> None:
+def write_config(path: Path, kind: str, config: dict[str, Any], **extra: Any) -> None:
     """``{"kind": kind, "format": FORMAT, "config": config}``: every ``config.json`` this package
-    writes (checkpoint folders: ``vqvae``/``prior``; run folders: ``vqvae-run``/``prior-run``)."""
-    write_json(path, {"kind": kind, "format": FORMAT, "config": config})
+    writes (checkpoint folders: ``vqvae``/``prior``, with their weights' ``sha256``; run folders:
+    ``vqvae-run``/``prior-run``)."""
+    write_json(path, {"kind": kind, "format": FORMAT, "config": config, **extra})
 
 
 def read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
     """(kind, config) of a file written by :func:`write_config`. An object without a ``kind`` tag
     is a run config written before run configs were tagged: (None, the object)."""
+    kind, config, _ = read_config_meta(path)
+    return kind, config
+
+
+def read_config_meta(path: Path) -> tuple[str | None, dict[str, Any], str | None]:
+    """(kind, config, recorded sha256 of the weights or None) of a ``config.json``."""
     meta = read_json(path)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is not a vqvae config (expected a JSON object)")
     if "kind" not in meta:
-        return None, meta
+        return None, meta, None
     if not isinstance(meta.get("config"), dict) or not isinstance(meta["kind"], str):
         raise CheckpointError(f"{path} is not a vqvae config (bad kind or config)")
     if not isinstance(meta.get("format", 0), int) or meta.get("format", 0) > FORMAT:
         raise CheckpointError(f"{path} was written by a newer vqvae (format {meta['format']})")
-    return meta["kind"], meta["config"]
+    sha = meta.get("sha256")
+    return meta["kind"], meta["config"], sha if isinstance(sha, str) else None
 
 
 # --- one folder --------------------------------------------------------------------------------
 
 
 def save(directory: Path, module: nn.Module, kind: str, config: dict[str, Any]) -> None:
-    """Write ``module``'s weights and its config (tagged with ``kind``) into ``directory``."""
+    """Write ``module``'s weights and its config (tagged with ``kind``, with the weights'
+    sha256) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(tensors, str(directory / MODEL_FILE))
-    write_config(directory / CONFIG_FILE, kind, config)
+    data = st.save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
+    write_bytes(directory / MODEL_FILE, data)
+    write_config(directory / CONFIG_FILE, kind, config, sha256=hashlib.sha256(data).hexdigest())
 
 
 def load_config(directory: Path, kind: str) -> dict[str, Any]:
@@ -100,11 +139,19 @@ def load_weights(directory: Path, module: nn.Module) -> None:
     """Load ``model.safetensors`` into ``module``, naming any mismatch in one line."""
     path = directory / MODEL_FILE
     try:
-        tensors = load_file(str(path))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found") from None
-    except (SafetensorError, OSError) as e:
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    try:
+        tensors = st.load(data)
+    except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    _, _, recorded = read_config_meta(directory / CONFIG_FILE)
+    if recorded and hashlib.sha256(data).hexdigest() != recorded:
+        raise CheckpointError(f"{path} is corrupt: its sha256 differs from the one recorded in "
+                              f"{directory / CONFIG_FILE} when it was written")
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -150,7 +197,7 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, step:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    save_file(tensors, str(directory / STATE_FILE))
+    write_bytes(directory / STATE_FILE, st.save(tensors))
     write_json(directory / STATE_META, {"step": step, "optimizer": optim_meta, **(extra or {})})
 
 
@@ -158,7 +205,7 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     """Restore optimizer and RNG state; returns the JSON metadata (``step`` and extras)."""
     meta = read_json(directory / STATE_META)
     try:
-        tensors = load_file(str(directory / STATE_FILE))
+        tensors = st.load_file(str(directory / STATE_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{directory / STATE_FILE} is missing or unreadable: {e}") from None
     try:
@@ -177,38 +224,94 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
 
 def write_checkpoint(run_dir: Path, step: int, module: nn.Module, kind: str,
                      config: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                     extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Atomically write ``RUN_DIR/checkpoints/step-NNNNNNN`` and point ``latest`` at it."""
+                     extra: dict[str, Any] | None = None, keep: int = 2,
+                     keep_every: int = 0) -> Path:
+    """Atomically write ``RUN_DIR/checkpoints/step-NNNNNNN`` and point ``latest`` at it; then
+    prune to the newest ``keep``, every ``keep_every``-th step and the protected ones. A failed
+    write (a full disk) leaves no partial folder and ``latest`` on the previous checkpoint."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a crash
-        shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{step:07d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    save(tmp, module, kind, config)
-    if optimizer is not None:
-        save_training_state(tmp, optimizer, step, extra)
-    final = root / name
-    if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
-        old = root / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    latest = root / LATEST
-    tmp_latest = root / f".{LATEST}.tmp{os.getpid()}"
-    tmp_latest.write_text(name + "\n")
-    os.replace(tmp_latest, latest)
-    _prune(root, keep, name)
+    final, tmp = root / name, root / f".tmp-{name}-{os.getpid()}"
+    try:
+        save(tmp, module, kind, config)
+        if optimizer is not None:
+            save_training_state(tmp, optimizer, step, extra)
+        fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
+            old = root / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        write_bytes(root / LATEST, (name + "\n").encode())
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}; {root / LATEST} "
+                              f"still names the previous one") from None
+    _prune(root, keep, keep_every, name)
     return final
 
 
-def _prune(root: Path, keep: int, current: str) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+def protect(checkpoint_dir: Path, by: str) -> None:
+    """Mark a checkpoint as needed (by a codes file, a prior): pruning never deletes it."""
+    path = Path(checkpoint_dir) / KEEP
+    try:
+        users = json.loads(path.read_text()).get("needed_by", []) if path.exists() else []
+    except (OSError, ValueError, AttributeError):
+        users = []
+    if by in users:
+        return
+    try:
+        write_json(path, {"needed_by": [*users, by]})
+    except OSError as e:  # e.g. a read-only shared checkpoint: nobody prunes it there either
+        warnings.warn(f"could not mark {checkpoint_dir} as needed ({e.strerror or e}): keep it "
+                      f"yourself, {by} depends on it")
+
+
+def _prune(root: Path, keep: int, keep_every: int, current: str) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
     for old in steps[:-keep]:
-        if old.name != current:
+        every = keep_every and int(old.name.split("-")[1]) % keep_every == 0
+        if old.name != current and not every and not (old / KEEP).exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(run_dir: Path) -> None:
+    """Remove what a killed writer left behind (temporary checkpoint folders and files)."""
+    root = run_dir / CHECKPOINTS
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for folder in (run_dir, root):
+        for stale in folder.glob(".*.tmp*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / MODEL_FILE).is_file() and (folder / CONFIG_FILE).is_file()
+
+
+def _latest(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names, if it names a complete step folder of this run; else
+    (empty, garbage, outside the run) the newest complete step folder, with a warning."""
+    pointer = root / LATEST
+    steps = sorted(p for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name) and _complete(p))
+    if not pointer.exists():
+        return steps[-1] if steps else None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = None
+    if name and STEP_NAME.fullmatch(name) and _complete(root / name):
+        return root / name
+    if steps:
+        warnings.warn(f"{pointer} does not name a checkpoint of this run ({name!r}): using the "
+                      f"newest one, {steps[-1].name}")
+        return steps[-1]
+    return None
 
 
 def resolve(path: str | Path) -> Path:
@@ -217,14 +320,9 @@ def resolve(path: str | Path) -> Path:
     if (path / MODEL_FILE).exists():
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    latest = root / LATEST
-    if latest.exists():
-        target = root / latest.read_text().strip()
-        if target.is_dir():
-            return target
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    if steps:
-        return steps[-1]
+    found = _latest(root) if root.is_dir() else None
+    if found is not None:
+        return found
     if not path.exists():
         raise CheckpointError(f"{path} not found")
     raise CheckpointError(f"no checkpoint in {path} (expected {MODEL_FILE} or {CHECKPOINTS}/)")

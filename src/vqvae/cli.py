@@ -8,6 +8,8 @@ error (litgpt's ``__main__``, minGPT's ``merge_from_args``).
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -23,7 +25,8 @@ from .distributed import PeerError, Runtime, launch, pick_device
 from .metrics import score_autoencoder
 from .options import add_options, given
 from .plots import plot_code_usage
-from .runs import find_run
+from .loop import RunResult
+from .runs import NonFiniteError, find_run
 from .sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
                      save_png, save_samples)
 from .train import load_run_config, train_autoencoder
@@ -56,7 +59,7 @@ def _beside(run: str, name: str) -> Path:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir, cfg = Path(args.resume), _run_config(args, load_run_config, STAGE1)
     else:
@@ -65,8 +68,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_dir = _out(args)
     with launch(pick_device(cfg.train.device)) as runtime:
         result = train_autoencoder(cfg, run_dir, resume=bool(args.resume), runtime=runtime)
+    return _finish(result, runtime, "train")
+
+
+def _finish(result: RunResult, runtime: Runtime, command: str) -> int:
+    """Print the summary; a run stopped by a signal exits 128 + its number (130, 143), so a
+    scheduler can tell it from a finished one, and says how to continue it."""
     if runtime.is_main:
         print(result.summary())
+        if result.signal:
+            print(f"stopped at step {result.step} by {signal.Signals(result.signal).name}, "
+                  f"resumable: vqvae {command} --resume {result.run_dir}")
+    return 128 + result.signal if result.signal else 0
 
 
 def _trained(args: argparse.Namespace) -> tuple[Any, ImageSet]:
@@ -95,6 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, split = _trained(args)
     scores, counts = score_autoencoder(model, split.images, device=pick_device(args.device))
     out = Path(args.out or _beside(args.run, f"eval_{args.split}.json"))
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the JSON file to write")
     write_json(out, {"split": args.split, **scores})
     histogram = plot_code_usage(counts, out.with_name(f"code_usage_{args.split}.png"),
                                 f"{args.split} code usage")
@@ -121,7 +136,7 @@ def _prior_codes(args: argparse.Namespace, runtime: Runtime) -> tuple[Codes, str
                           progress=runtime.is_main), ""
 
 
-def cmd_train_prior(args: argparse.Namespace) -> None:
+def cmd_train_prior(args: argparse.Namespace) -> int:
     resuming = (_run_config(args, load_prior_run_config, STAGE2,
                             ("codes", "stage1", "data", "conditional")) if args.resume else None)
     device = given(args, "ptrain").get("device") or (resuming.train.device if resuming else "auto")
@@ -133,8 +148,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
             cfg = prior_run_config(codes, codes_path, args.preset, args.conditional,
                                    given(args, "prior"), given(args, "ptrain"))
             result = train_prior(cfg, _out(args), codes=codes, runtime=runtime)
-    if runtime.is_main:
-        print(result.summary())
+    return _finish(result, runtime, "train-prior")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -240,13 +254,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            args.func(args)
+            return args.func(args) or 0
     except (ConfigError, DataError, CheckpointError, FileExistsError, PeerError) as e:
         print(f"vqvae: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"vqvae: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a folder that cannot be written: one line, not a trace
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        print(f"vqvae: error: {reason}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     finally:
         warnings.formatwarning = original
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
@@ -183,7 +182,11 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
 def save_codes(codes: Codes, path: str | Path) -> Path:
     """Write ``codes`` to one safetensors file, atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: name the codes file to write (e.g. codes.safetensors)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     dtype = code_dtype(codes.codebook_size)
     tensors = {}
     for name, split in codes.splits.items():
@@ -195,9 +198,9 @@ def save_codes(codes: Codes, path: str | Path) -> Path:
             "splits": json.dumps(list(codes.splits)), "stage1": codes.stage1,
             "stage1_sha256": codes.stage1_sha256, "source": codes.source,
             "classes": json.dumps(list(codes.classes) if codes.classes else None)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    ckpt.write_bytes(path, save(tensors, metadata=meta))
+    if Path(codes.stage1).is_dir():  # these codes decode only with that checkpoint: keep it
+        ckpt.protect(Path(codes.stage1), f"codes {path.resolve()}")
     return path
 
 

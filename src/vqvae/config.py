@@ -174,6 +174,11 @@ class LoopConfig:
         "(0 = all of them)"))
     grid: int = field(default=8, metadata=_help("sample grids are grid x grid images"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
+    keep: int = field(default=2, metadata=_help(
+        "newest checkpoints kept (older ones are pruned, except --keep-every and those that codes "
+        "or a prior depend on)"))
+    keep_every: int = field(default=0, metadata=_help(
+        "also keep every checkpoint whose step is a multiple of this (0 = none)"))
     tensorboard: bool = field(default=False, metadata=_help(
         "also log scalars and sample grids to RUN_DIR/tensorboard (needs the tensorboard "
         "package: pip install 'vqvae[tensorboard]')"))
@@ -186,13 +191,16 @@ class LoopConfig:
         _check(self.every >= 1, f"every must be >= 1, got {self.every}")
         _check(self.eval_count >= 0, f"eval_count must be >= 0, got {self.eval_count}")
         _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
+        _check(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
         _check(isinstance(self.tensorboard, bool),
                f"tensorboard must be true or false, got {self.tensorboard!r}")
 
 
 # Loop fields a resumed run may change (the rest is the run's identity); batch_size so that a
 # resume with another number of processes can keep the global batch (N x batch_size).
-RESUMABLE = frozenset({"steps", "minutes", "device", "batch_size", "tensorboard"})
+RESUMABLE = frozenset({"steps", "minutes", "device", "batch_size", "tensorboard", "keep",
+                       "keep_every"})
 
 
 def resumed(cfg: Any, **changes: Any) -> Any:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import LoopConfig
 from .distributed import Runtime, any_rank, mean_over_ranks
-from .runs import Logger
+from .runs import Logger, NonFiniteError
 
 LOG_EVERY = 10  # steps averaged into one train.jsonl line
 
@@ -71,13 +71,13 @@ class Budget:
     def __init__(self, steps: int, every: int, minutes: float | None, runtime: Runtime):
         self.steps, self.every, self.runtime = steps, every, runtime
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
-        self.signalled = False
+        self.signum: int | None = None  # the first SIGINT/SIGTERM received
         self._previous: dict[int, Any] = {}
 
     def check(self, step: int) -> tuple[bool, bool]:
         """(save, stop) after ``step`` steps."""
         out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
-        stop = any_rank(out_of_time or self.signalled, self.runtime)
+        stop = any_rank(out_of_time or self.signum is not None, self.runtime)
         return step % self.every == 0 or step == self.steps or stop, stop
 
     def progress(self, start: int, desc: str, enabled: bool = True) -> Progress:
@@ -85,9 +85,9 @@ class Budget:
         return Progress(start, self.steps, self.deadline, desc, enabled and self.runtime.is_main)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signalled and signum == signal.SIGINT:
+        if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signalled = True
+        self.signum = self.signum or signum
 
     def __enter__(self) -> Budget:
         try:
@@ -127,12 +127,18 @@ class Stage(Protocol):
         """What the progress bar shows from the last log line and held-out metrics."""
 
 
+class Finished(NamedTuple):
+    step: int  # the step reached (and saved)
+    signal: int | None  # the signal that stopped the run early (SIGINT, SIGTERM), if one did
+
+
 def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Logger,
-        desc: str, progress: bool = True) -> int:
+        desc: str, progress: bool = True) -> Finished:
     """Run ``stage`` from step ``start`` until ``loop.steps``, the ``loop.minutes`` budget or a
     signal: a log line every :data:`LOG_EVERY` steps, a save every ``loop.every`` steps and at
-    the end. Returns the step reached. A non-finite loss stops the run before it is saved."""
-    step, metrics = start, {}
+    the end. A non-finite loss term raises :class:`NonFiniteError` before anything after the
+    last good checkpoint is saved (checked at every save and log line, one host sync each)."""
+    step, metrics, saved = start, {}, start
     window: dict[str, torch.Tensor] = {}
     window_steps, t_window = 0, time.perf_counter()
     with Budget(loop.steps, loop.every, loop.minutes, runtime) as budget:
@@ -146,31 +152,43 @@ def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Lo
                 record = _log_line(stage, step, window, window_steps,
                                    time.perf_counter() - t_window, runtime)
                 window, window_steps, t_window = {}, 0, time.perf_counter()
+                if not all(math.isfinite(v) for v in record.values()):
+                    raise NonFiniteError(_diverged(step, saved))
                 logger.train(record)
                 bar.set_postfix(stage.postfix(record, metrics))
             bar.update(step)
             save, stop = budget.check(step)
+            if save and window and any_rank(not _finite(window), runtime):
+                raise NonFiniteError(_diverged(step, saved))
             if save:
                 metrics, pictures = stage.save(step)
+                saved = step
                 logger.eval(step, metrics)
                 logger.pictures(step, pictures)
             if stop:
                 break
         bar.close()
-    return step
+    return Finished(step, budget.signum)
+
+
+def _finite(window: dict[str, torch.Tensor]) -> bool:
+    return bool(torch.stack([v.float() for v in window.values()]).isfinite().all())
+
+
+def _diverged(step: int, saved: int) -> str:
+    last = f"step {saved} stays the latest checkpoint" if saved else "no checkpoint was written"
+    return f"the loss became non-finite by step {step} (lower --lr?): stopped; {last}"
 
 
 def _log_line(stage: Stage, step: int, window: dict[str, torch.Tensor], steps: int,
               seconds: float, runtime: Runtime) -> dict[str, float]:
     """The window's mean loss terms over steps and ranks (one host sync), the stage's fields and
-    the speed; a non-finite value raises."""
+    the speed."""
     names = list(window)
     sums = torch.stack([window[name].float() for name in names]).cpu().tolist()
     means = mean_over_ranks({name: s / steps for name, s in zip(names, sums)}, runtime)
     record = {"step": step, **means, **stage.describe(step, means),
               "steps_per_s": steps / max(seconds, 1e-9)}
-    if not all(math.isfinite(v) for v in record.values()):
-        raise FloatingPointError(f"loss became non-finite at step {step}: {record}")
     return record
 
 
@@ -183,6 +201,7 @@ class RunResult:
     metrics: dict[str, float]
     pictures: dict[str, Path]
     headline: str = ""  # what was trained, how far, where, and the held-out metrics
+    signal: int | None = None  # the signal that stopped the run before its --steps
 
     def summary(self) -> str:
         """What ``vqvae train`` / ``train-prior`` print: the headline, then the files."""

@@ -9,23 +9,27 @@ checkpoint folder. The training loop itself is :func:`vqvae.loop.fit`.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, LoopConfig, PriorRunConfig, RunConfig, from_dict, to_dict
-from .distributed import Runtime
+from .distributed import Runtime, main_does
 
 RUN_CONFIG = ckpt.CONFIG_FILE  # config.json, tagged "<stage>-run"; a checkpoint's is "<stage>"
 TRAIN_LOG, METRICS_LOG, EVAL_FILE, COMMANDS = ("train.jsonl", "metrics.jsonl", "eval.json",
                                                "command.txt")
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR, LOCK = "tensorboard", ".lock"
 STAGES: dict[str, type] = {ckpt.VQVAE_KIND: RunConfig, ckpt.PRIOR_KIND: PriorRunConfig}
 
 
@@ -80,13 +84,117 @@ def read_run_config(path: str | Path, stage: str) -> Any:
     return from_dict(STAGES[stage], raw, f"{stage} run config")
 
 
-def prepare_run(run_dir: Path, stage: str, cfg: Any, resume: bool, start: int) -> None:
-    """Create (or, resuming from step ``start``, reuse) a run folder: its tagged config and the
-    command line first; logs written after ``start`` are dropped."""
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} already exists and is not empty: pass --resume "
-                              f"{run_dir} to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+class RunLockedError(ckpt.CheckpointError):
+    """Another live process holds the run folder."""
+
+
+class RunLock:
+    """An advisory lock on a run folder: ``RUN/.lock`` names the holder's pid and host. A lock
+    whose process is gone (same host) is taken over with a warning; one from another host is
+    respected (its owner may be alive), and the message says how to clear it."""
+
+    STALE_EMPTY_S = 60.0  # a lock file left empty this long: its writer died before writing
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    holder = self._holder()
+                    raise RunLockedError(
+                        f"{self.path.parent} is in use by pid {holder.get('pid', '?')} on "
+                        f"{holder.get('host', '?')}: wait for it to finish, or delete "
+                        f"{self.path} if that process is gone") from None
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunLockedError(f"could not take {self.path}: other processes keep taking it")
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self) -> bool:
+        """True (and the lock removed, with a warning) when its holder is known to be gone."""
+        holder = self._holder()
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile: try again
+        if not holder:
+            gone = age > self.STALE_EMPTY_S
+        elif holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        else:
+            gone = not _alive(holder["pid"])
+        if gone:
+            warnings.warn(f"taking over {self.path} from pid {holder.get('pid', '?')}, which is "
+                          f"no longer running")
+            self.path.unlink(missing_ok=True)
+        return gone
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def opened(run_dir: Path, resume: bool, runtime: Runtime) -> Iterator[None]:
+    """Hold ``run_dir`` for the block (rank 0): a new run folder must be empty (it is created), a
+    resumed one must exist; its lock is taken first and what a killed writer left is removed."""
+    lock = RunLock(run_dir)
+
+    def take() -> None:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FileExistsError(f"{run_dir} is a file, not a run folder")
+        if resume and not run_dir.is_dir():
+            raise ckpt.CheckpointError(f"{run_dir} not found: nothing to resume")
+        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"{run_dir} already exists and is not empty: pass --resume "
+                                  f"{run_dir} to continue it, or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        ckpt.clean_stale(run_dir)
+
+    main_does(take, runtime, "take the run folder")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_steps(start: int, steps: int) -> None:
+    """A resume must have steps left to train."""
+    if start >= steps:
+        raise ConfigError(f"the run is already at step {start}: give --steps above {start} to "
+                          f"train on")
+
+
+def prepare_run(run_dir: Path, stage: str, cfg: Any, start: int) -> None:
+    """Write a held run folder's tagged config and the command line (first, before anything
+    else); logs written after ``start`` (the step resumed from) are dropped."""
     ckpt.write_config(run_dir / RUN_CONFIG, run_kind(stage), to_dict(cfg))
     with open(run_dir / COMMANDS, "a") as f:
         f.write(" ".join(sys.argv) + "\n")
@@ -94,18 +202,38 @@ def prepare_run(run_dir: Path, stage: str, cfg: Any, resume: bool, start: int) -
         truncate_log(run_dir / log, start)
 
 
+class NonFiniteError(FloatingPointError):
+    """Training diverged (a NaN or infinite loss or weight); nothing non-finite was saved."""
+
+
 def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, model_cfg: Any,
-                    opt: torch.optim.Optimizer, batch_size: int, runtime: Runtime) -> Path:
+                    opt: torch.optim.Optimizer, loop: LoopConfig, runtime: Runtime) -> Path:
     """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, and the batch
-    layout, so a resume with another process count can say what changed."""
+    layout, so a resume with another process count can say what changed. Non-finite weights are
+    never written: :class:`NonFiniteError`, and ``latest`` stays on the last good checkpoint."""
+    finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
+    if not bool(finite):  # one host sync per checkpoint
+        raise NonFiniteError(f"the weights became non-finite by step {step} (lower --lr?); "
+                             f"stopped without saving them: {run_dir / ckpt.CHECKPOINTS} keeps "
+                             f"the last good checkpoint as latest")
     return ckpt.write_checkpoint(run_dir, step, module, stage, to_dict(model_cfg), opt, extra={
-        "world_size": runtime.world_size, "global_batch": batch_size * runtime.world_size})
+        "world_size": runtime.world_size, "global_batch": loop.batch_size * runtime.world_size},
+        keep=loop.keep, keep_every=loop.keep_every)
 
 
 def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage: str,
             model_cfg: Any, batch_size: int, runtime: Runtime) -> int:
     """Every rank loads the latest checkpoint (weights, optimizer, rank 0's RNG state); returns
-    its step. Warns when the global batch changes (another process count)."""
+    its step. Warns when the global batch changes (another process count). A run killed before
+    its first checkpoint starts again from step 0."""
+    try:
+        ckpt.resolve(run_dir)
+    except ckpt.CheckpointError:
+        if not (run_dir / RUN_CONFIG).is_file():
+            raise
+        if runtime.is_main:
+            warnings.warn(f"{run_dir} has no checkpoint yet: starting it from step 0")
+        return 0
     meta = ckpt.restore(run_dir, module, opt, stage, model_cfg)
     before, now = int(meta.get("global_batch", batch_size)), batch_size * runtime.world_size
     if before != now and runtime.is_main:
@@ -129,21 +257,31 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every whole JSON object line; a line torn by a kill is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [record for _, record in _records(path)]
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after ``step`` (the checkpoint a resume restarts from)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    """Drop log lines written after ``step`` (the checkpoint a resume restarts from), and any
+    torn line."""
+    if path.exists():
+        kept = [line for line, record in _records(path) if record.get("step", 0) <= step]
+        ckpt.write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 # --- where the loop's numbers and pictures go ---------------------------------------------------

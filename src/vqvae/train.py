@@ -142,7 +142,7 @@ class Stage1:
         tc, pictures = self.cfg.train, {}
         if self.runtime.is_main:
             runs.save_checkpoint(self.run_dir, step, self.model, VQVAE_KIND, self.cfg.model,
-                                 self.opt, tc.batch_size, self.runtime)
+                                 self.opt, tc, self.runtime)
             pictures = write_pictures(self.model, self.grid, tc.grid, self.run_dir / "samples",
                                       f"_{step:07d}")
         metrics, counts = self.evaluate(tc.eval_count)
@@ -165,23 +165,25 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
     model = VQVAE(cfg.model).to(runtime.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    start = (runs.restore(run_dir, model, opt, VQVAE_KIND, cfg.model, tc.batch_size, runtime)
-             if resume else 0)
-    main_does(lambda: runs.prepare_run(run_dir, VQVAE_KIND, cfg, resume, start), runtime,
-              "prepare the run folder")
-    stage = Stage1(cfg, run_dir, model, opt, splits, runtime)
-    model.train()
-    with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
-            train, evals, run_dir / "curves.png")) as logger:
-        step = loop.fit(stage, tc, runtime, start, logger, "train vqvae", progress)
-    pictures = write_pictures(model, stage.grid, tc.grid, run_dir) if runtime.is_main else {}
-    final, counts = stage.evaluate(0)
-    if runtime.is_main:
-        pictures["code_usage"] = plot_code_usage(counts, run_dir / "code_usage.png")
-        runs.write_eval(run_dir, step, final)
+    with runs.opened(run_dir, resume, runtime):
+        start = (runs.restore(run_dir, model, opt, VQVAE_KIND, cfg.model, tc.batch_size,
+                              runtime) if resume else 0)
+        runs.check_steps(start, tc.steps)
+        main_does(lambda: runs.prepare_run(run_dir, VQVAE_KIND, cfg, start), runtime,
+                  "prepare the run folder")
+        stage = Stage1(cfg, run_dir, model, opt, splits, runtime)
+        model.train()
+        with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
+                train, evals, run_dir / "curves.png")) as logger:
+            step, signum = loop.fit(stage, tc, runtime, start, logger, "train vqvae", progress)
+        pictures = write_pictures(model, stage.grid, tc.grid, run_dir) if runtime.is_main else {}
+        final, counts = stage.evaluate(0)
+        if runtime.is_main:
+            pictures["code_usage"] = plot_code_usage(counts, run_dir / "code_usage.png")
+            runs.write_eval(run_dir, step, final)
     headline = (f"trained to step {step}; run folder: {run_dir}\n"
                 f"held-out ({int(final['images'])} images): PSNR {final['psnr']:.2f} dB with "
                 f"quantization, {final['psnr_noq']:.2f} dB without; codebook usage "
                 f"{final['usage']:.1f}% ({final['used_codes']}/{cfg.model.codebook_size}), "
                 f"perplexity {final['perplexity']:.1f}")
-    return loop.RunResult(run_dir, step, final, pictures, headline)
+    return loop.RunResult(run_dir, step, final, pictures, headline, signum)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import loop, runs
-from .checkpoint import PRIOR_KIND
+from .checkpoint import PRIOR_KIND, protect
 from .autoencoder import VQVAE
 from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from .config import (PRIOR_PRESETS, ConfigError, PresetName, PriorConfig, PriorRunConfig,
@@ -156,7 +156,7 @@ class Stage2:
         tc, pictures = self.cfg.train, {}
         if self.runtime.is_main:
             runs.save_checkpoint(self.run_dir, step, self.prior, PRIOR_KIND, self.cfg.model,
-                                 self.opt, tc.batch_size, self.runtime)
+                                 self.opt, tc, self.runtime)
             images, _ = draw(self.prior, self.stage1, SampleConfig(n=tc.grid**2, seed=tc.seed),
                              self._row_labels(tc.grid))
             grid = samples_grid(images, tc.grid)
@@ -195,29 +195,31 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     torch.manual_seed(tc.seed)
     prior = Prior(cfg.model).to(runtime.device)
     opt = optimizer(prior, tc.lr, tc.weight_decay)
-    start = (runs.restore(run_dir, prior, opt, PRIOR_KIND, cfg.model, tc.batch_size, runtime)
-             if resume else 0)
-    main_does(lambda: _prepare(run_dir, cfg, resume, start, codes), runtime,
-              "prepare the run folder")
-    stage = Stage2(cfg, run_dir, prior, opt, codes, stage1, runtime)
-    prior.train()
-    with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
-            train, evals, run_dir / "curves.png", losses=("bits",),
-            metrics=(("bits_per_code", "test bits/code"),))) as logger:
-        step = loop.fit(stage, tc, runtime, start, logger, "train prior", progress)
-    final = stage.evaluate(0)
-    if runtime.is_main:
-        runs.write_eval(run_dir, step, final)
+    with runs.opened(run_dir, resume, runtime):
+        start = (runs.restore(run_dir, prior, opt, PRIOR_KIND, cfg.model, tc.batch_size,
+                              runtime) if resume else 0)
+        runs.check_steps(start, tc.steps)
+        main_does(lambda: _prepare(run_dir, cfg, start, codes), runtime, "prepare the run folder")
+        stage = Stage2(cfg, run_dir, prior, opt, codes, stage1, runtime)
+        prior.train()
+        with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
+                train, evals, run_dir / "curves.png", losses=("bits",),
+                metrics=(("bits_per_code", "test bits/code"),))) as logger:
+            step, signum = loop.fit(stage, tc, runtime, start, logger, "train prior", progress)
+        final = stage.evaluate(0)
+        if runtime.is_main:
+            runs.write_eval(run_dir, step, final)
     uncond = (f" ({final['bits_per_code_uncond']:.4f} with the null class)"
               if "bits_per_code_uncond" in final else "")
     return loop.RunResult(run_dir, step, final,
                           {"samples": run_dir / "samples.png"} if runtime.is_main else {},
                           f"trained the prior to step {step}; run folder: {run_dir}\n"
                           f"held-out ({final['grids']} grids): {final['bits_per_code']:.4f} "
-                          f"bits/code{uncond}")
+                          f"bits/code{uncond}", signum)
 
 
-def _prepare(run_dir: Path, cfg: PriorRunConfig, resume: bool, start: int, codes: Codes) -> None:
-    runs.prepare_run(run_dir, PRIOR_KIND, cfg, resume, start)
+def _prepare(run_dir: Path, cfg: PriorRunConfig, start: int, codes: Codes) -> None:
+    runs.prepare_run(run_dir, PRIOR_KIND, cfg, start)
     if not Path(cfg.codes).exists():
         save_codes(codes, cfg.codes)
+    protect(Path(cfg.stage1), f"prior {run_dir.resolve()}")  # its codes decode only there
