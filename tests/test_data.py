@@ -74,7 +74,8 @@ def test_empty_folder_and_missing_source_errors(tmp_path):
 def _write_idx(path, array, gz=False):
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    with (gzip.open if gz else open)(path, "wb") as f:  # closed: the gzip trailer is written
+        f.write(data)
 
 
 def test_idx_directory_uses_its_test_split(tmp_path):

@@ -204,14 +204,20 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, step:
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore optimizer and RNG state; returns the JSON metadata (``step`` and extras)."""
     meta = read_json(directory / STATE_META)
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{directory / STATE_META}: step must be an integer >= 0, got "
+                              f"{step!r}")
     try:
         tensors = st.load_file(str(directory / STATE_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{directory / STATE_FILE} is missing or unreadable: {e}") from None
     try:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{directory}: optimizer state does not match the model: {e}") from None
+    if "rng.cpu" not in tensors:
+        raise CheckpointError(f"{directory / STATE_FILE} holds no random state (rng.cpu)")
     torch.set_rng_state(tensors["rng.cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

@@ -7,8 +7,9 @@ config a model was trained with is saved next to its weights (``config.json``).
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Literal, get_args, get_type_hints
+from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
 
 QuantizerName = Literal["vq", "ema", "fsq"]
 PresetName = Literal["seed", "default"]
@@ -303,6 +304,37 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
 
 
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value has a field's type (int for float is fine; bool is not a number)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return value in args
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}"
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
 def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
     """Build a config dataclass from a dict, refusing unknown keys with a clear message."""
     what = what or cls.__name__
@@ -323,6 +355,9 @@ def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
         sub = hints[f.name]
         if isinstance(sub, type) and hasattr(sub, "__dataclass_fields__"):
             value = from_dict(sub, value, f"{what}.{f.name}")
+        elif not _fits(value, sub):
+            raise ConfigError(f"{what}: {f.name} must be {_describe(sub)}, got "
+                              f"{type(value).__name__} {value!r}")
         kwargs[f.name] = value
     try:
         return cls(**kwargs)

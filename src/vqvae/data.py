@@ -14,6 +14,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,8 +160,8 @@ def _idx_set(directory: Path, prefix: str) -> ImageSet | None:
             raise DataError(f"{labels_path}: {labels_np.shape[0]} labels for "
                             f"{images.shape[0]} images")
         labels = torch.from_numpy(labels_np.astype(np.int64))
-    classes = None if labels is None else tuple(str(i) for i in range(int(labels.max()) + 1))
-    return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), labels, classes)
+    return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), labels,
+                    _class_names(labels, labels_path))
 
 
 def _is_idx_dir(directory: Path) -> bool:
@@ -181,10 +182,24 @@ def _decode(path: Path, size: int) -> torch.Tensor | str:
     try:
         with Image.open(path) as img:
             img.load()
-            array = np.asarray(img.convert("RGB"))
+            array = _rgb8(img)
     except Exception as e:  # PIL raises many types for corrupt files
         return f"{type(e).__name__}: {e}"
     return _resize_square(torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0), size)
+
+
+def _rgb8(img: Any) -> np.ndarray:
+    """A PIL image -> uint8 (H, W, 3). 16-bit grayscale (modes I;16*, I) is scaled to 8 bits
+    (x / 257), not clipped: Pillow's own convert would turn most of it white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img, dtype=np.float64)
+        if img.mode == "I" and wide.max(initial=0) <= 255:  # 8-bit data stored as 32-bit
+            gray = wide
+        else:
+            gray = wide / 257.0
+        gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
 
 
 DECODE_CHUNK = 256  # images decoded per batch of thread-pool tasks: bounds what is in flight
@@ -257,8 +272,22 @@ def _array(path: Path) -> ImageSet:
             raise DataError(f"{path}: labels must be {images.shape[0]} integers, "
                             f"got {labels.dtype} {labels.shape}")
         labels = torch.from_numpy(labels.astype(np.int64))
-    classes = None if labels is None else tuple(str(i) for i in range(int(labels.max()) + 1))
-    return ImageSet(images, labels, classes)
+    return ImageSet(images, labels, _class_names(labels, path))
+
+
+MAX_CLASSES = 1 << 16
+
+
+def _class_names(labels: torch.Tensor | None, path: Path | None) -> tuple[str, ...] | None:
+    """Names "0".."C-1" for integer class ids, after checking they are ids (nothing is allocated
+    for a label of 10^12)."""
+    if labels is None or labels.numel() == 0:
+        return None
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= MAX_CLASSES:
+        raise DataError(f"{path}: labels must be class ids in [0, {MAX_CLASSES}), found "
+                        f"[{lo}, {hi}]")
+    return tuple(str(i) for i in range(hi + 1))
 
 
 def _array_to_uint8(array: np.ndarray, path: Path) -> torch.Tensor:
