@@ -215,7 +215,8 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     try:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{directory}: optimizer state does not match the model: {e}") from None
+        raise CheckpointError(f"{directory}: optimizer state does not match the model: "
+                              f"{e}") from None
     if "rng.cpu" not in tensors:
         raise CheckpointError(f"{directory / STATE_FILE} holds no random state (rng.cpu)")
     torch.set_rng_state(tensors["rng.cpu"])

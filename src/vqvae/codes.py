@@ -183,7 +183,8 @@ def save_codes(codes: Codes, path: str | Path) -> Path:
     """Write ``codes`` to one safetensors file, atomically."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path} is a folder: name the codes file to write (e.g. codes.safetensors)")
+        raise DataError(f"{path} is a folder: name the codes file to write "
+                        f"(e.g. codes.safetensors)")
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
         stale.unlink(missing_ok=True)

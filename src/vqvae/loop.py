@@ -62,6 +62,12 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()  # also on an error, so its message starts on a line of its own
+
 
 class Budget:
     """When a training loop saves and stops: every ``every`` steps and at ``steps``, and early when
@@ -141,8 +147,8 @@ def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Lo
     step, metrics, saved = start, {}, start
     window: dict[str, torch.Tensor] = {}
     window_steps, t_window = 0, time.perf_counter()
-    with Budget(loop.steps, loop.every, loop.minutes, runtime) as budget:
-        bar = budget.progress(start, desc, progress)
+    with (Budget(loop.steps, loop.every, loop.minutes, runtime) as budget,
+          budget.progress(start, desc, progress) as bar):
         while step < loop.steps:
             for name, value in stage.step(step).items():  # summed on the device: no host sync
                 window[name] = value.detach() + window[name] if name in window else value.detach()
@@ -167,7 +173,6 @@ def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Lo
                 logger.pictures(step, pictures)
             if stop:
                 break
-        bar.close()
     return Finished(step, budget.signum)
 
 
