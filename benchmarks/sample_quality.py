@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vqvae import (DataConfig, DataError, ImageSet, SampleConfig, load_splits, sample_images,
@@ -54,7 +54,7 @@ def classifier_for(train: ImageSet, data: DataConfig, cfg: ClassifierConfig,
             if stored == meta:
                 model.load_state_dict(load_file(str(cache)))
                 return model.eval(), True
-        except Exception as e:  # a damaged cache is retrained, never trusted
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # retrain
             print(f"ignoring the classifier cache {cache}: {e}", file=sys.stderr)
     model = train_classifier(train.images, train.labels, classes, cfg)
     cache.parent.mkdir(parents=True, exist_ok=True)
