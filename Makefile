@@ -32,7 +32,7 @@ test: $(STAMP)
 # The speed benchmarks (docs/benchmarks.md), each printing markdown tables: quantizer vs the floor
 # and vector-quantize-pytorch (the optional `bench` extra), stage-1 training, encoding, sampling.
 # Tens of minutes on 2 CPU cores; the quality benchmarks (quantizers.py, prior_nll.py) are run by
-# hand with the arguments in docs/quantizers.md and docs/prior.md.
+# hand with the arguments in docs/quantizers.md and docs/prior.md, as is sample_quality.py.
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)

@@ -21,6 +21,8 @@ from .fsq import FiniteScalarQuantizer  # noqa: E402
 from .metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # noqa: E402
                       score_autoencoder)
 from .prior import Prior  # noqa: E402
+from .quality import (Classifier, ClassifierConfig, frechet_distance, judge,  # noqa: E402
+                      train_classifier)
 from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
 from .loop import RunResult  # noqa: E402
 from .sample import (Samples, decode_codes, interpolation_grid, reconstruction_grid,  # noqa: E402
@@ -43,4 +45,6 @@ __all__ = [
     "default_prior", "prior_run_config", "Codes", "CodeSplit", "encode_dataset", "load_codes",
     "save_codes", "load_prior", "load_prior_run_config", "load_stage1", "train_prior",
     "SampleConfig", "Samples", "sample_images", "save_samples", "decode_codes", "samples_grid",
+    # sample quality
+    "Classifier", "ClassifierConfig", "train_classifier", "frechet_distance", "judge",
 ]
