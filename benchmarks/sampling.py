@@ -9,6 +9,10 @@ timed exactly (and there the estimate is printed too, as a check on the estimato
 
     PYTHONPATH=src python benchmarks/sampling.py                  # default preset, 1 thread
     PYTHONPATH=src python benchmarks/sampling.py --preset seed --threads 2
+    PYTHONPATH=src python benchmarks/sampling.py --maskgit-only --grids 32 --batches 64
+
+A second table compares parallel decoding (the same preset's sizes as a ``maskgit`` prior,
+``--maskgit-steps`` iterations) with the cached autoregressive sampler, at the same batch.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import time
 import numpy as np
 import torch
 
+from dataclasses import replace
+
 from vqvae.config import PRIOR_PRESETS
-from vqvae.prior import Prior, sample_next
+from vqvae.prior import Prior, build_prior
+from vqvae.transformer import sample_next
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -77,12 +84,34 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=8,
                         help="largest grid side whose full recomputation is timed exactly")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--maskgit-steps", type=int, default=12)
+    parser.add_argument("--maskgit-only", action="store_true",
+                        help="only the parallel-decoding table (skips full recomputation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s), preset {args.preset}, K={args.codebook_size}, "
           f"median of {args.repeats}\n")
+    if not args.maskgit_only:
+        recompute_table(args)
+    print(f"\n| grid | batch | cached AR tokens/s | maskgit tokens/s ({args.maskgit_steps} steps) "
+          f"| maskgit / cached AR |")
+    print("|---|---|---|---|---|")
+    for side in args.grids:
+        cfg = PRIOR_PRESETS[args.preset].model(args.codebook_size, side, side)
+        prior, parallel = Prior(cfg).eval(), build_prior(replace(cfg, variant="maskgit")).eval()
+        for batch in args.batches:
+            tokens = batch * side * side
+            cached = cached_seconds(prior, batch, args.repeats)
+            fast = _median_time(lambda: parallel.generate(
+                batch, batch_size=batch, steps=args.maskgit_steps,
+                generator=torch.Generator().manual_seed(0)), args.repeats)
+            print(f"| {side}x{side} | {batch} | {tokens / cached:,.0f} | {tokens / fast:,.0f} | "
+                  f"{cached / fast:,.1f}x |", flush=True)
+
+
+def recompute_table(args: argparse.Namespace) -> None:
     print("| grid | batch | cached tokens/s | full tokens/s | speed-up | full measured as |")
     print("|---|---|---|---|---|---|")
     for side in args.grids:

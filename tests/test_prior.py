@@ -4,7 +4,8 @@ from torch import nn
 
 from vqvae import checkpoint as ckpt
 from vqvae.config import ConfigError, PriorConfig, default_prior, seed_prior, to_dict
-from vqvae.prior import Prior, SeedBlock, filter_logits, sample_next
+from vqvae.prior import Prior
+from vqvae.transformer import SeedBlock, filter_logits, sample_next
 
 
 def tiny(variant="gpt", num_classes=0, h=3, w=4, k=7):

@@ -26,7 +26,7 @@ from torch import nn
 
 from .autoencoder import VQVAE
 from .config import PriorConfig, VQVAEConfig, from_dict
-from .prior import Prior
+from .prior import Prior, build_prior
 
 FORMAT = 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -335,7 +335,7 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint in {path} (expected {MODEL_FILE} or {CHECKPOINTS}/)")
 
 
-MODELS = {VQVAE_KIND: (VQVAEConfig, VQVAE), PRIOR_KIND: (PriorConfig, Prior)}
+MODELS = {VQVAE_KIND: (VQVAEConfig, VQVAE), PRIOR_KIND: (PriorConfig, build_prior)}
 
 
 def load_model_config(directory: Path, kind: str) -> Any:

@@ -367,7 +367,7 @@ def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
 
 # --- stage 2: the prior ----------------------------------------------------------------------
 
-PriorVariant = Literal["seed", "gpt"]
+PriorVariant = Literal["seed", "gpt", "maskgit"]
 
 
 @dataclass(frozen=True)
@@ -380,7 +380,9 @@ class PriorConfig:
     num_classes: int = field(default=0, metadata=_help(
         "classes to condition on, 0 = unconditional (set by --conditional)", cli=False))
     variant: PriorVariant = field(default="gpt", metadata=_help(
-        "seed: the blog post's post-norm blocks; gpt: pre-norm GPT blocks with an MLP"))
+        "seed: the blog post's post-norm blocks; gpt: pre-norm GPT blocks with an MLP; maskgit: "
+        "the same blocks, bidirectional, trained to fill masked codes and sampled in parallel "
+        "(vqvae sample --steps)"))
     d_model: int = field(default=256, metadata=_help("width of the residual stream"))
     layers: int = field(default=4, metadata=_help("Transformer blocks"))
     heads: int = field(default=8, metadata=_help("attention heads (d_model / heads dims each)"))
@@ -496,12 +498,16 @@ class SampleConfig:
         "classifier-free guidance scale with --class, 1 = none"))
     seed: int = field(default=0, metadata=_help("random seed: the same seed draws the same images"))
     batch_size: int = field(default=64, metadata=_help("grids drawn at once"))
+    steps: int = field(default=12, metadata=_help(
+        "maskgit priors: parallel decoding iterations (autoregressive priors draw one code per "
+        "step whatever this says)"))
     no_cache: bool = field(default=False, metadata=_help(
         "recompute the whole prefix at every step (the seed's way; slow, the same codes)"))
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, f"n must be >= 1, got {self.n}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.guidance)
         _check(self.label is None or self.label >= 0, f"--class must be >= 0, got {self.label}")
         _check(self.guidance == 1.0 or self.label is not None, "--guidance needs --class")

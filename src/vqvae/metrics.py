@@ -127,25 +127,33 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
 def evaluate_prior(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None,
                    batch_size: int = 256, device: torch.device | str = "cpu", *, rank: int = 0,
                    world_size: int = 1) -> dict[str, float]:
-    """Held-out negative log-likelihood of code grids (N, h, w) in bits per code.
+    """Held-out negative log-likelihood of code grids (N, h, w) in bits per code; for a maskgit
+    prior, the cross-entropy of its masked codes under fixed (seeded) cosine-schedule masks,
+    which is not a likelihood and compares only between maskgit priors.
 
     A conditional prior is scored with the true labels (``bits_per_code``) and with the null
     class (``bits_per_code_uncond``). ``world_size`` > 1: sharded like :func:`score_autoencoder`.
     """
     grids = int(codes.shape[0])
+    first = 0 if world_size == 1 else sum(len(s) for s in codes.tensor_split(world_size)[:rank])
     codes, labels = _shard(codes, rank, world_size), _shard(labels, rank, world_size)
     was_training = prior.training
     prior.eval()
     conditional = labels is not None and prior.cfg.num_classes > 0
-    totals = {"bits_per_code": 0.0, **({"bits_per_code_uncond": 0.0} if conditional else {})}
+    keys = ("bits_per_code", "bits_per_code_uncond") if conditional else ("bits_per_code",)
+    totals = dict.fromkeys([*keys, "weight"], 0.0)
     for start in range(0, codes.shape[0], batch_size):
         batch = codes[start:start + batch_size].to(device)
-        totals["bits_per_code"] += prior.nll(
-            batch, labels[start:start + batch_size].to(device) if conditional else None
-        ).double().sum().item()
-        if conditional:
-            totals["bits_per_code_uncond"] += prior.nll(batch).double().sum().item()
+        batch_labels = labels[start:start + batch_size].to(device) if conditional else None
+        for key, given in zip(keys, (batch_labels, None)):
+            # the same masks for every rank count and both scorings: seeded by the first grid
+            gen = torch.Generator().manual_seed(first + start)
+            nats, weights = prior.loss_terms(batch, given, generator=gen)
+            totals[key] += nats.double().sum().item()
+            if key == "bits_per_code":
+                totals["weight"] += (nats.numel() if weights is None
+                                     else weights.double().sum().item())
     prior.train(was_training)
     totals = sum_over_ranks(totals, device) if world_size > 1 else totals
-    n = grids * codes.shape[1] * codes.shape[2]
-    return {**{k: v / max(n, 1) / math.log(2) for k, v in totals.items()}, "grids": grids}
+    weight = totals.pop("weight")
+    return {**{k: v / max(weight, 1) / math.log(2) for k, v in totals.items()}, "grids": grids}

@@ -143,7 +143,8 @@ def draw(prior: Prior, stage1: VQVAE, cfg: SampleConfig,
     codes = prior.generate(cfg.n, labels=cfg.label if labels is None else labels,
                            guidance=cfg.guidance, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, generator=torch.Generator().manual_seed(cfg.seed),
-                           batch_size=cfg.batch_size, use_cache=not cfg.no_cache)
+                           batch_size=cfg.batch_size, use_cache=not cfg.no_cache,
+                           steps=cfg.steps)
     return decode_codes(stage1, codes), codes
 
 

@@ -25,7 +25,7 @@ from .data import BatchStream, DataError
 from .distributed import Runtime, data_parallel, main_does, pick_device
 from .metrics import evaluate_prior
 from .plots import plot_curves
-from .prior import Prior
+from .prior import Prior, build_prior
 from .sample import draw, samples_grid, save_png
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
@@ -66,16 +66,18 @@ def check_compatible(model: PriorConfig, codes: Codes) -> None:
                         f"{codes.num_classes or 'no labels'}")
 
 
-class PriorNLL(nn.Module):
+class PriorLoss(nn.Module):
     """The training loss as a module's forward, so DistributedDataParallel (which hooks
-    ``forward``) can wrap it: (B, h, w) codes -> (B, h*w) nats."""
+    ``forward``) can wrap it: (B, h, w) codes -> mean nats over the codes the prior predicts
+    (all of them, or a maskgit prior's masked ones)."""
 
-    def __init__(self, prior: Prior):
+    def __init__(self, prior: nn.Module):
         super().__init__()
         self.prior = prior
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.prior.nll(codes, labels)
+        nats, weights = self.prior.loss_terms(codes, labels)
+        return nats.mean() if weights is None else nats.sum() / weights.sum()
 
 
 def optimizer(prior: Prior, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -111,7 +113,7 @@ class Stage2:
         self.runtime = runtime
         self.train, self.test = codes.split("train"), codes.split("test")
         self.labels = self.train.labels if cfg.model.num_classes else None
-        self.nll = data_parallel(PriorNLL(prior), runtime)  # trains; ``prior`` is saved
+        self.loss = data_parallel(PriorLoss(prior), runtime)  # trains; ``prior`` is saved
         self.stream = BatchStream(len(self.train), tc.batch_size, tc.seed, runtime.rank,
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
@@ -126,7 +128,7 @@ class Stage2:
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(step, tc.lr, tc.warmup)
         codes = self.train.codes[index].to(device, non_blocking=True)
-        loss = self.nll(codes, labels).mean()  # over the local batch; DDP averages gradients
+        loss = self.loss(codes, labels)  # over the local batch; DDP averages gradients
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
@@ -193,7 +195,7 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     check_stage1(codes.stage1_sha256, codes.stage1, cfg.stage1)
     tc = cfg.train
     torch.manual_seed(tc.seed)
-    prior = Prior(cfg.model).to(runtime.device)
+    prior = build_prior(cfg.model).to(runtime.device)
     opt = optimizer(prior, tc.lr, tc.weight_decay)
     with runs.opened(run_dir, resume, runtime):
         start = (runs.restore(run_dir, prior, opt, PRIOR_KIND, cfg.model, tc.batch_size,

@@ -1,0 +1,178 @@
+"""A parallel-decoding prior: a bidirectional Transformer that fills masked codes of a grid, drawn
+in a few iterations of confidence-based unmasking instead of one code per step.
+
+Chang et al., "MaskGIT: Masked Generative Image Transformer" (2022), arXiv:2202.04200: cosine
+masking schedule, iterative decoding keeping the most confident codes, Gumbel noise on the
+confidences annealed to zero. ``generate`` has the autoregressive prior's signature and returns
+code grids only (decoding them is :mod:`vqvae.sample`'s job).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PriorConfig, check_sampling
+from .transformer import GPTStack, filter_logits, init_gpt, sample_next
+
+CHOICE_TEMPERATURE = 4.5  # Gumbel noise on the confidences at the first iteration (MaskGIT's)
+
+
+def masked_fraction(r: torch.Tensor) -> torch.Tensor:
+    """The cosine schedule: the fraction of codes masked at progress r in [0, 1] (1 -> 0)."""
+    return torch.cos(math.pi / 2 * r).clamp_min(0.0)
+
+
+def masked_count(n: int, r: float) -> int:
+    """Codes still masked after progress r of decoding an n-code grid (n at 0, 0 at 1)."""
+    return max(0, math.floor(n * math.cos(math.pi / 2 * r)))  # cos(pi/2) is -4e-8 in float32
+
+
+class MaskGITPrior(nn.Module):
+    """p(masked codes | visible codes [, class]) over a (height, width) grid, bidirectional.
+
+    Token ids 0..K-1 are codes and K is the mask token; position p is grid cell (p // w, p % w),
+    with the autoregressive prior's row and column embeddings. A conditional prior adds a class
+    embedding to every position; class ``num_classes`` is the null class (guidance).
+    """
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        if cfg.variant != "maskgit":
+            raise ValueError(f"MaskGITPrior needs variant 'maskgit', got {cfg.variant!r}")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok = nn.Embedding(cfg.codebook_size + 1, d)
+        self.row = nn.Embedding(cfg.height, d)
+        self.col = nn.Embedding(cfg.width, d)
+        self.cls = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
+        self.stack = GPTStack(cfg)
+        self.head = nn.Linear(d, cfg.codebook_size)
+        self.apply(init_gpt)
+        for name, p in self.named_parameters():  # residual branches, scaled by depth
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.layers))
+
+    @property
+    def mask_token(self) -> int:
+        return self.cfg.codebook_size
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, N) with masks -> logits (B, N, K) for every position."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tok(tokens) + self.row(pos // self.cfg.width) + self.col(pos % self.cfg.width)
+        if self.cls is not None:
+            if labels is None:
+                labels = torch.full((tokens.shape[0],), self.null_class, device=tokens.device)
+            x = x + self.cls(labels)[:, None]
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional prior")
+        return self.head(self.stack(x, None))
+
+    def random_mask(self, shape: tuple[int, int], device: torch.device,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, N) bool: per row, ceil(cos(pi/2 r) N) random positions (at least one), r ~ U(0, 1)."""
+        b, n = shape
+        r = torch.rand(b, 1, generator=generator)
+        count = torch.ceil(masked_fraction(r) * n).clamp(1, n)  # (B, 1)
+        ranks = torch.rand(b, n, generator=generator).argsort(1).argsort(1)  # a random order
+        return (ranks < count).to(device)
+
+    def loss_terms(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy (nats) of predicting the masked codes of (B, h, w) grids, masked at the
+        cosine schedule -> (nats (B, h*w), weights (B, h*w): 1 where masked, 0 elsewhere)."""
+        flat = codes.flatten(1).long()
+        mask = self.random_mask(tuple(flat.shape), flat.device, generator)
+        logits = self(flat.masked_fill(mask, self.mask_token), labels)
+        nats = F.cross_entropy(logits.transpose(1, 2).float(), flat, reduction="none")
+        return nats * mask, mask.float()
+
+    @torch.inference_mode()
+    def generate(self, n: int, *, labels: int | torch.Tensor | None = None,
+                 guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 batch_size: int = 64, use_cache: bool = True, steps: int = 12) -> torch.Tensor:
+        """Draw ``n`` code grids (n, h, w) in ``steps`` parallel iterations, ``batch_size`` at a
+        time (``use_cache`` is the autoregressive prior's and does nothing here)."""
+        if n < 1 or batch_size < 1 or steps < 1:
+            raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, "
+                             f"{steps}")
+        check_sampling(temperature, top_k, top_p, guidance)
+        labels = self._labels(n, labels, guidance)
+        was_training = self.training
+        self.eval()
+        grids = []
+        for s in range(0, n, batch_size):
+            b = min(batch_size, n - s)
+            start = torch.full((b, self.cfg.seq_len), self.mask_token, dtype=torch.long,
+                               device=self.head.weight.device)
+            grids.append(self.fill(start, None if labels is None else labels[s:s + b], guidance,
+                                   temperature, top_k, top_p, generator, steps))
+        self.train(was_training)
+        return torch.cat(grids).view(n, self.cfg.height, self.cfg.width)
+
+    @torch.inference_mode()
+    def fill(self, codes: torch.Tensor, labels: torch.Tensor | None = None, guidance: float = 1.0,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, steps: int = 12) -> torch.Tensor:
+        """Fill the mask tokens of (B, N) codes in ``steps`` iterations; the other codes are kept
+        as they are. Each iteration draws a code for every masked position, keeps the most
+        confident ones (cosine schedule) and masks the rest again."""
+        b, n = codes.shape
+        device = codes.device
+        masked = codes == self.mask_token
+        todo = int(masked.sum(1).max())  # the most masked codes of any row
+        guided = labels is not None and guidance != 1.0
+        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        for t in range(steps):
+            if not masked.any():
+                break
+            logits = self(torch.cat([codes, codes]) if guided else codes, rows).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance * (cond - uncond)
+            drawn = sample_next(logits.view(b * n, -1), temperature, top_k, top_p,
+                                generator).view(b, n)
+            logp = filter_logits(logits.view(b * n, -1) / max(temperature, 1e-6), top_k,
+                                 top_p).log_softmax(-1)
+            confidence = logp.gather(1, drawn.view(-1, 1)).view(b, n)
+            noise = _gumbel((b, n), generator).to(device)
+            confidence = confidence + CHOICE_TEMPERATURE * (1 - (t + 1) / steps) * noise
+            confidence = confidence.masked_fill(~masked, float("inf"))  # kept codes stay
+            drawn = torch.where(masked, drawn, codes)
+            # Codes still masked after this iteration: the schedule's count, and at least one
+            # fewer than now in every row that has masks, so `steps` iterations always finish.
+            left = torch.full((b,), masked_count(todo, (t + 1) / steps), device=device)
+            left = torch.minimum(left, (masked.sum(1) - 1).clamp_min(0))
+            ranks = confidence.argsort(1).argsort(1)  # 0 = least confident
+            masked = ranks < left[:, None]
+            codes = drawn.masked_fill(masked, self.mask_token)
+        return codes
+
+    def _labels(self, n: int, labels: int | torch.Tensor | None,
+                guidance: float) -> torch.Tensor | None:
+        if labels is None:
+            if guidance != 1.0:
+                raise ValueError("guidance needs class labels to guide towards")
+            return None
+        if not self.cfg.num_classes:
+            raise ValueError("this prior is unconditional: it takes no class labels")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.head.weight.device)
+        labels = labels.expand(n) if labels.dim() == 0 else labels
+        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.cfg.num_classes:
+            raise ValueError(f"expected {n} class ids in [0, {self.cfg.num_classes - 1}]")
+        return labels
+
+
+def _gumbel(shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp(1e-20, 1 - 1e-12)
+    return -torch.log(-torch.log(u)).float()

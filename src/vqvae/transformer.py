@@ -1,0 +1,237 @@
+"""Transformer building blocks shared by the priors: attention (causal with a KV cache, or
+bidirectional), the seed's post-norm blocks, GPT pre-norm blocks, initialisations, and the
+sampling of a code from logits (temperature, top-k, top-p).
+
+Vaswani et al., "Attention Is All You Need" (2017); Radford et al., GPT-2 (2019); nucleus
+sampling: Holtzman et al. (2019), arXiv:1904.09751.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PriorConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to ``max_len``."""
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (layers, batch, heads, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions already stored; advanced by Prior.forward after all layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store (B, H, T, Dh) keys/values after the cached ones; return all of them."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
+                     layer: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """(B, H, T, Dh) queries/keys/values -> (B, H, T, Dh), each query seeing itself and the past.
+
+    Without a cache, or filling an empty one, SDPA's causal mask does it. With cached positions the
+    only supported query is the single newest token, which may see every key, so no mask at all.
+    """
+    past = 0 if cache is None else cache.length
+    if cache is not None:
+        k, v = cache.append(layer, k, v)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if q.shape[2] != 1:
+        raise ValueError("with a non-empty KV cache, feed one token at a time")
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=False)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, heads, d // heads).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, t, dh = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * dh)  # (B, H, T, Dh) -> (B, T, H*Dh)
+
+
+# --- the seed's blocks ---------------------------------------------------------------------------
+
+
+class SeedAttention(nn.Module):
+    """The Keras ``Attention`` layer: bias-free q/k/v projections and no output projection."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        q, k, v = (_split_heads(proj(x), self.heads) for proj in (self.q, self.k, self.v))
+        return _merge_heads(causal_attention(q, k, v, cache, layer))
+
+
+class SeedBlock(nn.Module):
+    """LayerNorm(x + Dense_relu(Attention(x))): the seed's ``build_att`` and the norm after it."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.attn = SeedAttention(d_model, heads)
+        self.dense = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        return self.norm(x + F.relu(self.dense(self.attn(x, cache, layer))))
+
+
+class SeedStack(nn.Module):
+    """LayerNorm on the summed embeddings, then post-norm seed blocks."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.blocks = nn.ModuleList(SeedBlock(cfg.d_model, cfg.heads) for _ in range(cfg.layers))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = self.norm(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        return x
+
+
+# --- GPT blocks ----------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Fused q/k/v projection, SDPA, output projection, dropout on attention and output; causal
+    (with an optional KV cache) or bidirectional (every position sees every other)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        self.heads, self.dropout, self.causal = heads, dropout, causal
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        p = self.dropout if self.training else 0.0
+        y = (causal_attention(q, k, v, cache, layer, p) if self.causal
+             else F.scaled_dot_product_attention(q, k, v, dropout_p=p))
+        return self.drop(self.proj(_merge_heads(y)))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, ratio: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(d_model, ratio * d_model)
+        self.proj = nn.Linear(ratio * d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, d_model: int, heads: int, mlp_ratio: int, dropout: float = 0.0,
+                 causal: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, heads, dropout, causal)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPTStack(nn.Module):
+    """Dropout on the embeddings, pre-norm GPT blocks, a final LayerNorm; bidirectional for the
+    parallel-decoding (maskgit) variant."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            GPTBlock(cfg.d_model, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.variant != "maskgit")
+            for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        return self.norm(x)
+
+
+STACKS = {"seed": SeedStack, "gpt": GPTStack}
+
+
+def init_keras(module: nn.Module) -> None:
+    """Keras' defaults, as the seed ran: glorot-uniform kernels, zero biases, U(-0.05, 0.05)
+    embeddings."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.uniform_(module.weight, -0.05, 0.05)
+
+
+def init_gpt(module: nn.Module) -> None:
+    """GPT-2's: N(0, 0.02) weights and embeddings, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """(B, K) logits with every code outside the top-k / nucleus candidates set to -inf.
+
+    top-k keeps the k largest logits; top-p keeps the smallest most-probable set whose total
+    probability reaches p (always at least the most probable code).
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        before = F.pad(probs.cumsum(-1)[:, :-1], (1, 0))  # mass of the more probable codes
+        drop = (before >= top_p).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Draw one code per row of (B, K) logits; temperature 0 is greedy (argmax).
+
+    Draws by inverting the CDF with one uniform per row, so the random stream consumed never
+    depends on the logits: two samplers whose logits agree draw the same codes.
+    """
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
+    cdf = probs.cumsum(-1)
+    device = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=device, dtype=torch.float64)
+    index = torch.searchsorted(cdf, u.to(logits.device) * cdf[:, -1:], right=True)
+    return index.squeeze(1).clamp_(max=logits.shape[-1] - 1)

@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from vqvae.checkpoint import load_prior
+from vqvae.cli import main
+from vqvae.codes import load_codes
+from vqvae.config import PriorConfig, default_prior
+from vqvae.maskgit import MaskGITPrior, masked_count, masked_fraction
+from vqvae.prior import build_prior
+from vqvae.runs import read_jsonl
+
+
+def tiny(num_classes: int = 0, k: int = 16, h: int = 3, w: int = 4) -> MaskGITPrior:
+    cfg = PriorConfig(codebook_size=k, height=h, width=w, num_classes=num_classes,
+                      variant="maskgit", d_model=32, layers=2, heads=4, dropout=0.0)
+    return build_prior(cfg)
+
+
+def test_schedule_endpoints():
+    assert masked_fraction(torch.tensor(0.0)) == pytest.approx(1.0)
+    assert masked_fraction(torch.tensor(1.0)) == pytest.approx(0.0, abs=1e-7)
+    assert masked_count(64, 0.0) == 64 and masked_count(64, 1.0) == 0
+    counts = [masked_count(64, t / 8) for t in range(9)]
+    assert counts == sorted(counts, reverse=True)  # decoding only ever unmasks
+    assert masked_count(64, 0.5) == math.floor(64 * math.cos(math.pi / 4))
+
+
+def test_the_loss_counts_only_masked_codes():
+    prior = tiny()
+    codes = torch.randint(0, 16, (64, 3, 4))
+    nats, weights = prior.loss_terms(codes, generator=torch.Generator().manual_seed(0))
+    assert nats.shape == weights.shape == (64, 12)
+    assert torch.all(nats[weights == 0] == 0) and torch.all(nats[weights == 1] > 0)
+    per_row = weights.sum(1)
+    assert per_row.min() >= 1 and per_row.max() <= 12 and per_row.std() > 0  # r ~ U(0, 1)
+    # the masked inputs are the mask token: the loss does not see the codes it predicts
+    torch.manual_seed(1)
+    mask = prior.random_mask((64, 12), codes.device, torch.Generator().manual_seed(0))
+    assert torch.equal(mask.float(), weights)
+    other = codes.flatten(1).masked_fill(mask, 0).view_as(codes)  # change only masked codes
+    logits = prior(codes.flatten(1).masked_fill(mask, prior.mask_token))
+    logits_other = prior(other.flatten(1).masked_fill(mask, prior.mask_token))
+    assert torch.equal(logits, logits_other)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 12])
+def test_decoding_fills_every_code_and_keeps_the_given_ones(steps):
+    prior = tiny()
+    start = torch.full((5, 12), prior.mask_token)
+    start[:, :4] = torch.arange(4)  # the first row of each grid is given
+    start[0] = torch.arange(12) % 16  # one grid fully given
+    out = prior.fill(start.clone(), steps=steps, generator=torch.Generator().manual_seed(0))
+    assert (out != prior.mask_token).all() and out.max() < 16
+    assert torch.equal(out[:, :4], start[:, :4]) and torch.equal(out[0], start[0])
+
+
+def test_generate_is_seeded_conditional_and_guided():
+    prior = tiny(num_classes=3)
+    draw = dict(steps=4, generator=None, batch_size=4)
+    a = prior.generate(6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(7)})
+    b = prior.generate(6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(7)})
+    c = prior.generate(6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(8)})
+    assert a.shape == (6, 3, 4) and torch.equal(a, b) and not torch.equal(a, c)
+    g = prior.generate(6, labels=torch.tensor([0, 1, 2, 0, 1, 2]), guidance=3.0, top_k=5,
+                       temperature=0.5, steps=2, generator=torch.Generator().manual_seed(0))
+    assert g.shape == (6, 3, 4) and g.max() < 16
+    with pytest.raises(ValueError, match="guidance needs class labels"):
+        prior.generate(2, guidance=2.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny().generate(2, labels=1)
+
+
+def test_the_ar_priors_are_untouched_by_the_variant_registry():
+    ar = build_prior(default_prior(16, 3, 4)).eval()
+    codes = torch.randint(0, 16, (2, 3, 4))
+    nats, weights = ar.loss_terms(codes)
+    assert type(ar).__name__ == "Prior" and weights is None and torch.equal(nats, ar.nll(codes))
+
+
+def test_maskgit_through_the_cli(tmp_path, capsys):
+    stage1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
+              "--codebook-size", "16", "--batch-size", "16", "--eval-count", "32", "--steps",
+              "10", "--every", "10"]
+    prior = ["--variant", "maskgit", "--d-model", "16", "--layers", "1", "--heads", "2",
+             "--batch-size", "16", "--every", "5", "--eval-count", "64", "--grid", "2"]
+    assert main(["train", *stage1, "--out", str(tmp_path / "s")]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train-prior", "--stage1", str(tmp_path / "s"), *prior, "--steps", "10",
+                 "--out", str(a)]) == 0
+    assert load_prior(a).cfg.variant == "maskgit"
+    assert 0 < read_jsonl(a / "metrics.jsonl")[-1]["bits_per_code"] < 8
+    assert main(["train-prior", "--stage1", str(tmp_path / "s"), *prior, "--steps", "5",
+                 "--out", str(b)]) == 0
+    assert main(["train-prior", "--resume", str(b), "--steps", "10"]) == 0
+    wa, wb = load_prior(a).state_dict(), load_prior(b).state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)  # exact resume, masks too
+    assert main(["sample", str(a), "--n", "5", "--steps", "3", "--out", str(tmp_path / "o")]) == 0
+    codes = load_codes(tmp_path / "o" / "samples.safetensors").split("samples").codes
+    assert codes.shape == (5, 2, 2) and int(codes.max()) < 16
