@@ -53,6 +53,12 @@ def test_killed_or_stopped_run_keeps_a_readable_checkpoint_and_resumes(tmp_path,
     model = load_autoencoder(run)  # whatever moment it died at, the latest checkpoint loads
     step = int((run / "checkpoints" / "latest").read_text().split("-")[1])
     assert step >= 9 and model.cfg.codebook_size == 16
-    assert main(["train", "--resume", str(run), "--steps", str(step + 3), "--minutes", "10"]) == 0
+    resume = ["train", "--resume", str(run), "--steps", str(step + 3), "--minutes", "10"]
+    if sig == signal.SIGKILL:  # the killed process could not release its lock: taken over
+        with pytest.warns(UserWarning, match="no longer running"):
+            assert main(resume) == 0
+    else:
+        assert main(resume) == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step + 3:07d}"
     assert not list((run / "checkpoints").glob(".tmp-*"))  # a crash's leftovers are cleaned
+    assert not (run / ".lock").exists()  # released at the end
