@@ -1,9 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from vqvae import DataConfig, SampleConfig, load_autoencoder, load_splits, to_float
 from vqvae.checkpoint import load_prior
+from vqvae.inpaint import code_mask, inpaint
 from vqvae.cli import main
 from vqvae.codes import load_codes
 from vqvae.config import PriorConfig, default_prior
@@ -93,9 +97,37 @@ def test_maskgit_through_the_cli(tmp_path, capsys):
     assert 0 < read_jsonl(a / "metrics.jsonl")[-1]["bits_per_code"] < 8
     assert main(["train-prior", "--stage1", str(tmp_path / "s"), *prior, "--steps", "5",
                  "--out", str(b)]) == 0
+    assert main(["train-prior", "--stage1", str(tmp_path / "s"), *prior[2:], "--steps", "1",
+                 "--every", "1", "--out", str(tmp_path / "ar")]) == 0
     assert main(["train-prior", "--resume", str(b), "--steps", "10"]) == 0
     wa, wb = load_prior(a).state_dict(), load_prior(b).state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)  # exact resume, masks too
     assert main(["sample", str(a), "--n", "5", "--steps", "3", "--out", str(tmp_path / "o")]) == 0
     codes = load_codes(tmp_path / "o" / "samples.safetensors").split("samples").codes
     assert codes.shape == (5, 2, 2) and int(codes.max()) < 16
+
+    # Inpainting: the codes outside the (grown) mask are the image's own, the rest redrawn.
+    digit = load_splits(DataConfig(size=8)).test.images[0]  # (1, 8, 8)
+    Image.fromarray(digit[0].numpy()).save(tmp_path / "digit.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4, :4] = 255  # the top-left code cell (codes are 2x2 cells of 4x4 pixels)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["inpaint", str(a), "--image", str(tmp_path / "digit.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--ring", "0", "--steps", "2"]) == 0
+    with Image.open(tmp_path / "digit.inpainted.png") as result:
+        assert result.size == (8, 8)
+    assert (tmp_path / "digit.inpainted.compare.png").exists()
+    done = inpaint(a, digit, torch.from_numpy(mask > 0), SampleConfig(steps=2), ring=0)
+    own = load_autoencoder(tmp_path / "s").encode(to_float(digit[None])).indices[0]
+    assert done.masked_codes.tolist() == [[True, False], [False, False]]
+    assert torch.equal(done.codes[~done.masked_codes], own[~done.masked_codes])
+    capsys.readouterr()
+    assert main(["inpaint", str(tmp_path / "ar"), "--image", "x", "--mask", "y"]) == 2
+    assert "needs a parallel-decoding prior" in capsys.readouterr().err
+
+
+def test_code_mask_grows_by_the_ring():
+    pixels = torch.zeros(16, 16, dtype=torch.bool)
+    pixels[5, 6] = True  # one pixel in cell (1, 1) of 4x4 cells
+    assert code_mask(pixels, 4, ring=0).nonzero().tolist() == [[1, 1]]
+    assert code_mask(pixels, 4, ring=1).sum() == 9 and code_mask(pixels, 4, ring=1)[0, 0]

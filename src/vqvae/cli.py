@@ -25,6 +25,7 @@ from .distributed import PeerError, Runtime, launch, pick_device
 from .metrics import score_autoencoder
 from .options import add_options, given
 from .plots import plot_code_usage
+from .inpaint import inpaint_files
 from .loop import RunResult
 from .runs import NonFiniteError, find_run
 from .sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
@@ -151,6 +152,13 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     return _finish(result, runtime, "train-prior")
 
 
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    result, strip = inpaint_files(args.run, args.image, args.mask,
+                                  SampleConfig(**given(args, "sample")), args.out, args.ring,
+                                  pick_device(args.device))
+    print(f"inpainted: {result}\noriginal | mask | result: {strip}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     samples = sample_images(args.run, SampleConfig(**given(args, "sample")),
                             pick_device(args.device))
@@ -241,6 +249,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for samples.png and samples.safetensors "
                    "(default: RUN_DIR/sample)")
     add_options(p, SampleConfig, "sampling", "sample")
+
+    p = _command(sub, "inpaint", cmd_inpaint, "redraw the masked part of an image (maskgit "
+                 "priors)", "prior", description="Keep an image's codes outside a mask, redraw "
+                 "those under it and a ring around it with a maskgit prior, decode; a mask on the "
+                 "border outpaints.")
+    p.add_argument("--image", required=True, help="the image (resized to the model's size)")
+    p.add_argument("--mask", required=True, help="an image, white where to redraw")
+    p.add_argument("--ring", type=int, default=1, help="code cells around the mask also "
+                   "redrawn, so seams blend (default: 1)")
+    p.add_argument("--out", help="result PNG (default: IMAGE.inpainted.png beside the image)")
+    add_options(p, SampleConfig, "sampling", "sample", skip=("n", "batch_size", "no_cache"))
     return parser
 
 

@@ -202,6 +202,15 @@ def _rgb8(img: Any) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def read_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """One image file -> uint8 (1, channels, size, size), resized and centre-cropped like the
+    training data; a clear error when it cannot be read."""
+    result = _decode(Path(path), size)
+    if isinstance(result, str):
+        raise DataError(f"cannot read image {path}: {result}")
+    return _set_channels(result, channels)
+
+
 DECODE_CHUNK = 256  # images decoded per batch of thread-pool tasks: bounds what is in flight
 
 

@@ -44,12 +44,12 @@ def _parser_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str,
-                 show_default: bool = True) -> None:
-    """One option per field of ``cls`` (``--flag`` alone sets a bool field to true)."""
+                show_default: bool = True, skip: Sequence[str] = ()) -> None:
+    """One option per field of ``cls`` but ``skip`` (``--flag`` alone sets a bool to true)."""
     group = parser.add_argument_group(title)
     hints = get_type_hints(cls)
     for f in fields(cls):
-        if not f.metadata.get("cli", True):
+        if not f.metadata.get("cli", True) or f.name in skip:
             continue
         kind, choices = _parser_type(hints[f.name])
         default = "" if not show_default or f.default is MISSING else f" (default: {f.default})"
