@@ -39,7 +39,7 @@ from torch import nn
 
 from vqvae.config import TrainConfig, fsq_levels_for
 from vqvae.fsq import FiniteScalarQuantizer
-from vqvae.quantize import CHUNK_ELEMENTS, EMAVectorQuantizer, VectorQuantizer
+from vqvae.quantize import EMAVectorQuantizer, VectorQuantizer, lookup_rows
 
 SHAPES = [(16384, 64, 512), (65536, 64, 512), (16384, 128, 64), (16384, 64, 8192)]
 SIDE = 32  # latent grids are (B, D, 32, 32)
@@ -69,7 +69,7 @@ def floor_indices(x: torch.Tensor, e: torch.Tensor, chunked: bool) -> torch.Tens
     e_sq = e.pow(2).sum(1)
     if not chunked:
         return torch.addmm(e_sq, x, e.t(), alpha=-2.0).argmin(1)
-    rows = max(1, min(x.shape[0], CHUNK_ELEMENTS // e.shape[0]))
+    rows = lookup_rows(x.shape[0], e.shape[0], x.device.type)
     out = torch.empty(x.shape[0], dtype=torch.long)
     buf = x.new_empty(rows, e.shape[0])
     for s in range(0, x.shape[0], rows):

@@ -267,7 +267,7 @@ def test_cpu_and_cuda_agree(name):
 
 @pytest.mark.parametrize("n,d,k", [(1, 1, 2), (37, 3, 5), (500, 16, 64), (1000, 8, 513)])
 def test_nearest_code_matches_brute_force(n, d, k, monkeypatch):
-    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 1000)  # force several chunks
+    monkeypatch.setitem(quantize.CHUNK_ELEMENTS, "cpu", 1000)  # force several chunks
     flat, codebook = torch.randn(n, d), torch.randn(k, d)
     brute = torch.cdist(flat.double(), codebook.double()).argmin(1)
     fast = nearest_code(flat, codebook)
@@ -298,7 +298,7 @@ def _reference_indices(flat, codebook):
 def test_chunked_lookup_is_bit_identical_to_one_matrix(chunk, monkeypatch):
     # Chunk boundaries fall inside, at and past the end of the rows; codes are duplicated so
     # exact ties occur, and argmin must pick the first of them in every chunk.
-    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setitem(quantize.CHUNK_ELEMENTS, "cpu", chunk)
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(37, 6, generator=g)
     codebook[20:30] = codebook[:10]  # exact duplicates: ties
@@ -381,3 +381,11 @@ def test_loss_terms_values_and_gradients():
 def test_seed_codebook_init_is_keras_uniform():
     cb = VectorQuantizer(64, 128).codebook
     assert cb.min() >= -0.05 and cb.max() <= 0.05 and cb.std() > 0.02
+
+
+def test_lookup_chunk_follows_the_device():
+    # CPU: cache-sized blocks (1M floats); CUDA: large blocks; never more rows than vectors
+    assert quantize.lookup_rows(65536, 512, "cpu") == 2048
+    assert quantize.lookup_rows(65536, 512, "cuda") == 65536
+    assert quantize.lookup_rows(262144, 16384, "cuda") == 4096  # 64M floats = 256 MiB
+    assert quantize.lookup_rows(10, 1 << 30, "cpu") == 1 and quantize.lookup_rows(5, 2, "mps") == 5
