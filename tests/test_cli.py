@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -170,3 +171,18 @@ def test_tensorboard_run_and_resume(tmp_path):
     assert [e.step for e in events.Scalars("train/mse_x")] == [10, 20, 30]
     assert [e.step for e in events.Scalars("test/psnr")] == [10, 20, 30]
     assert {"pictures/sample_ae_2", "pictures/code_usage"} <= set(events.Tags()["images"])
+
+
+def test_bf16_training_of_both_stages(tmp_path):
+    run, prior = tmp_path / "run", tmp_path / "prior"
+    assert main(["train", *TINY, "--steps", "15", "--precision", "bf16", "--out", str(run)]) == 0
+    assert main(["train-prior", "--stage1", str(run), "--d-model", "16", "--layers", "1",
+                 "--heads", "2", "--batch-size", "16", "--steps", "10", "--every", "10",
+                 "--precision", "bf16", "--out", str(prior)]) == 0
+    for folder in (run, prior):
+        assert json.loads((folder / "config.json").read_text())["config"]["train"][
+            "precision"] == "bf16"
+        losses = read_jsonl(folder / "train.jsonl")
+        assert losses and all(math.isfinite(r["loss"]) for r in losses)
+    weights = load_autoencoder(run).state_dict()
+    assert all(v.dtype in (torch.float32, torch.int64, torch.bool) for v in weights.values())

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqvae import VQVAE, ConfigError, VQVAEConfig, load_autoencoder, seed_model
+from vqvae import PRESETS, VQVAE, ConfigError, VQVAEConfig, load_autoencoder, seed_model
 from vqvae import checkpoint as ckpt
 from vqvae import quantize
 from vqvae.config import from_dict, fsq_levels_for, to_dict
@@ -389,3 +389,28 @@ def test_lookup_chunk_follows_the_device():
     assert quantize.lookup_rows(65536, 512, "cuda") == 65536
     assert quantize.lookup_rows(262144, 16384, "cuda") == 4096  # 64M floats = 256 MiB
     assert quantize.lookup_rows(10, 1 << 30, "cpu") == 1 and quantize.lookup_rows(5, 2, "mps") == 5
+
+
+@pytest.mark.parametrize("preset", ["seed", "default"])
+def test_mixed_precision_keeps_the_lookup_in_fp32(preset):
+    """Under bf16 autocast the quantizer runs in fp32: the same latents give the same codes as
+    without autocast (the encoder's bf16 convolutions may move near-ties, so the test feeds the
+    quantizer the same latents), and a training step works (it used to fail: bf16 x fp32)."""
+    model = VQVAE(PRESETS[preset].model(16, 1))
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    model(x)  # k-means initialisation (default preset), then compare without state changes
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model.encoder(x)
+        mixed = model.quantizer(z)
+    plain = model.quantizer(z.float())
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert z.dtype == torch.bfloat16 and mixed.quantized.dtype == torch.float32
+    assert torch.equal(mixed.indices, plain.indices)
+    assert torch.allclose(mixed.loss, plain.loss)
+    from vqvae.train import vqvae_losses
+
+    vqvae_losses(x, out)["loss"].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

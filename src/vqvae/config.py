@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type
 
 QuantizerName = Literal["vq", "ema", "fsq"]
 PresetName = Literal["seed", "default"]
+Precision = Literal["auto", "fp32", "tf32", "bf16"]
 WeightInit = Literal["keras", "torch"]
 
 
@@ -175,6 +176,10 @@ class LoopConfig:
         "(0 = all of them)"))
     grid: int = field(default=8, metadata=_help("sample grids are grid x grid images"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
+    precision: Precision = field(default="auto", metadata=_help(
+        "auto (tf32 on CUDA, fp32 elsewhere) | fp32 (strict, also on CUDA) | tf32 (CUDA: TF32 "
+        "matmuls and convolutions) | bf16 (autocast; the quantizer's lookup, statistics and "
+        "losses stay fp32; weights and checkpoints are fp32)"))
     keep: int = field(default=2, metadata=_help(
         "newest checkpoints kept (older ones are pruned, except --keep-every and those that codes "
         "or a prior depend on)"))
@@ -192,6 +197,8 @@ class LoopConfig:
         _check(self.every >= 1, f"every must be >= 1, got {self.every}")
         _check(self.eval_count >= 0, f"eval_count must be >= 0, got {self.eval_count}")
         _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
+        _check(self.precision in get_args(Precision),
+               f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
         _check(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
         _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
         _check(isinstance(self.tensorboard, bool),

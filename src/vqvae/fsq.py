@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize import LookupSpace, QuantizerOutput, flatten_latents, unflatten_latents
+from .quantize import (LookupSpace, QuantizerOutput, flatten_latents, full_precision,
+                       unflatten_latents)
 
 
 class FiniteScalarQuantizer(nn.Module):
@@ -46,8 +47,12 @@ class FiniteScalarQuantizer(nn.Module):
         return (digits - (self._levels - 1) / 2) / (self._levels / 2)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with full_precision(z):  # rounding in fp32 under mixed precision too
+            return self._forward(z)
+
+    def _forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape
-        y = self._bounded(self.space.inward(flatten_latents(z)).float())  # (N, C)
+        y = self._bounded(self.space.inward(flatten_latents(z).float()))  # (N, C)
         # Odd L: round to integers; even L: to half-integers. Digits are exact small integers.
         offset = (1 - self._levels % 2) / 2
         digits = (torch.round(y - offset) + offset + (self._levels - 1) / 2).detach()

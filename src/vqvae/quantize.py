@@ -127,6 +127,12 @@ class LookupSpace(nn.Module):
         return self.project_out(codes)
 
 
+def full_precision(z: torch.Tensor) -> torch.autocast:
+    """Autocast off: under mixed precision the lookup, codebook statistics and losses still run
+    in fp32 (a bf16 distance flips near-ties; bf16 EMA sums drift)."""
+    return torch.autocast(z.device.type, enabled=False)
+
+
 def flatten_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, D, H, W) -> (B*H*W, D); a view, no copy, when ``z`` is channels-last in memory."""
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
@@ -219,8 +225,12 @@ class _CodebookQuantizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with full_precision(z):
+            return self._forward(z)
+
+    def _forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape
-        x = self.space.inward(flatten_latents(z))  # (N, d) in the lookup space
+        x = self.space.inward(flatten_latents(z).float())  # (N, d) in the lookup space
         if self.training:
             self._maybe_initialize(x.detach())
         indices = nearest_code(x.detach(), self.codebook_vectors().detach())  # (N,)

@@ -20,7 +20,7 @@ from .autoencoder import VQVAE, VQVAEOutput
 from .checkpoint import VQVAE_KIND
 from .config import RunConfig, TrainConfig
 from .data import BatchStream, Splits, load_splits, source_channels, to_float
-from .distributed import Runtime, data_parallel, main_does, pick_device
+from .distributed import Runtime, autocast, data_parallel, main_does, pick_device, set_precision
 from .metrics import CodeUsage, Evaluation, score_autoencoder
 from .plots import plot_code_usage, plot_curves
 from .sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
@@ -111,8 +111,9 @@ class Stage1:
         tc = self.cfg.train
         x = next_batch(self.splits.train.images, self.stream, step, self.runtime.device,
                        tc.channels_last)
-        out = self.net(x)
-        losses = vqvae_losses(x, out)
+        with autocast(tc.precision, self.runtime.device):
+            out = self.net(x)
+            losses = vqvae_losses(x, out)
         self.usage.update(out.quantized.indices)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -162,6 +163,7 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     splits = splits or load_splits(cfg.data)
     cfg = resolve_config(cfg, splits)
     tc = cfg.train
+    set_precision(tc.precision, runtime.device)
     torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
     model = VQVAE(cfg.model).to(runtime.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)

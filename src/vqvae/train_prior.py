@@ -22,7 +22,7 @@ from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from .config import (PRIOR_PRESETS, ConfigError, PresetName, PriorConfig, PriorRunConfig,
                      SampleConfig)
 from .data import BatchStream, DataError
-from .distributed import Runtime, data_parallel, main_does, pick_device
+from .distributed import Runtime, autocast, data_parallel, main_does, pick_device, set_precision
 from .metrics import evaluate_prior
 from .plots import plot_curves
 from .prior import Prior, build_prior
@@ -128,7 +128,8 @@ class Stage2:
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(step, tc.lr, tc.warmup)
         codes = self.train.codes[index].to(device, non_blocking=True)
-        loss = self.loss(codes, labels)  # over the local batch; DDP averages gradients
+        with autocast(tc.precision, device):
+            loss = self.loss(codes, labels)  # over the local batch; DDP averages gradients
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
@@ -194,6 +195,7 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     stage1 = load_stage1(cfg, runtime.device)  # before seeding: building it draws random weights
     check_stage1(codes.stage1_sha256, codes.stage1, cfg.stage1)
     tc = cfg.train
+    set_precision(tc.precision, runtime.device)
     torch.manual_seed(tc.seed)
     prior = build_prior(cfg.model).to(runtime.device)
     opt = optimizer(prior, tc.lr, tc.weight_decay)
