@@ -229,7 +229,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "(.safetensors)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
 
-    p = _command(sub, "train-prior", cmd_train_prior, "train stage 2 (a prior over the code grids)",
+    p = _command(sub, "train-prior", cmd_train_prior, "train stage 2 (a prior over code grids)",
                  description="Train a Transformer prior over code grids; options override the "
                  "chosen preset.")
     p.add_argument("--codes", metavar="CODES", help="a codes file written by `vqvae encode`")
