@@ -180,3 +180,20 @@ def test_nll_is_per_code_cross_entropy():
     assert nll.shape == (2, 12) and (nll > 0).all()
     # an untrained prior is close to uniform over the 7 codes
     assert nll.mean().item() == pytest.approx(torch.log(torch.tensor(7.0)).item(), rel=0.1)
+
+
+def test_token_dropout_corrupts_inputs_not_targets():
+    from vqvae.prior import _corrupt
+
+    tokens = torch.full((64, 50), 7)
+    tokens[:, 0] = 99  # a start token
+    out = _corrupt(tokens, 0.5, 16, torch.Generator().manual_seed(0), keep_first=True)
+    assert torch.all(out[:, 0] == 99) and out[:, 1:].max() < 16
+    changed = (out[:, 1:] != 7).float().mean().item()
+    assert 0.4 < changed < 0.55  # p = 0.5, minus random codes that happen to be 7
+    prior = Prior(default_prior(16, 2, 3)).eval()
+    codes = torch.randint(0, 16, (8, 2, 3))
+    clean, _ = prior.loss_terms(codes)
+    noisy, _ = prior.loss_terms(codes, noise=0.9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(clean, prior.nll(codes)) and not torch.equal(clean, noisy)
+    assert torch.equal(clean[:, 0], noisy[:, 0])  # the first code is predicted from the start

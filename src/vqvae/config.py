@@ -425,9 +425,14 @@ class PriorTrainConfig(LoopConfig):
     grad_clip: float = field(default=0.0, metadata=_help("gradient-norm clip, 0 = none"))
     p_uncond: float = field(default=0.1, metadata=_help(
         "conditional priors: probability of training with the null class (for guidance)"))
+    token_dropout: float = field(default=0.0, metadata=_help(
+        "probability of replacing each input code by a random one while training (targets "
+        "stay true): against overfitting small data sets"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(0.0 <= self.token_dropout < 1.0,
+               f"token_dropout must be in [0, 1), got {self.token_dropout}")
         _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
         _check(self.weight_decay >= 0.0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0.0, f"grad_clip must be >= 0, got {self.grad_clip}")

@@ -78,7 +78,7 @@ class MaskGITPrior(nn.Module):
 
     def random_mask(self, shape: tuple[int, int], device: torch.device,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, N) bool: per row, ceil(cos(pi/2 r) N) random positions (at least one), r ~ U(0, 1)."""
+        """(B, N) bool: per row ceil(cos(pi/2 r) N) random positions (at least 1), r ~ U(0, 1)."""
         b, n = shape
         r = torch.rand(b, 1, generator=generator)
         count = torch.ceil(masked_fraction(r) * n).clamp(1, n)  # (B, 1)
@@ -86,13 +86,19 @@ class MaskGITPrior(nn.Module):
         return (ranks < count).to(device)
 
     def loss_terms(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None
+                   generator: torch.Generator | None = None, noise: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (nats) of predicting the masked codes of (B, h, w) grids, masked at the
-        cosine schedule -> (nats (B, h*w), weights (B, h*w): 1 where masked, 0 elsewhere)."""
+        cosine schedule -> (nats (B, h*w), weights (B, h*w): 1 where masked, 0 elsewhere).
+        ``noise``: token dropout on the visible codes (replaced by random ones)."""
         flat = codes.flatten(1).long()
         mask = self.random_mask(tuple(flat.shape), flat.device, generator)
-        logits = self(flat.masked_fill(mask, self.mask_token), labels)
+        visible = flat
+        if noise:
+            swap = (torch.rand(flat.shape, generator=generator) < noise).to(flat.device)
+            random = torch.randint(0, self.cfg.codebook_size, flat.shape, generator=generator)
+            visible = torch.where(swap, random.to(flat.device), flat)
+        logits = self(visible.masked_fill(mask, self.mask_token), labels)
         nats = F.cross_entropy(logits.transpose(1, 2).float(), flat, reduction="none")
         return nats * mask, mask.float()
 

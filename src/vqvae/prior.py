@@ -90,11 +90,17 @@ class Prior(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
 
     def loss_terms(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None
+                   generator: torch.Generator | None = None, noise: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training loss's terms, as every prior gives them: nats (B, h*w) and weights
-        (None: every code counts; the maskgit prior counts only its masked codes)."""
-        return self.nll(codes, labels), None
+        (None: every code counts; the maskgit prior counts only its masked codes). ``noise``:
+        token dropout, each input code replaced by a random one with this probability (the
+        targets stay the true codes), against overfitting small data sets."""
+        inputs, targets = self.inputs_and_targets(codes)
+        if noise:
+            inputs = _corrupt(inputs, noise, self.cfg.codebook_size, generator, keep_first=True)
+        logits = self(inputs, labels)
+        return F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none"), None
 
     def new_cache(self, batch: int) -> KVCache:
         ref = self.head.weight
@@ -169,6 +175,16 @@ class Prior(nn.Module):
             nxt = codes[:, t:t + 1].repeat(2, 1) if guided else codes[:, t:t + 1]
             seq = nxt if use_cache else torch.cat([seq, nxt], 1)
         return codes
+
+
+def _corrupt(tokens: torch.Tensor, p: float, k: int, generator: torch.Generator | None,
+             keep_first: bool = False) -> torch.Tensor:
+    """(B, T) tokens with each replaced by a uniform code in [0, k) with probability ``p``."""
+    swap = torch.rand(tokens.shape, generator=generator) < p
+    if keep_first:
+        swap[:, 0] = False  # the start token
+    noise = torch.randint(0, k, tokens.shape, generator=generator)
+    return torch.where(swap.to(tokens.device), noise.to(tokens.device), tokens)
 
 
 # The prior variants: autoregressive (seed, gpt: this module) or parallel (maskgit).

@@ -71,12 +71,12 @@ class PriorLoss(nn.Module):
     ``forward``) can wrap it: (B, h, w) codes -> mean nats over the codes the prior predicts
     (all of them, or a maskgit prior's masked ones)."""
 
-    def __init__(self, prior: nn.Module):
+    def __init__(self, prior: nn.Module, token_dropout: float = 0.0):
         super().__init__()
-        self.prior = prior
+        self.prior, self.token_dropout = prior, token_dropout
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        nats, weights = self.prior.loss_terms(codes, labels)
+        nats, weights = self.prior.loss_terms(codes, labels, noise=self.token_dropout)
         return nats.mean() if weights is None else nats.sum() / weights.sum()
 
 
@@ -113,7 +113,7 @@ class Stage2:
         self.runtime = runtime
         self.train, self.test = codes.split("train"), codes.split("test")
         self.labels = self.train.labels if cfg.model.num_classes else None
-        self.loss = data_parallel(PriorLoss(prior), runtime)  # trains; ``prior`` is saved
+        self.loss = data_parallel(PriorLoss(prior, tc.token_dropout), runtime)  # ``prior`` is saved
         self.stream = BatchStream(len(self.train), tc.batch_size, tc.seed, runtime.rank,
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
