@@ -10,6 +10,9 @@ bias depends on n); a prior is judged on several draws of n, whose spread the ta
 
     PYTHONPATH=src python benchmarks/sample_quality.py --data digits --size 16 \\
         --stage1 runs/demo --prior runs/demo/prior
+
+``--judge FOLDER`` instead prints one line for the samples `vqvae sample` saved in FOLDER (what
+`make demo` ends with), judged by the same cached classifier of their stage-1 model's data.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vqvae import (DataConfig, DataError, ImageSet, SampleConfig, load_splits, sample_images,
-                   to_float, to_uint8)
+from vqvae import (DataConfig, DataError, ImageSet, SampleConfig, load_samples, load_splits,
+                   sample_images, to_float, to_uint8)
 from vqvae import checkpoint as ckpt
+from vqvae.codes import stage1_data
 from vqvae.quality import (Classifier, ClassifierConfig, accuracy, features, judge,
                            train_classifier)
 
@@ -108,7 +112,33 @@ def row(name: str, result: dict) -> str:
             f"{result['coverage']:g}/{result['classes']} |")
 
 
-def parse_args() -> argparse.Namespace:
+def default_cache(data: DataConfig) -> Path:
+    """runs/quality/classifier-SOURCE-SIZEpx.safetensors: one cache per data source and size."""
+    slug = "".join(c if c.isalnum() else "-" for c in Path(data.source).name.lower())
+    return Path(f"runs/quality/classifier-{slug}-{data.size}px.safetensors")
+
+
+def judge_folder(folder: str, cfg: ClassifierConfig, cache: str | None = None) -> str:
+    """One line on the samples saved in ``folder`` (samples.safetensors, decoded by their stage-1
+    model), judged by the classifier of that model's data: share confident, classes covered,
+    mean confidence and, for samples drawn for a class, the share classified as that class."""
+    samples = load_samples(folder)
+    stage1 = samples.codes.stage1
+    data = stage1_data(stage1, ckpt.load_autoencoder(stage1))
+    train = load_splits(data).train
+    classifier, _ = classifier_for(train, data, cfg, Path(cache) if cache else default_cache(data))
+    result = judge(classifier, samples.images)
+    labels = samples.codes.split("samples").labels
+    line = (f"{folder}: {100 * result['confident']:.0f}% of {result['n']} samples confident "
+            f"(>= 0.8), {result['coverage']}/{result['classes']} classes, mean confidence "
+            f"{result['confidence']:.2f}")
+    if labels is not None:
+        shown = accuracy(classifier, samples.images, labels)
+        line += f", {100 * shown:.0f}% classified as the class they were drawn for"
+    return line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="digits", help="data source with labels")
     parser.add_argument("--size", type=int, default=16, help="image side in pixels")
@@ -116,6 +146,9 @@ def parse_args() -> argparse.Namespace:
                         help="a stage-1 run or checkpoint: judge its held-out reconstructions")
     parser.add_argument("--prior", action="append", default=[], metavar="PRIOR_DIR",
                         help="a prior run or checkpoint: judge n of its samples")
+    parser.add_argument("--judge", action="append", default=[], metavar="SAMPLE_DIR",
+                        help="instead of the table: one line on the samples `vqvae sample` saved "
+                             "in this folder")
     parser.add_argument("--n", type=int, default=1000,
                         help="images per row (at most the held-out size)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -128,19 +161,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--classifier-seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="classifier cache file (safetensors); "
                         "default runs/quality/classifier-SOURCE-SIZEpx.safetensors")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.n < 2 or args.draws < 1:
         parser.error("--n must be >= 2 and --draws >= 1")
+    if args.judge and (args.stage1 or args.prior):
+        parser.error("--judge prints its own lines: give it without --stage1 / --prior")
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = ClassifierConfig(steps=args.classifier_steps, seed=args.classifier_seed)
+    if args.judge:
+        for folder in args.judge:
+            print(judge_folder(folder, cfg, args.cache), flush=True)
+        return
     data = DataConfig(source=args.data, size=args.size)
     splits = load_splits(data)
-    slug = "".join(c if c.isalnum() else "-" for c in Path(args.data).name.lower())
-    cache = Path(args.cache or f"runs/quality/classifier-{slug}-{args.size}px.safetensors")
-    cfg = ClassifierConfig(steps=args.classifier_steps, seed=args.classifier_seed)
+    cache = Path(args.cache) if args.cache else default_cache(data)
     classifier, cached = classifier_for(splits.train, data, cfg, cache)
     test = splits.test
     n = min(args.n, len(test))

@@ -25,8 +25,8 @@ from .quality import (Classifier, ClassifierConfig, frechet_distance, judge,  # 
                       train_classifier)
 from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
 from .loop import RunResult  # noqa: E402
-from .sample import (Samples, decode_codes, interpolation_grid, reconstruction_grid,  # noqa: E402
-                     sample_images, samples_grid, save_samples)
+from .sample import (Samples, decode_codes, interpolation_grid, load_samples,  # noqa: E402
+                     reconstruction_grid, sample_images, samples_grid, save_samples)
 from .train import load_run_config, train_autoencoder  # noqa: E402
 from .train_prior import load_prior_run_config, prior_run_config, train_prior  # noqa: E402
 
@@ -44,7 +44,8 @@ __all__ = [
     "Prior", "PriorConfig", "PriorTrainConfig", "PriorRunConfig", "PRIOR_PRESETS", "seed_prior",
     "default_prior", "prior_run_config", "Codes", "CodeSplit", "encode_dataset", "load_codes",
     "save_codes", "load_prior", "load_prior_run_config", "load_stage1", "train_prior",
-    "SampleConfig", "Samples", "sample_images", "save_samples", "decode_codes", "samples_grid",
+    "SampleConfig", "Samples", "sample_images", "save_samples", "load_samples", "decode_codes",
+    "samples_grid",
     # sample quality
     "Classifier", "ClassifierConfig", "train_classifier", "frechet_distance", "judge",
 ]

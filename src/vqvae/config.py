@@ -506,8 +506,10 @@ class SampleConfig:
         "keep the smallest set of codes with probability mass >= p"))
     label: int | None = field(default=None, metadata=_help(
         "class id to draw (class-conditional priors)", flag="class"))
+    all_classes: bool = field(default=False, metadata=_help(
+        "draw the classes in turn: image i gets class i mod classes (--n 100: each row 0-9)"))
     guidance: float = field(default=1.0, metadata=_help(
-        "classifier-free guidance scale with --class, 1 = none"))
+        "classifier-free guidance scale with --class or --all-classes, 1 = none"))
     seed: int = field(default=0, metadata=_help("random seed: the same seed draws the same images"))
     batch_size: int = field(default=64, metadata=_help("grids drawn at once"))
     steps: int = field(default=12, metadata=_help(
@@ -522,4 +524,7 @@ class SampleConfig:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.guidance)
         _check(self.label is None or self.label >= 0, f"--class must be >= 0, got {self.label}")
-        _check(self.guidance == 1.0 or self.label is not None, "--guidance needs --class")
+        _check(self.label is None or not self.all_classes,
+               "--class and --all-classes exclude each other")
+        _check(self.guidance == 1.0 or self.label is not None or self.all_classes,
+               "--guidance needs --class or --all-classes")

@@ -20,7 +20,7 @@ from PIL import Image
 from . import checkpoint as ckpt
 from . import runs
 from .autoencoder import VQVAE
-from .codes import Codes, CodeSplit, load_stage1, save_codes
+from .codes import Codes, CodeSplit, check_stage1, load_codes, load_stage1, save_codes
 from .config import ConfigError, SampleConfig
 from .data import to_float, to_uint8
 from .prior import Prior
@@ -138,14 +138,31 @@ class Samples(NamedTuple):
 def draw(prior: Prior, stage1: VQVAE, cfg: SampleConfig,
          labels: torch.Tensor | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cfg.n`` new images: code grids drawn by ``prior`` (seeded by ``cfg.seed``; ``labels``,
-    default ``cfg.label``, for a conditional prior), decoded by ``stage1``.
+    default :func:`sample_labels` of ``cfg``, for a conditional prior), decoded by ``stage1``.
     Returns uint8 images (n, C, H, W) and the codes (n, h, w)."""
-    codes = prior.generate(cfg.n, labels=cfg.label if labels is None else labels,
-                           guidance=cfg.guidance, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, generator=torch.Generator().manual_seed(cfg.seed),
+    if labels is None:
+        labels = sample_labels(cfg, prior.cfg.num_classes)
+    codes = prior.generate(cfg.n, labels=labels, guidance=cfg.guidance,
+                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           generator=torch.Generator().manual_seed(cfg.seed),
                            batch_size=cfg.batch_size, use_cache=not cfg.no_cache,
                            steps=cfg.steps)
     return decode_codes(stage1, codes), codes
+
+
+def sample_labels(cfg: SampleConfig, classes: int) -> torch.Tensor | None:
+    """The class of each of the ``cfg.n`` images (n,): ``cfg.label`` for all of them, or with
+    ``cfg.all_classes`` 0, 1, ..., classes - 1, 0, 1, ...; None for unconditional draws.
+    ``classes`` is the prior's number of classes (0: unconditional)."""
+    flag = "--class" if cfg.label is not None else "--all-classes" if cfg.all_classes else None
+    if flag and not classes:
+        raise ConfigError(f"{flag} needs a class-conditional prior (train-prior --conditional)")
+    if cfg.label is not None and cfg.label >= classes:
+        raise ConfigError(f"--class {cfg.label} is out of range: this prior knows classes "
+                          f"0..{classes - 1}")
+    if cfg.label is not None:
+        return torch.full((cfg.n,), cfg.label, dtype=torch.long)
+    return torch.arange(cfg.n) % classes if cfg.all_classes else None
 
 
 def sample_images(prior_run: str | Path, cfg: SampleConfig = SampleConfig(),
@@ -155,13 +172,8 @@ def sample_images(prior_run: str | Path, cfg: SampleConfig = SampleConfig(),
     run_cfg = runs.read_run_config(prior_run, ckpt.PRIOR_KIND)
     prior = ckpt.load_prior(prior_run, device)
     classes = prior.cfg.num_classes
-    if cfg.label is not None and not classes:
-        raise ConfigError("--class needs a class-conditional prior (train-prior --conditional)")
-    if cfg.label is not None and cfg.label >= classes:
-        raise ConfigError(f"--class {cfg.label} is out of range: this prior knows classes "
-                          f"0..{classes - 1}")
-    images, codes = draw(prior, load_stage1(run_cfg, device), cfg)
-    labels = None if cfg.label is None else torch.full((cfg.n,), cfg.label, dtype=torch.long)
+    labels = sample_labels(cfg, classes)
+    images, codes = draw(prior, load_stage1(run_cfg, device), cfg, labels)
     names = tuple(str(i) for i in range(classes)) if classes else None
     return Samples(images, Codes({"samples": CodeSplit(codes.cpu(), labels)},
                                  prior.cfg.codebook_size, run_cfg.stage1, run_cfg.stage1_sha256,
@@ -173,3 +185,12 @@ def save_samples(samples: Samples, folder: str | Path) -> tuple[Path, Path]:
     folder = Path(folder)
     return (save_png(samples_grid(samples.images), folder / "samples.png"),
             save_codes(samples.codes, folder / "samples.safetensors"))
+
+
+def load_samples(folder: str | Path, device: torch.device | str = "cpu") -> Samples:
+    """What :func:`save_samples` wrote to ``folder``: the codes, decoded again by the stage-1
+    checkpoint that made them (its fingerprint checked), so the images are the saved ones."""
+    codes = load_codes(Path(folder) / "samples.safetensors")
+    check_stage1(codes.stage1_sha256, codes.stage1, codes.stage1)
+    model = ckpt.load_autoencoder(codes.stage1, device)
+    return Samples(decode_codes(model, codes.split("samples").codes), codes)
