@@ -259,7 +259,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ring", type=int, default=1, help="code cells around the mask also "
                    "redrawn, so seams blend (default: 1)")
     p.add_argument("--out", help="result PNG (default: IMAGE.inpainted.png beside the image)")
-    add_options(p, SampleConfig, "sampling", "sample", skip=("n", "batch_size", "no_cache", "all_classes"))
+    add_options(p, SampleConfig, "sampling", "sample",
+                skip=("n", "batch_size", "no_cache", "all_classes"))
     return parser
 
 
