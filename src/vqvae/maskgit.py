@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig, check_sampling
-from .transformer import GPTStack, filter_logits, init_gpt, sample_next
+from .transformer import GPTStack, check_labels, filter_logits, init_gpt_model, sample_next
 
 CHOICE_TEMPERATURE = 4.5  # Gumbel noise on the confidences at the first iteration (MaskGIT's)
 
@@ -51,10 +51,7 @@ class MaskGITPrior(nn.Module):
         self.cls = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
         self.stack = GPTStack(cfg)
         self.head = nn.Linear(d, cfg.codebook_size)
-        self.apply(init_gpt)
-        for name, p in self.named_parameters():  # residual branches, scaled by depth
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.layers))
+        init_gpt_model(self, cfg.layers)
 
     @property
     def mask_token(self) -> int:
@@ -113,7 +110,7 @@ class MaskGITPrior(nn.Module):
             raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, "
                              f"{steps}")
         check_sampling(temperature, top_k, top_p, guidance)
-        labels = self._labels(n, labels, guidance)
+        labels = check_labels(labels, n, self.cfg.num_classes, guidance, self.head.weight.device)
         was_training = self.training
         self.eval()
         grids = []
@@ -163,20 +160,6 @@ class MaskGITPrior(nn.Module):
             masked = ranks < left[:, None]
             codes = drawn.masked_fill(masked, self.mask_token)
         return codes
-
-    def _labels(self, n: int, labels: int | torch.Tensor | None,
-                guidance: float) -> torch.Tensor | None:
-        if labels is None:
-            if guidance != 1.0:
-                raise ValueError("guidance needs class labels to guide towards")
-            return None
-        if not self.cfg.num_classes:
-            raise ValueError("this prior is unconditional: it takes no class labels")
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.head.weight.device)
-        labels = labels.expand(n) if labels.dim() == 0 else labels
-        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.cfg.num_classes:
-            raise ValueError(f"expected {n} class ids in [0, {self.cfg.num_classes - 1}]")
-        return labels
 
 
 def _gumbel(shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:

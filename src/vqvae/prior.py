@@ -7,7 +7,6 @@ pixels (decoding them is :mod:`vqvae.sample`'s job).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch import nn
 
 from .config import PriorConfig, PriorVariant, check_sampling
 from .maskgit import MaskGITPrior
-from .transformer import STACKS, KVCache, init_gpt, init_keras, sample_next
+from .transformer import STACKS, KVCache, check_labels, init_gpt_model, init_keras, sample_next
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -43,10 +42,7 @@ class Prior(nn.Module):
         if cfg.variant == "seed":
             self.apply(init_keras)
         else:
-            self.apply(init_gpt)
-            for name, p in self.named_parameters():  # residual branches, scaled by depth
-                if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.layers))
+            init_gpt_model(self, cfg.layers)
 
     @property
     def start_token(self) -> int:
@@ -139,20 +135,7 @@ class Prior(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_sampling(temperature, top_k, top_p, guidance)  # ConfigError, a ValueError
-        if labels is None:
-            if guidance != 1.0:
-                raise ValueError("guidance needs class labels to guide towards")
-            return None
-        if not self.cfg.num_classes:
-            raise ValueError("this prior is unconditional: it takes no class labels")
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.head.weight.device)
-        labels = labels.expand(n) if labels.dim() == 0 else labels
-        if labels.shape != (n,):
-            raise ValueError(f"expected {n} labels, got shape {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.cfg.num_classes):
-            raise ValueError(f"class ids must be in [0, {self.cfg.num_classes - 1}], got "
-                             f"{labels.min().item()}..{labels.max().item()}")
-        return labels
+        return check_labels(labels, n, self.cfg.num_classes, guidance, self.head.weight.device)
 
     def _generate_batch(self, b: int, labels: torch.Tensor | None, guidance: float,
                         temperature: float, top_k: int | None, top_p: float | None,

@@ -8,6 +8,8 @@ sampling: Holtzman et al. (2019), arXiv:1904.09751.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -235,3 +237,30 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     u = torch.rand(logits.shape[0], 1, generator=generator, device=device, dtype=torch.float64)
     index = torch.searchsorted(cdf, u.to(logits.device) * cdf[:, -1:], right=True)
     return index.squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
+def init_gpt_model(model: nn.Module, layers: int) -> None:
+    """GPT-2's initialisation of a whole prior: N(0, 0.02), residual projections scaled by depth."""
+    model.apply(init_gpt)
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+
+
+def check_labels(labels: int | torch.Tensor | None, n: int, num_classes: int, guidance: float,
+                 device: torch.device) -> torch.Tensor | None:
+    """Class ids for ``n`` draws of a prior with ``num_classes`` classes: (n,) long, or None."""
+    if labels is None:
+        if guidance != 1.0:
+            raise ValueError("guidance needs class labels to guide towards")
+        return None
+    if not num_classes:
+        raise ValueError("this prior is unconditional: it takes no class labels")
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    labels = labels.expand(n) if labels.dim() == 0 else labels
+    if labels.shape != (n,):
+        raise ValueError(f"expected {n} labels, got shape {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"class ids must be in [0, {num_classes - 1}], got "
+                         f"{labels.min().item()}..{labels.max().item()}")
+    return labels
