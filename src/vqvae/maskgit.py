@@ -13,10 +13,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import PriorConfig, check_sampling
-from .transformer import GPTStack, check_labels, filter_logits, init_gpt_model, sample_next
+from .transformer import (GPTStack, GridTransformer, check_labels, filter_logits,
+                          init_gpt_model, sample_next)
 
 CHOICE_TEMPERATURE = 4.5  # Gumbel noise on the confidences at the first iteration (MaskGIT's)
 
@@ -31,7 +31,7 @@ def masked_count(n: int, r: float) -> int:
     return max(0, math.floor(n * math.cos(math.pi / 2 * r)))  # cos(pi/2) is -4e-8 in float32
 
 
-class MaskGITPrior(nn.Module):
+class MaskGITPrior(GridTransformer):
     """p(masked codes | visible codes [, class]) over a (height, width) grid, bidirectional.
 
     Token ids 0..K-1 are codes and K is the mask token; position p is grid cell (p // w, p % w),
@@ -40,31 +40,19 @@ class MaskGITPrior(nn.Module):
     """
 
     def __init__(self, cfg: PriorConfig):
-        super().__init__()
         if cfg.variant != "maskgit":
             raise ValueError(f"MaskGITPrior needs variant 'maskgit', got {cfg.variant!r}")
-        self.cfg = cfg
-        d = cfg.d_model
-        self.tok = nn.Embedding(cfg.codebook_size + 1, d)
-        self.row = nn.Embedding(cfg.height, d)
-        self.col = nn.Embedding(cfg.width, d)
-        self.cls = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
-        self.stack = GPTStack(cfg)
-        self.head = nn.Linear(d, cfg.codebook_size)
+        super().__init__(cfg, GPTStack)
         init_gpt_model(self, cfg.layers)
 
     @property
     def mask_token(self) -> int:
         return self.cfg.codebook_size
 
-    @property
-    def null_class(self) -> int:
-        return self.cfg.num_classes
-
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (B, N) with masks -> logits (B, N, K) for every position."""
         pos = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.tok(tokens) + self.row(pos // self.cfg.width) + self.col(pos % self.cfg.width)
+        x = self.embed(tokens, pos)
         if self.cls is not None:
             if labels is None:
                 labels = torch.full((tokens.shape[0],), self.null_class, device=tokens.device)

@@ -14,13 +14,14 @@ from torch import nn
 
 from .config import PriorConfig, PriorVariant, check_sampling
 from .maskgit import MaskGITPrior
-from .transformer import STACKS, KVCache, check_labels, init_gpt_model, init_keras, sample_next
+from .transformer import (STACKS, GridTransformer, KVCache, check_labels, init_gpt_model,
+                          init_keras, sample_next)
 
 
 # --- the model -----------------------------------------------------------------------------------
 
 
-class Prior(nn.Module):
+class Prior(GridTransformer):
     """p(codes) = prod_t p(c_t | c_<t [, class]) over a row-major (height, width) code grid.
 
     Token ids 0..K-1 are codes and K is the start token (the seed's 0, with codes shifted by one).
@@ -30,15 +31,7 @@ class Prior(nn.Module):
     """
 
     def __init__(self, cfg: PriorConfig):
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.d_model
-        self.tok = nn.Embedding(cfg.codebook_size + 1, d)
-        self.row = nn.Embedding(cfg.height, d)
-        self.col = nn.Embedding(cfg.width, d)
-        self.cls = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
-        self.stack = STACKS[cfg.variant](cfg)
-        self.head = nn.Linear(d, cfg.codebook_size)
+        super().__init__(cfg, STACKS[cfg.variant])
         if cfg.variant == "seed":
             self.apply(init_keras)
         else:
@@ -48,10 +41,6 @@ class Prior(nn.Module):
     def start_token(self) -> int:
         return self.cfg.codebook_size
 
-    @property
-    def null_class(self) -> int:
-        return self.cfg.num_classes
-
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Input tokens (B, T) -> next-code logits (B, T, K); positions continue the cache."""
@@ -60,7 +49,7 @@ class Prior(nn.Module):
         if start + t > self.cfg.seq_len:
             raise ValueError(f"{start + t} positions exceed the {self.cfg.seq_len}-code grid")
         pos = torch.arange(start, start + t, device=tokens.device)
-        x = self.tok(tokens) + self.row(pos // self.cfg.width) + self.col(pos % self.cfg.width)
+        x = self.embed(tokens, pos)
         if self.cls is not None and start == 0:  # the class rides on the start token
             if labels is None:
                 labels = torch.full((b,), self.null_class, device=tokens.device)

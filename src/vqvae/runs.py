@@ -227,14 +227,14 @@ def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage:
     its step. Warns when the global batch changes (another process count). A run killed before
     its first checkpoint starts again from step 0."""
     try:
-        ckpt.resolve(run_dir)
+        directory = ckpt.resolve(run_dir)  # once: a bad `latest` warns once
     except ckpt.CheckpointError:
         if not (run_dir / RUN_CONFIG).is_file():
             raise
         if runtime.is_main:
             warnings.warn(f"{run_dir} has no checkpoint yet: starting it from step 0")
         return 0
-    meta = ckpt.restore(run_dir, module, opt, stage, model_cfg)
+    meta = ckpt.restore(directory, module, opt, stage, model_cfg)
     before, now = int(meta.get("global_batch", batch_size)), batch_size * runtime.world_size
     if before != now and runtime.is_main:
         keep = (f"; --batch-size {before // runtime.world_size} would keep it"

@@ -9,6 +9,7 @@ sampling: Holtzman et al. (2019), arXiv:1904.09751.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -264,3 +265,29 @@ def check_labels(labels: int | torch.Tensor | None, n: int, num_classes: int, gu
         raise ValueError(f"class ids must be in [0, {num_classes - 1}], got "
                          f"{labels.min().item()}..{labels.max().item()}")
     return labels
+
+
+class GridTransformer(nn.Module):
+    """What every prior over a (height, width) code grid has: an embedding of the K codes and one
+    special token (start or mask), row and column embeddings of the grid cell, a class embedding
+    (class ``num_classes`` is the null class), a stack of blocks and a head over the K codes."""
+
+    def __init__(self, cfg: PriorConfig, stack: Callable[[PriorConfig], nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok = nn.Embedding(cfg.codebook_size + 1, d)
+        self.row = nn.Embedding(cfg.height, d)
+        self.col = nn.Embedding(cfg.width, d)
+        self.cls = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
+        self.stack = stack(cfg)
+        self.head = nn.Linear(d, cfg.codebook_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T) at grid positions (T,) (cell p // w, p % w) -> (B, T, d_model)."""
+        w = self.cfg.width
+        return self.tok(tokens) + self.row(positions // w) + self.col(positions % w)
