@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .config import ConfigError
 from .data import BatchStream, to_float
@@ -68,9 +69,11 @@ class Classifier(nn.Module):
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, classes: int,
-                     cfg: ClassifierConfig = ClassifierConfig()) -> Classifier:
+                     cfg: ClassifierConfig = ClassifierConfig(),
+                     progress: bool = True) -> Classifier:
     """Train a :class:`Classifier` on uint8 images (N, C, S, S) and labels (N,) on the CPU, seeded
-    by ``cfg.seed`` (weights and batches; the global RNG is left as it was). Eval mode."""
+    by ``cfg.seed`` (weights and batches; the global RNG is left as it was), with a progress
+    bar (``progress``). Eval mode."""
     if labels.shape != (images.shape[0],) or len(labels) == 0:
         raise ValueError(f"need one label per image, got {tuple(labels.shape)} for "
                          f"{images.shape[0]} images")
@@ -84,7 +87,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, classes: int,
                                                     pct_start=0.1)
         stream = BatchStream(len(images), min(cfg.batch_size, len(images)), cfg.seed)
         model.train()
-        for step in range(cfg.steps):
+        for step in tqdm(range(cfg.steps), desc="train the judging classifier", unit="step",
+                         disable=not progress, leave=False, dynamic_ncols=True):
             index = stream.indices(step)
             loss = F.cross_entropy(model(to_float(images[index])), labels[index])
             opt.zero_grad(set_to_none=True)
