@@ -8,6 +8,7 @@ here on the data set's own training split, so its numbers compare only within on
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +89,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, classes: int,
         stream = BatchStream(len(images), min(cfg.batch_size, len(images)), cfg.seed)
         model.train()
         for step in tqdm(range(cfg.steps), desc="train the judging classifier", unit="step",
-                         disable=not progress, leave=False, dynamic_ncols=True):
+                         disable=not progress, leave=False, dynamic_ncols=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 15.0):  # sparse in logs
             index = stream.indices(step)
             loss = F.cross_entropy(model(to_float(images[index])), labels[index])
             opt.zero_grad(set_to_none=True)
