@@ -34,7 +34,7 @@ from vqvae import VQVAE, DataConfig, load_splits
 from vqvae.config import TrainConfig, seed_model
 from vqvae.data import BatchStream
 from vqvae.distributed import Runtime
-from vqvae.train import next_batch, training_forward, vqvae_losses
+from vqvae.train import to_device, training_forward, vqvae_losses
 
 VARIANTS = {  # name -> (channels_last, compile)
     "eager, NCHW": (False, False),
@@ -43,6 +43,12 @@ VARIANTS = {  # name -> (channels_last, compile)
     "compiled, channels-last": (True, True),
 }
 DEVICE = torch.device("cpu")
+
+
+def next_batch(images: torch.Tensor, stream: BatchStream, step: int, device: torch.device,
+               channels_last: bool = False) -> torch.Tensor:
+    """The in-memory path of the training loop: the step's rows of the uint8 cache, to float."""
+    return to_device(images[stream.indices(step)], device, channels_last)
 
 
 def jpeg_folder(root: Path, n: int, side: int = 160) -> Path:

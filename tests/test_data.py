@@ -67,6 +67,9 @@ def test_empty_folder_and_missing_source_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_splits(DataConfig(source=str(tmp_path / "nope")))
     (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="at least 2"):
+        load_splits(DataConfig(source=str(tmp_path)))
+    (tmp_path / "bad2.png").write_bytes(b"garbage")
     with pytest.warns(SkippedImagesWarning), pytest.raises(DataError, match="could be read"):
         load_splits(DataConfig(source=str(tmp_path)))
 
@@ -148,13 +151,13 @@ def test_batch_stream_is_a_pure_function_of_step_and_shards_by_rank():
 
 
 def test_folder_decoding_in_chunks_keeps_order_and_labels(tmp_path, monkeypatch):
-    from vqvae import data
+    from vqvae import files
 
     for cls in ("a", "b"):
         for i in range(3):
             _png(tmp_path / cls / f"{i}.png", value=30 * i + (100 if cls == "b" else 0))
     whole = load_splits(DataConfig(source=str(tmp_path), size=4, holdout=0.5))
-    monkeypatch.setattr(data, "DECODE_CHUNK", 2)  # 6 images in 3 chunks
+    monkeypatch.setattr(files, "DECODE_CHUNK", 2)  # 6 images in 3 chunks
     chunked = load_splits(DataConfig(source=str(tmp_path), size=4, holdout=0.5))
     assert torch.equal(whole.train.images, chunked.train.images)
     assert torch.equal(whole.test.labels, chunked.test.labels)

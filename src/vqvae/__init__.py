@@ -9,13 +9,15 @@ __version__ = "0.1.0"
 from .autoencoder import (QUANTIZERS, VQVAE, ResidualBlock, VQVAEOutput,  # noqa: E402
                           build_quantizer)
 from .checkpoint import CheckpointError, load_autoencoder, load_prior  # noqa: E402
-from .codes import (CodeSplit, Codes, encode_dataset, load_codes, load_stage1,  # noqa: E402
+from .codes import (CodeSplit, Codes, encode_dataset, encode_set, load_codes, load_stage1,  # noqa: E402
                     load_trained, save_codes)
 from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, LoopConfig,  # noqa: E402
                      Preset, PriorConfig, PriorRunConfig, PriorTrainConfig, RunConfig,
                      SampleConfig, TrainConfig, VQVAEConfig, default_model, default_prior,
                      run_config, seed_model, seed_prior)
 from .data import DataError, ImageSet, Splits, load_splits, to_float, to_uint8  # noqa: E402
+from .files import FileSet  # noqa: E402
+from .shards import pack  # noqa: E402
 from .distributed import Runtime  # noqa: E402
 from .fsq import FiniteScalarQuantizer  # noqa: E402
 from .metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # noqa: E402
@@ -36,13 +38,15 @@ __all__ = [
     "FiniteScalarQuantizer", "QuantizerOutput", "QUANTIZERS", "build_quantizer",
     "VQVAEConfig", "DataConfig", "LoopConfig", "TrainConfig", "RunConfig", "Preset", "PRESETS",
     "run_config", "seed_model", "default_model", "ConfigError", "DataError", "CheckpointError",
-    "ImageSet", "Splits", "load_splits", "to_float", "to_uint8", "load_autoencoder",
+    "ImageSet", "FileSet", "Splits", "load_splits", "pack", "to_float", "to_uint8",
+    "load_autoencoder",
     "load_run_config", "load_trained", "train_autoencoder", "Runtime", "RunResult",
     "evaluate_autoencoder", "score_autoencoder", "CodeUsage", "codebook_stats", "psnr",
     "reconstruction_grid", "interpolation_grid",
     # stage 2
     "Prior", "PriorConfig", "PriorTrainConfig", "PriorRunConfig", "PRIOR_PRESETS", "seed_prior",
-    "default_prior", "prior_run_config", "Codes", "CodeSplit", "encode_dataset", "load_codes",
+    "default_prior", "prior_run_config", "Codes", "CodeSplit", "encode_dataset", "encode_set",
+    "load_codes",
     "save_codes", "load_prior", "load_prior_run_config", "load_stage1", "train_prior",
     "SampleConfig", "Samples", "sample_images", "save_samples", "load_samples", "decode_codes",
     "samples_grid",

@@ -21,6 +21,8 @@ from .codes import Codes, encode_dataset, load_codes, load_trained, save_codes
 from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, ConfigError, DataConfig, PriorConfig,
                      PriorTrainConfig, SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
 from .data import DataError, ImageSet
+from .files import FileSet
+from .shards import pack
 from .distributed import PeerError, Runtime, launch, pick_device
 from .metrics import score_autoencoder
 from .options import add_options, given
@@ -83,14 +85,14 @@ def _finish(result: RunResult, runtime: Runtime, command: str) -> int:
     return 128 + result.signal if result.signal else 0
 
 
-def _trained(args: argparse.Namespace) -> tuple[Any, ImageSet]:
+def _trained(args: argparse.Namespace) -> tuple[Any, ImageSet | FileSet]:
     model, splits = load_trained(args.run, args.data, pick_device(args.device))
     return model, getattr(splits, args.split)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     model, split = _trained(args)
-    images = pick(split.images, grid_pairs(args.n), args.seed)
+    images = pick(split, grid_pairs(args.n), args.seed)
     for name, quantize in (("sample_ae_1", False), ("sample_ae_2", True)):
         path = save_png(reconstruction_grid(model, images, args.n, quantize),
                         Path(args.out or _beside(args.run, "reconstruct")) / f"{name}.png")
@@ -99,7 +101,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
     model, split = _trained(args)
-    images = pick(split.images, 2 * args.n, args.seed)
+    images = pick(split, 2 * args.n, args.seed)
     path = save_png(interpolation_grid(model, images[:args.n], images[args.n:], args.n),
                     Path(args.out or _beside(args.run, "interpolate")) / "sample_inter.png")
     print(f"sample_inter: {path}")
@@ -107,7 +109,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     model, split = _trained(args)
-    scores, counts = score_autoencoder(model, split.images, device=pick_device(args.device))
+    scores, counts = score_autoencoder(model, split, device=pick_device(args.device))
     out = Path(args.out or _beside(args.run, f"eval_{args.split}.json"))
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder: name the JSON file to write")
@@ -164,6 +166,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
                             pick_device(args.device))
     png, codes = save_samples(samples, args.out or _beside(args.run, "sample"))
     print(f"{samples.images.shape[0]} samples: {png}\ntheir codes: {codes}")
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    packed = pack(args.folder, args.out, args.shard_size, args.prefix)
+    again = ("" if not packed.resumed_from else " (all packed before)"
+             if packed.resumed_from == packed.images
+             else f" (continued after {packed.resumed_from})")
+    print(f"packed {packed.images} images{again} into {packed.shards} shard(s): {packed.out}\n"
+          f"train on them: vqvae train --data '{packed.out}/{args.prefix}-"
+          f"{{{0:06d}..{packed.shards - 1:06d}}}.tar'")
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -228,6 +240,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="CODES", required=True, help="codes file to write "
                    "(.safetensors)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+
+    p = _command(sub, "pack", cmd_pack, "write an image folder into WebDataset tar shards",
+                 description="Write the images below FOLDER (labels from its first-level "
+                 "sub-folders) into tar shards for streaming; an interrupted pack continues when "
+                 "run again.")
+    p.add_argument("folder", metavar="FOLDER", help="a folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for the shards and shards.json")
+    p.add_argument("--shard-size", type=int, default=2000, help="images per shard (default: "
+                   "2000; aim for at least as many shards as ranks x workers)")
+    p.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... "
+                   "(default: train)")
 
     p = _command(sub, "train-prior", cmd_train_prior, "train stage 2 (a prior over code grids)",
                  description="Train a Transformer prior over code grids; options override the "

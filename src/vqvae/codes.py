@@ -23,6 +23,7 @@ from . import runs
 from .autoencoder import VQVAE
 from .config import DataConfig, PriorRunConfig
 from .data import DataError, ImageSet, Splits, load_splits, to_float
+from .files import FileSet
 
 FORMAT = "vqvae-codes/1"
 
@@ -104,20 +105,26 @@ def check_stage1(expected_sha256: str, made_by: str, checkpoint_dir: str | Path)
 
 
 @torch.no_grad()
-def encode_images(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
-                  device: torch.device | str = "cpu", desc: str = "encode",
-                  progress: bool = True) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> code ids (N, h, w) in :func:`code_dtype`."""
+def encode_set(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
+               device: torch.device | str = "cpu", desc: str = "encode", progress: bool = True,
+               workers: int = 2) -> CodeSplit:
+    """An image set -> its code ids (N, h, w) in :func:`code_dtype` and labels; a streamed set
+    is decoded by ``workers`` processes and its unreadable files are left out."""
     model.eval()
     dtype = code_dtype(model.cfg.codebook_size)
-    parts = []
-    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch",
-                      disable=not progress, dynamic_ncols=True):
-        x = to_float(images[start:start + batch_size].to(device))
+    parts, labels = [], []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress,
+               dynamic_ncols=True)
+    for batch in images.batches(batch_size, workers=workers):
+        x = to_float(batch.images.to(device))
         parts.append(model.encode(x).indices.to("cpu", dtype))
+        labels.append(batch.labels)
+        bar.update(x.shape[0] + batch.skipped)
+    bar.close()
     if not parts:
         raise DataError("no images to encode")
-    return torch.cat(parts)
+    has_labels = images.labels is not None and all(part is not None for part in labels)
+    return CodeSplit(torch.cat(parts), torch.cat(labels) if has_labels else None)
 
 
 def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu") -> VQVAE:
@@ -167,11 +174,9 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
     model = ckpt.load_autoencoder(directory, device)
     data = stage1_data(run_dir, model, source)
     splits = load_splits(data)
-    encoded = {}
-    for name in ("train", "test"):
-        images: ImageSet = getattr(splits, name)
-        encoded[name] = CodeSplit(encode_images(model, images.images, batch_size, device,
-                                                f"encode {name}", progress), images.labels)
+    encoded = {name: encode_set(model, getattr(splits, name), batch_size, device,
+                                f"encode {name}", progress, data.workers)
+               for name in ("train", "test")}
     return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()),
                  fingerprint(directory), data.source, splits.train.classes)
 

@@ -1,8 +1,10 @@
-"""Image sources -> uint8 tensors (N, C, S, S), a deterministic held-out split, endless batches.
+"""Image sources -> train and held-out image sets at one size, and endless batch indices.
 
-Sources: scikit-learn's embedded 8x8 digits, MNIST-format IDX files (Fashion-MNIST), any folder of
-images (searched recursively) and .npy/.npz arrays. Images are decoded once and kept as uint8;
-:func:`to_float` maps a batch to [-1, 1] as the seed does (x / 255 * 2 - 1).
+Sources: scikit-learn's embedded 8x8 digits, MNIST-format IDX files (Fashion-MNIST), .npy/.npz
+arrays (all held in memory as uint8), image folders (searched recursively) and WebDataset tar
+shards. Folders and shards are decoded into memory when small and streamed from their files
+otherwise (``DataConfig.cache``); their held-out split is made on the file list, before any
+decoding, so the two give the same images.
 """
 
 from __future__ import annotations
@@ -10,100 +12,36 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from .config import DataConfig
+from .files import FileSet, folder_files
+from .images import (DataError, ImageSet, SkippedImagesWarning, decode_image, resize_square,
+                     set_channels, to_float, to_uint8)
+from .shards import held_out, index_shards, is_shard_source, manifest_classes, shard_paths
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
-                    ".pgm")
+__all__ = ["DataError", "ImageSet", "FileSet", "Splits", "SkippedImagesWarning", "load_splits",
+           "read_image", "to_float", "to_uint8", "BatchStream", "read_idx", "NAMED_IDX"]
+
 # Named IDX data sets and where Debian's dataset packages put them.
 NAMED_IDX = {
     "fashion-mnist": ("/usr/share/datasets/fashion-mnist", "dataset-fashion-mnist"),
     "mnist": ("/usr/share/datasets/mnist", "dataset-mnist"),
 }
-
-
-class DataError(ValueError):
-    """A data source is missing, empty or malformed; the message says which and why."""
-
-
-class SkippedImagesWarning(UserWarning):
-    """Some files of an image folder could not be decoded and were left out."""
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    images: torch.Tensor  # (N, C, S, S) uint8
-    labels: torch.Tensor | None = None  # (N,) int64
-    classes: tuple[str, ...] | None = None
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def subset(self, index: torch.Tensor) -> ImageSet:
-        labels = None if self.labels is None else self.labels[index]
-        return ImageSet(self.images[index], labels, self.classes)
+# --cache auto streams a folder or shards beyond either bound: decoding that many files before
+# step 1 takes minutes, and that many bytes crowd the machine's memory.
+MEMORY_MAX_IMAGES = 20_000
+MEMORY_MAX_FRACTION = 0.25  # of physical memory
 
 
 @dataclass(frozen=True)
 class Splits:
-    train: ImageSet
-    test: ImageSet
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float in [-1, 1] -> uint8, rounding as the seed does."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-# --- resizing --------------------------------------------------------------------------------
-
-
-def _resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size): shorter side to ``size``, centre crop."""
-    n, c, h, w = images.shape
-    if h == w == size:
-        return images
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    out = torch.empty(n, c, size, size, dtype=torch.uint8)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    for start in range(0, n, 4096):  # bounded float memory on big sets
-        chunk = images[start:start + 4096].float()
-        chunk = F.interpolate(chunk, size=(nh, nw), mode="bilinear", antialias=True,
-                              align_corners=False)
-        out[start:start + 4096] = chunk[:, :, top:top + size, left:left + size].round().clamp(
-            0, 255).to(torch.uint8)
-    return out
-
-
-def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
-    c = images.shape[1]
-    if channels is None or channels == c:
-        return images
-    if channels == 3 and c == 1:
-        return images.expand(-1, 3, -1, -1).contiguous()
-    if channels == 1 and c == 3:  # ITU-R 601 luma, as Pillow's convert("L")
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
-
-
-# --- sources ---------------------------------------------------------------------------------
+    train: ImageSet | FileSet
+    test: ImageSet | FileSet
 
 
 def _digits() -> ImageSet:
@@ -174,87 +112,13 @@ def _idx_splits(directory: Path) -> tuple[ImageSet, ImageSet | None]:
     return train, _idx_set(directory, "t10k")
 
 
-def _decode(path: Path, size: int) -> torch.Tensor | str:
-    """One image file -> uint8 (1, 3, size, size), or the reason it could not be read. Runs in a
-    worker thread; resizing there keeps only size x size copies alive, never full-size images."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            array = _rgb8(img)
-    except Exception as e:  # PIL raises many types for corrupt files
-        return f"{type(e).__name__}: {e}"
-    return _resize_square(torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0), size)
-
-
-def _rgb8(img: Any) -> np.ndarray:
-    """A PIL image -> uint8 (H, W, 3). 16-bit grayscale (modes I;16*, I) is scaled to 8 bits
-    (x / 257), not clipped: Pillow's own convert would turn most of it white."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        wide = np.asarray(img, dtype=np.float64)
-        if img.mode == "I" and wide.max(initial=0) <= 255:  # 8-bit data stored as 32-bit
-            gray = wide
-        else:
-            gray = wide / 257.0
-        gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    return np.asarray(img.convert("RGB"))
-
-
 def read_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     """One image file -> uint8 (1, channels, size, size), resized and centre-cropped like the
     training data; a clear error when it cannot be read."""
-    result = _decode(Path(path), size)
+    result = decode_image(str(path), size, channels)
     if isinstance(result, str):
         raise DataError(f"cannot read image {path}: {result}")
-    return _set_channels(result, channels)
-
-
-DECODE_CHUNK = 256  # images decoded per batch of thread-pool tasks: bounds what is in flight
-
-
-def _folder(directory: Path, size: int) -> ImageSet:
-    paths = sorted(p for p in directory.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
-        raise DataError(f"no images found in {directory} (searched recursively for "
-                        f"{', '.join(IMAGE_EXTENSIONS)})")
-    images, kept, failures = [], [], []
-    bar = tqdm(total=len(paths), desc="decoding images", unit="img", leave=False,
-               disable=len(paths) < 500)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(paths), DECODE_CHUNK):
-            chunk = paths[start:start + DECODE_CHUNK]
-            for path, result in zip(chunk, pool.map(_decode, chunk, [size] * len(chunk))):
-                if isinstance(result, str):
-                    failures.append((path, result))
-                else:
-                    images.append(result)
-                    kept.append(path)
-            bar.update(len(chunk))
-    bar.close()
-    if failures:
-        example = failures[0]
-        warnings.warn(f"skipped {len(failures)} unreadable image(s) of {len(paths)} in "
-                      f"{directory} (e.g. {example[0].name}: {example[1]})",
-                      SkippedImagesWarning, stacklevel=3)
-    if not images:
-        raise DataError(f"none of the {len(paths)} image files in {directory} could be read")
-    labels, classes = _folder_labels(directory, kept)
-    return ImageSet(torch.cat(images), labels, classes)
-
-
-def _folder_labels(root: Path, paths: list[Path]) -> tuple[torch.Tensor | None, tuple | None]:
-    """One sub-folder per class: labels when every image sits below a first-level folder."""
-    parts = [p.relative_to(root).parts for p in paths]
-    if any(len(part) < 2 for part in parts):
-        return None, None
-    classes = tuple(sorted({part[0] for part in parts}))
-    if len(classes) < 2:
-        return None, None
-    lookup = {name: i for i, name in enumerate(classes)}
-    return torch.tensor([lookup[part[0]] for part in parts], dtype=torch.long), classes
+    return result.unsqueeze(0)
 
 
 def _array(path: Path) -> ImageSet:
@@ -323,62 +187,106 @@ def _array_to_uint8(array: np.ndarray, path: Path) -> torch.Tensor:
 # --- splitting and loading -------------------------------------------------------------------
 
 
-def _holdout_split(full: ImageSet, fraction: float, seed: int, name: str) -> Splits:
-    n = len(full)
+def _holdout_index(n: int, fraction: float, seed: int, name: str) -> tuple[torch.Tensor, ...]:
+    """(train rows, test rows), each sorted: ``fraction`` of ``n`` held out by a seeded
+    permutation."""
     if n < 2:
         raise DataError(f"{name} holds {n} image(s); at least 2 are needed for a held-out split")
     n_test = min(n - 1, max(1, round(n * fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return Splits(full.subset(perm[n_test:].sort().values), full.subset(perm[:n_test].sort().values))
+    return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 
-def _raw_source(cfg: DataConfig) -> tuple[ImageSet, ImageSet | None, str]:
-    """Load the source at its native resolution where cheap; returns (train, test or None, name)."""
-    source = cfg.source
-    if source == "digits":
-        return _digits(), None, "digits"
-    if source in NAMED_IDX:
-        directory, package = NAMED_IDX[source]
+def _memory_source(cfg: DataConfig, path: Path | None) -> tuple[ImageSet, ImageSet | None, str]:
+    """A source held in memory as it is stored (digits, IDX, arrays): (train, test or None,
+    name), at the source's own resolution."""
+    if path is None:
+        if cfg.source == "digits":
+            return _digits(), None, "digits"
+        directory, package = NAMED_IDX[cfg.source]
         if not _is_idx_dir(Path(directory)):
-            raise DataError(f"{source} not found in {directory}: install it with "
+            raise DataError(f"{cfg.source} not found in {directory}: install it with "
                             f"`apt-get install {package}` or pass the directory of its IDX files")
-        train, test = _idx_splits(Path(directory))
-        return train, test, source
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"data source {source!r} not found (expected digits, "
-                        f"{', '.join(NAMED_IDX)}, a directory, or a .npy/.npz file)")
-    if path.is_file():
-        if path.suffix in (".npy", ".npz"):
-            return _array(path), None, str(path)
-        if "idx3-ubyte" in path.name:
-            array = read_idx(path)
-            return ImageSet(torch.from_numpy(array.copy()).unsqueeze(1)), None, str(path)
-        raise DataError(f"{path}: unsupported file type (use a .npy/.npz array, an IDX file or a "
-                        f"directory of images)")
-    if _is_idx_dir(path):
-        train, test = _idx_splits(path)
-        return train, test, str(path)
-    return _folder(path, cfg.size), None, str(path)
+        return (*_idx_splits(Path(directory)), cfg.source)
+    if path.is_dir():
+        return (*_idx_splits(path), str(path))
+    if path.suffix in (".npy", ".npz"):
+        return _array(path), None, str(path)
+    if "idx3-ubyte" in path.name:
+        return ImageSet(torch.from_numpy(read_idx(path).copy()).unsqueeze(1)), None, str(path)
+    raise DataError(f"{path}: unsupported file type (use a .npy/.npz array, an IDX file, a folder "
+                    f"of images or .tar shards)")
 
 
-def source_channels(images: ImageSet) -> int:
-    return int(images.images.shape[1])
+def _file_splits(cfg: DataConfig) -> Splits:
+    """A folder's files or the samples of tar shards, split before decoding: a folder by a
+    seeded permutation of its sorted file list, shards by a hash of each sample's key."""
+    channels = cfg.channels or 3
+    if is_shard_source(cfg.source):
+        paths = shard_paths(cfg.source)
+        index = index_shards(paths)
+        labels = index.labels if (index.labels >= 0).all() else None
+        classes = manifest_classes(paths) if labels is not None else None
+        full = FileSet(index.files, cfg.size, channels,
+                       None if labels is None else torch.from_numpy(labels),
+                       classes or (None if labels is None else _class_names(
+                           torch.from_numpy(labels), paths[0])))
+        test = held_out(index.keys, cfg.holdout, cfg.split_seed)
+        if test.all() or not test.any():
+            raise DataError(f"{cfg.source}: {len(full)} image(s) leave no train or no held-out "
+                            f"images at holdout {cfg.holdout}")
+        return Splits(full.subset(torch.from_numpy(np.flatnonzero(~test))),
+                      full.subset(torch.from_numpy(np.flatnonzero(test))))
+    directory = Path(cfg.source).expanduser()
+    files, labels, classes = folder_files(directory)
+    full = FileSet(files, cfg.size, channels, labels, classes)
+    return Splits(*(full.subset(rows) for rows in _holdout_index(
+        len(full), cfg.holdout, cfg.split_seed, str(directory))))
+
+
+def cache_mode(cfg: DataConfig, images: int, channels: int) -> str:
+    """``cfg.cache``, with ``auto`` resolved for a file source of ``images`` images: memory
+    unless there are too many to decode before step 1 or to hold (see MEMORY_MAX_*)."""
+    if cfg.cache != "auto":
+        return cfg.cache
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = images * channels * cfg.size**2 <= MEMORY_MAX_FRACTION * ram
+    return "memory" if images <= MEMORY_MAX_IMAGES and fits else "stream"
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load ``cfg.source`` as uint8 (N, C, size, size) train and test sets.
+    """``cfg.source`` as train and test image sets at ``cfg.size`` px: in memory
+    (:class:`ImageSet`, uint8 (N, C, size, size)) or, for folders and shards with
+    ``cfg.cache`` stream, as :class:`~vqvae.files.FileSet` read when needed.
 
     Sources with their own test split (IDX ``t10k`` files) use it; others hold out
-    ``cfg.holdout`` of the images by a permutation seeded with ``cfg.split_seed``.
+    ``cfg.holdout`` of the images (seeded by ``cfg.split_seed``).
     """
-    train, test, name = _raw_source(cfg)
+    path = None if cfg.source == "digits" or cfg.source in NAMED_IDX else Path(
+        cfg.source).expanduser()
+    if path is not None and not path.exists() and not is_shard_source(cfg.source):
+        raise DataError(f"data source {cfg.source!r} not found (expected digits, "
+                        f"{', '.join(NAMED_IDX)}, a folder of images, .tar shards, or a "
+                        f".npy/.npz file)")
+    if path is not None and (is_shard_source(cfg.source) or (path.is_dir()
+                                                             and not _is_idx_dir(path))):
+        splits = _file_splits(cfg)
+        images = len(splits.train) + len(splits.test)
+        if cache_mode(cfg, images, splits.train.channels) == "stream":
+            return splits
+        return Splits(*(s.load() for s in (splits.train, splits.test)))
+    if cfg.cache == "stream":
+        raise DataError(f"--cache stream reads folders and shards; {cfg.source} is held in "
+                        f"memory (use --cache auto)")
+    train, test, name = _memory_source(cfg, path)
     if len(train) == 0:
         raise DataError(f"{name} holds no images")
-    splits = (_holdout_split(train, cfg.holdout, cfg.split_seed, name) if test is None
-              else Splits(train, test))
-    channels = cfg.channels
-    return Splits(*(ImageSet(_set_channels(_resize_square(s.images, cfg.size), channels),
+    if test is None:
+        splits = Splits(*(train.subset(rows) for rows in _holdout_index(
+            len(train), cfg.holdout, cfg.split_seed, name)))
+    else:
+        splits = Splits(train, test)
+    return Splits(*(ImageSet(set_channels(resize_square(s.images, cfg.size), cfg.channels),
                              s.labels, s.classes) for s in (splits.train, splits.test)))
 
 

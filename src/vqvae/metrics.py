@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 
 from .autoencoder import VQVAE
-from .data import to_float
+from .files import FileSet
+from .images import ImageSet, to_float
 from .distributed import all_reduce_sum, sum_over_ranks
 
 
@@ -91,22 +92,28 @@ def _shard(data: torch.Tensor | None, rank: int, world_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
-                      device: torch.device | str = "cpu", *, rank: int = 0,
-                      world_size: int = 1) -> Evaluation:
-    """:func:`evaluate_autoencoder`'s metrics and the per-code counts behind them.
+def score_autoencoder(model: VQVAE, images: torch.Tensor | ImageSet | FileSet,
+                      batch_size: int = 256, device: torch.device | str = "cpu", *,
+                      rank: int = 0, world_size: int = 1, workers: int = 2) -> Evaluation:
+    """:func:`evaluate_autoencoder`'s metrics and the per-code counts behind them, for uint8
+    images (N, C, H, W) or an image set (a streamed one decoded by ``workers`` processes, its
+    unreadable files left out).
 
     With ``world_size`` > 1 (a collective: every rank calls it with the same ``images``), each
     rank scores its slice and the sums and counts are summed over ranks.
     """
-    images = _shard(images, rank, world_size)
+    images = images if isinstance(images, (ImageSet, FileSet)) else ImageSet(images)
+    if world_size > 1:
+        images = images.subset(torch.arange(len(images)).tensor_split(world_size)[rank])
+    n = 0
     was_training = model.training
     model.eval()
     k = model.cfg.codebook_size
     counts = torch.zeros(k, dtype=torch.long, device=device)
     sums = {"mse": 0.0, "psnr": 0.0, "mse_noq": 0.0, "psnr_noq": 0.0}
-    for start in range(0, images.shape[0], batch_size):
-        x = to_float(images[start:start + batch_size].to(device))
+    for batch in images.batches(batch_size, workers=workers):
+        x = to_float(batch.images.to(device))
+        n += x.shape[0]
         z = model.encode_latents(x)
         q = model.quantizer(z)
         for name, rec in (("", model.decode(q.quantized)), ("_noq", model.decode(model.quantizer.continuous(z)))):
@@ -115,7 +122,7 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
             sums["psnr" + name] += psnr(mse).sum().item()
         counts += torch.bincount(q.indices.flatten(), minlength=k)
     model.train(was_training)
-    sums = {**sums, "n": float(images.shape[0])}
+    sums = {**sums, "n": float(n)}
     sums = sum_over_ranks(sums, device) if world_size > 1 else sums
     n = int(sums.pop("n"))
     counts = (all_reduce_sum(counts) if world_size > 1 else counts).cpu()

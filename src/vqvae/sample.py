@@ -22,7 +22,8 @@ from . import runs
 from .autoencoder import VQVAE
 from .codes import Codes, CodeSplit, check_stage1, load_codes, load_stage1, save_codes
 from .config import ConfigError, SampleConfig
-from .data import to_float, to_uint8
+from .files import FileSet
+from .images import ImageSet, to_float, to_uint8
 from .prior import Prior
 
 MIN_TILE = 48  # small images are enlarged (nearest) so a grid is readable
@@ -61,11 +62,12 @@ def grid_pairs(n: int) -> int:
     return -(-n // 2) * n
 
 
-def pick(images: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` of ``images`` (N, ...) in an order drawn by ``seed``; a smaller set repeats."""
-    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+def pick(images: torch.Tensor | ImageSet | FileSet, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` of ``images`` (a tensor (N, ...) or an image set) in an order drawn by
+    ``seed``; a smaller set repeats."""
+    index = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     index = index[:count].repeat(-(-count // max(1, min(count, index.numel()))))[:count]
-    return images[index]
+    return images[index] if isinstance(images, torch.Tensor) else images.take(index)
 
 
 def _device(model: VQVAE) -> torch.device:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from time import perf_counter
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,9 @@ from . import loop, runs
 from .autoencoder import VQVAE, VQVAEOutput
 from .checkpoint import VQVAE_KIND
 from .config import RunConfig, TrainConfig
-from .data import BatchStream, Splits, load_splits, source_channels, to_float
+from .data import Splits, load_splits, to_float
+from .images import Batch
+from .loader import train_batches
 from .distributed import Runtime, autocast, data_parallel, main_does, pick_device, set_precision
 from .metrics import CodeUsage, Evaluation, score_autoencoder
 from .plots import plot_code_usage, plot_curves
@@ -43,17 +46,17 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 def resolve_config(cfg: RunConfig, splits: Splits) -> RunConfig:
     """Take the image size and channel count from the loaded data."""
-    channels = source_channels(splits.train)
+    channels = splits.train.channels
     data = replace(cfg.data, channels=channels)
     model = replace(cfg.model, image_size=cfg.data.size, in_channels=channels)
     return replace(cfg, data=data, model=model)
 
 
-def next_batch(images: torch.Tensor, stream: BatchStream, step: int, device: torch.device,
-               channels_last: bool = False) -> torch.Tensor:
-    """The batch of ``step``: rows of the uint8 cache (N, C, H, W), moved as uint8 (a quarter of
-    the bytes), then mapped to float [-1, 1] on the device, channels-last when asked."""
-    x = to_float(images[stream.indices(step)].to(device, non_blocking=True))
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False
+              ) -> torch.Tensor:
+    """A uint8 batch (B, C, H, W) moved as uint8 (a quarter of the bytes), then mapped to float
+    [-1, 1] on the device, channels-last when asked."""
+    x = to_float(images.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -72,8 +75,10 @@ def training_forward(model: VQVAE, tc: TrainConfig,
 def grid_images(splits: Splits, n: int) -> torch.Tensor:
     """A fixed selection of held-out images for n x n grids, comparable across steps."""
     need = grid_pairs(n)
-    test = splits.test.images
-    return test[:need] if test.shape[0] >= need else torch.cat([test, splits.train.images])[:need]
+    test = splits.test.take(torch.arange(min(need, len(splits.test))))
+    if test.shape[0] >= need:
+        return test
+    return torch.cat([test, splits.train.take(torch.arange(min(need, len(splits.train))))])[:need]
 
 
 def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
@@ -94,7 +99,8 @@ def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
 
 class Stage1:
     """Stage 1's hooks for :func:`vqvae.loop.fit`: one Adam step on the VQ-VAE loss, codebook
-    health over the last ``every`` steps, and a save with grids and held-out metrics."""
+    health and the share of time spent waiting for data over the last ``every`` steps, and a
+    save with grids and held-out metrics."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer,
                  splits: Splits, runtime: Runtime):
@@ -102,15 +108,29 @@ class Stage1:
         self.cfg, self.run_dir, self.model, self.opt = cfg, run_dir, model, opt
         self.splits, self.runtime = splits, runtime
         self.net = training_forward(model, tc, runtime)  # trains; ``model`` is saved, evaluated
-        self.stream = BatchStream(len(splits.train), tc.batch_size, tc.seed, runtime.rank,
-                                  runtime.world_size)
+        self.batches: Iterator[Batch] | None = None  # opened at the first step trained
         self.usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)
         self.grid = grid_images(splits, tc.grid)
+        self.waited, self.window_start, self.skipped = 0.0, perf_counter(), 0
+
+    def next_batch(self, step: int) -> torch.Tensor:
+        """Step ``step``'s uint8 batch; the time spent waiting for it is counted."""
+        if self.batches is None:
+            tc = self.cfg.train
+            self.batches = train_batches(self.splits.train, self.cfg.data, tc.batch_size,
+                                         tc.seed, step, self.runtime.rank,
+                                         self.runtime.world_size,
+                                         pin_memory=self.runtime.device.type == "cuda")
+            self.window_start = perf_counter()
+        began = perf_counter()
+        batch = next(self.batches)
+        self.waited += perf_counter() - began
+        self.skipped += batch.skipped
+        return batch.images
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc = self.cfg.train
-        x = next_batch(self.splits.train.images, self.stream, step, self.runtime.device,
-                       tc.channels_last)
+        x = to_device(self.next_batch(step), self.runtime.device, tc.channels_last)
         with autocast(tc.precision, self.runtime.device):
             out = self.net(x)
             losses = vqvae_losses(x, out)
@@ -122,20 +142,28 @@ class Stage1:
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
         health = self.usage.stats()
-        return {f"window_{k}": health[k] for k in HEALTH}
+        now = perf_counter()
+        wait = self.waited / max(now - self.window_start, 1e-9)
+        self.waited, self.window_start = 0.0, now
+        return ({f"window_{k}": health[k] for k in HEALTH} | {"data_wait": wait}
+                | ({"skipped_images": float(self.skipped)} if self.skipped else {}))
 
     def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]:
         return ({k: f"{record[k]:.4f}" for k in ("mse_x", "mse_e", "mse_z")}
                 | {"use%": f"{record['window_usage']:.0f}",
                    "dead": str(record["window_dead_codes"])}
+                | ({"wait%": f"{100 * record['data_wait']:.0f}"} if record["data_wait"] >= 0.05
+                   else {})
                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
 
     def evaluate(self, limit: int) -> Evaluation:
         """Held-out metrics of the first ``limit`` test images (0: all), sharded over ranks."""
-        images = self.splits.test.images
-        return score_autoencoder(self.model, images[:limit] if limit else images,
-                                 device=self.runtime.device, rank=self.runtime.rank,
-                                 world_size=self.runtime.world_size)
+        test = self.splits.test
+        if limit and limit < len(test):
+            test = test.subset(torch.arange(limit))
+        return score_autoencoder(self.model, test, device=self.runtime.device,
+                                 rank=self.runtime.rank, world_size=self.runtime.world_size,
+                                 workers=self.cfg.data.workers)
 
     def save(self, step: int) -> loop.Saved:
         """Checkpoint, grids and usage histogram on the main process; held-out metrics sharded

@@ -1,0 +1,61 @@
+"""Training augmentation for natural images: random square crops and left-right flips.
+
+Every random choice comes from a generator seeded by (seed, step, position in the batch), so a
+batch is the same however many worker processes decoded it and whether the run was resumed. The
+crop follows the tokenizer recipes (LlamaGen, MaskGIT): a square covering 80-100% of the shorter
+side, resized to the training size; held-out images are never augmented.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CROP_SCALE = (0.8, 1.0)  # side of a random crop, as a fraction of the image's shorter side
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads nearby (seed, step, position) over the seed space
+
+
+def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The generator of one training sample's random choices."""
+    key = (seed * _GOLDEN + step * 0x100000001B3 + position * 0x5BD1E995) % (1 << 63)
+    return torch.Generator().manual_seed(key)
+
+
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (C, h, w) -> uint8 (C, size, size), antialiased bilinear."""
+    if image.shape[1] == image.shape[2] == size:
+        return image
+    out = F.interpolate(image.unsqueeze(0).float(), size=(size, size), mode="bilinear",
+                        antialias=True, align_corners=False)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def random_crop(image: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, size, size): a random square of 80-100% of the shorter side,
+    anywhere in the image, resized to ``size``."""
+    _, h, w = image.shape
+    lo, hi = CROP_SCALE
+    fraction = lo + (hi - lo) * float(torch.rand((), generator=gen))
+    side = max(1, round(min(h, w) * fraction))
+    top = int(torch.randint(0, h - side + 1, (), generator=gen))
+    left = int(torch.randint(0, w - side + 1, (), generator=gen))
+    return resize(image[:, top:top + side, left:left + side], size)
+
+
+def maybe_flip(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(C, H, W) flipped left-right with probability 1/2."""
+    return image.flip(-1) if bool(torch.rand((), generator=gen) < 0.5) else image
+
+
+def augment_batch(images: torch.Tensor, size: int, crop: str, flip: bool, seed: int,
+                  step: int) -> torch.Tensor:
+    """Augment a uint8 batch (B, C, S, S) of in-memory images the way streamed images are
+    (crops of an in-memory image come from its stored resolution)."""
+    if crop != "random" and not flip:
+        return images
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        gen = sample_generator(seed, step, i)
+        image = random_crop(image, size, gen) if crop == "random" else image
+        out[i] = maybe_flip(image, gen) if flip else image
+    return out

@@ -1,0 +1,235 @@
+"""Streamed folders and tar shards: the same batches as memory, exact resume with workers,
+disjoint rank slices, corrupt files skipped and counted, `pack` -> shards -> train."""
+
+import socket
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from vqvae import DataConfig, DataError, ImageSet, load_autoencoder, load_splits
+from vqvae.cli import main
+from vqvae.codes import load_codes
+from vqvae.files import FileSet
+from vqvae.loader import train_batches
+from vqvae.shards import MANIFEST, epoch_plan, expand_pattern, pack, shard_groups
+from vqvae.data import cache_mode
+
+N = 40  # images per folder; pixel value 5 * i + 2 identifies image i after any centre resize
+
+
+def _folder(root, n=N, noise=False, corrupt=0):
+    """n PNGs in two class folders; constant images (value = identity) unless ``noise``."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cls = "cat" if i % 2 else "dog"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        pixels = (rng.integers(0, 256, (20, 28, 3)) if noise
+                  else np.full((20, 28, 3), 5 * i + 2)).astype(np.uint8)
+        Image.fromarray(pixels).save(root / cls / f"{i:03d}.png")
+    for i in range(corrupt):
+        (root / "dog" / f"bad{i}.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def _ids(images):
+    """The identities of constant test images (B, C, S, S) -> sorted list."""
+    return sorted(((images[:, 0, 0, 0].int() - 2) // 5).tolist())
+
+
+def _batches(train, data, start, steps, rank=0, world=1):
+    batches = train_batches(train, data, 8, seed=3, start=start, rank=rank, world_size=world)
+    return [b.images for b in islice(batches, steps)]
+
+
+def _shards(tmp_path, folder, shard_size=6):
+    pack(folder, tmp_path / "shards", shard_size, progress=False)
+    return str(tmp_path / "shards")
+
+
+def test_stream_and_memory_give_the_same_batches(tmp_path):
+    folder = _folder(tmp_path / "img")
+    memory = load_splits(DataConfig(source=str(folder), size=8, cache="memory"))
+    assert isinstance(memory.train, ImageSet)
+    for workers in (0, 2):
+        cfg = DataConfig(source=str(folder), size=8, cache="stream", workers=workers)
+        stream = load_splits(cfg)
+        assert isinstance(stream.train, FileSet)
+        assert torch.equal(stream.test.take(torch.arange(len(stream.test))), memory.test.images)
+        for a, b in zip(_batches(memory.train, cfg, 0, 7), _batches(stream.train, cfg, 0, 7)):
+            assert torch.equal(a, b)  # 7 x 8 images: past the end of the 36-image epoch
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_resume_mid_epoch_with_two_workers_continues_exactly(tmp_path, kind):
+    folder = _folder(tmp_path / "img", noise=True)
+    source = str(folder) if kind == "folder" else _shards(tmp_path, folder)
+    cfg = DataConfig(source=source, size=8, cache="stream", workers=2, crop="random", flip=True)
+    train = load_splits(cfg).train
+    whole = _batches(train, cfg, 0, 12)
+    for start in (3, 5):  # an odd start: each worker takes over the other's reader
+        for a, b in zip(whole[start:], _batches(train, cfg, start, 12 - start)):
+            assert torch.equal(a, b)
+    plain = _batches(train, DataConfig(source=source, size=8, cache="stream", workers=2), 0, 1)
+    assert not torch.equal(plain[0], whole[0])  # augmentation did something
+
+
+def test_shard_readers_split_every_epoch_disjointly():
+    groups = shard_groups(np.repeat(np.arange(5), [3, 4, 2, 5, 1]).astype(np.int32))
+    for readers in (1, 2, 4, 5, 8):  # fewer and more readers than shards
+        for epoch in (0, 1):
+            plans = [np.concatenate(epoch_plan(groups, 7, epoch, r, readers))
+                     for r in range(readers)]
+            everything = np.concatenate(plans)
+            assert sorted(everything.tolist()) == list(range(15))
+    first = [np.concatenate(epoch_plan(groups, 7, e, 0, 2)).tolist() for e in (0, 1)]
+    assert first[0] != first[1]  # a new order every epoch
+
+
+def _rank_ids(rank, world, port, source, steps, queue):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=world)
+    cfg = DataConfig(source=source, size=8, cache="stream", workers=0)
+    train = load_splits(cfg).train
+    ids = [i for b in _batches(train, cfg, 0, steps, rank=torch.distributed.get_rank(),
+                               world=torch.distributed.get_world_size()) for i in _ids(b)]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, ids)
+    if rank == 0:
+        queue.put(gathered)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_two_gloo_ranks_read_disjoint_slices(tmp_path, kind):
+    folder = _folder(tmp_path / "img")
+    source = str(folder) if kind == "folder" else _shards(tmp_path, folder, shard_size=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    steps = 2 if kind == "folder" else 1  # shards: within each rank's first epoch
+    procs = [ctx.Process(target=_rank_ids, args=(r, 2, port, source, steps, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    gathered = queue.get(timeout=120)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    train = _ids(load_splits(DataConfig(source=source, size=8, cache="memory")).train.images)
+    a, b = gathered
+    assert len(a) == len(b) == 8 * steps and not set(a) & set(b)
+    assert set(a) | set(b) <= set(train)
+    if kind == "folder":  # 32 of the 36 train images: a slice of one epoch's permutation each
+        assert len(set(a) | set(b)) == 32
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_corrupt_images_in_a_stream_are_skipped_and_counted(tmp_path, kind):
+    folder = _folder(tmp_path / "img", corrupt=3)
+    source = str(folder) if kind == "folder" else _shards(tmp_path, folder)
+    cfg = DataConfig(source=source, size=8, cache="stream", workers=2, holdout=0.05)
+    train = load_splits(cfg).train
+    batches = list(islice(train_batches(train, cfg, 8, 0, 0), 15))  # 3 epochs
+    assert all(b.images.shape == (8, 3, 8, 8) for b in batches)
+    corrupt_in_train = sum(isinstance(train.decode(i), str) for i in range(len(train)))
+    skipped = sum(b.skipped for b in batches)  # 120 draws: 2-3 epochs of the ~41 train files
+    assert corrupt_in_train and 2 * corrupt_in_train <= skipped <= 3 * corrupt_in_train
+    readable = [b.images.shape[0] for b in train.batches(16, workers=2)]
+    assert sum(readable) == len(train) - corrupt_in_train
+
+
+def test_pack_then_train_keeps_the_labels(tmp_path):
+    folder = _folder(tmp_path / "img")
+    source = _shards(tmp_path, folder)
+    shards = load_splits(DataConfig(source=source, size=8, cache="memory"))
+    assert shards.train.classes == ("cat", "dog")
+    for split in (shards.train, shards.test):  # odd images are cats (class 0)
+        ids = ((split.images[:, 0, 0, 0].int() - 2) // 5).tolist()
+        assert split.labels.tolist() == [1 - i % 2 for i in ids]
+    assert len(shards.train) + len(shards.test) == N
+    run, codes = tmp_path / "run", tmp_path / "codes.safetensors"
+    pattern = f"{source}/train-{{000000..000006}}.tar"
+    assert main(["train", "--data", pattern, "--size", "8", "--hidden-channels", "8",
+                 "--code-dim", "4", "--codebook-size", "16", "--steps", "4", "--every", "2",
+                 "--batch-size", "4", "--cache", "stream", "--out", str(run)]) == 0
+    assert main(["encode", str(run), "--out", str(codes)]) == 0
+    loaded = load_codes(codes)
+    assert loaded.classes == ("cat", "dog") and len(loaded.splits["train"]) == len(shards.train)
+
+
+def test_pack_resumes_after_an_interruption_and_refuses_a_changed_folder(tmp_path):
+    folder = _folder(tmp_path / "img")
+    clean = tmp_path / "clean"
+    pack(folder, clean, 6, progress=False)
+    from vqvae.checkpoint import write_bytes
+
+    calls = []
+
+    def dying(path, data):
+        calls.append(path.name)
+        if len(calls) == 5:  # shard 0, manifest, shard 1, manifest, then shard 2 dies
+            raise OSError("disk full")
+        write_bytes(path, data)
+
+    broken = tmp_path / "broken"
+    with pytest.raises(OSError):
+        pack(folder, broken, 6, progress=False, write=dying)
+    done = pack(folder, broken, 6, progress=False)
+    assert done.resumed_from == 12 and done.shards == 7
+    for shard in sorted(clean.glob("*.tar")):
+        assert (broken / shard.name).read_bytes() == shard.read_bytes()
+    assert (broken / MANIFEST).read_text() == (clean / MANIFEST).read_text()
+    _folder(tmp_path / "img", n=N + 1)
+    with pytest.raises(DataError, match="different listing"):
+        pack(folder, broken, 6, progress=False)
+
+
+def test_cache_auto_picks_memory_for_small_sets(tmp_path, monkeypatch):
+    from vqvae import data
+
+    assert isinstance(load_splits(DataConfig()).train, ImageSet)  # digits
+    folder = _folder(tmp_path / "img")
+    assert isinstance(load_splits(DataConfig(source=str(folder), size=8)).train, ImageSet)
+    monkeypatch.setattr(data, "MEMORY_MAX_IMAGES", 10)
+    assert isinstance(load_splits(DataConfig(source=str(folder), size=8)).train, FileSet)
+    assert cache_mode(DataConfig(size=64, cache="auto"), 10**9, 3) == "stream"  # 12 TB
+    with pytest.raises(DataError, match="held in memory"):
+        load_splits(DataConfig(cache="stream"))
+
+
+def test_held_out_images_are_never_augmented(tmp_path):
+    folder = _folder(tmp_path / "img", noise=True)
+    plain = load_splits(DataConfig(source=str(folder), size=8, cache="stream"))
+    augmented = load_splits(DataConfig(source=str(folder), size=8, cache="stream",
+                                       crop="random", flip=True))
+    every = torch.arange(len(plain.test))
+    assert torch.equal(plain.test.take(every), augmented.test.take(every))
+
+
+def test_shard_patterns_expand_like_webdataset(tmp_path):
+    assert expand_pattern("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
+    assert expand_pattern("{x,y}-{8..10}") == ["x-8", "x-9", "x-10", "y-8", "y-9", "y-10"]
+    with pytest.raises(DataError, match="bad shard range"):
+        expand_pattern("a-{3..1}.tar")
+    with pytest.raises(DataError, match="not found"):
+        load_splits(DataConfig(source=str(tmp_path / "s-{0..3}.tar")))
+
+
+def test_cli_resume_of_a_streamed_augmented_run_is_exact(tmp_path):
+    folder = _folder(tmp_path / "img", noise=True)
+    tiny = ["--data", str(folder), "--size", "8", "--hidden-channels", "8", "--code-dim", "4",
+            "--codebook-size", "16", "--every", "3", "--batch-size", "4", "--cache", "stream",
+            "--workers", "2", "--crop", "random", "--flip", "--device", "cpu"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *tiny, "--steps", "8", "--out", str(a)]) == 0
+    assert main(["train", *tiny, "--steps", "5", "--out", str(b)]) == 0
+    assert main(["train", "--resume", str(b), "--steps", "8"]) == 0
+    wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
