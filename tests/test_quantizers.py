@@ -21,6 +21,9 @@ VARIANTS = {
     "ema": lambda: EMAVectorQuantizer(K, D),
     "ema-all": lambda: EMAVectorQuantizer(K, D, kmeans_init=True, restart_after=2, cosine=True,
                                           lookup_dim=3),
+    "vq-rotation": lambda: VectorQuantizer(K, D, estimator="rotation"),
+    "ema-all-rotation": lambda: EMAVectorQuantizer(K, D, kmeans_init=True, restart_after=2,
+                                                   cosine=True, lookup_dim=3, estimator="rotation"),
     "fsq": lambda: FiniteScalarQuantizer((3, 4), D),
     "fsq-no-projection": lambda: FiniteScalarQuantizer((3, 2, 2, 5, 2, 3), D),
 }
@@ -28,6 +31,9 @@ CONFIGS = {
     "vq": {}, "vq-all": dict(kmeans_init=True, restart_after=2, cosine=True, lookup_dim=3),
     "ema": dict(quantizer="ema"),
     "ema-all": dict(quantizer="ema", kmeans_init=True, restart_after=2, cosine=True, lookup_dim=3),
+    "vq-rotation": dict(estimator="rotation"),
+    "ema-all-rotation": dict(quantizer="ema", kmeans_init=True, restart_after=2, cosine=True,
+                             lookup_dim=3, estimator="rotation"),
     "fsq": dict(quantizer="fsq", codebook_size=16),
 }
 
@@ -313,6 +319,7 @@ def test_chunked_lookup_is_bit_identical_to_one_matrix(chunk, monkeypatch):
 @pytest.mark.parametrize("quantizer", [
     lambda: quantize.VectorQuantizer(16, 8), lambda: quantize.EMAVectorQuantizer(16, 8),
     lambda: quantize.VectorQuantizer(16, 8, cosine=True, lookup_dim=3),
+    lambda: quantize.VectorQuantizer(16, 8, cosine=True, lookup_dim=3, estimator="rotation"),
     lambda: FiniteScalarQuantizer((4, 3), 8)])
 def test_channels_last_latents_give_the_same_output_and_gradients(quantizer):
     z = torch.randn(3, 8, 5, 4)
@@ -414,3 +421,119 @@ def test_mixed_precision_keeps_the_lookup_in_fp32(preset):
 
     vqvae_losses(x, out)["loss"].backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --- the rotation trick -------------------------------------------------------------------------
+
+
+def _explicit_rotation(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The paper's (d, d) matrix: R = I - 2 r r^T + 2 q_hat e_hat^T, r = (e_hat + q_hat) / |.|."""
+    e_hat, q_hat = e / e.norm(), q / q.norm()
+    r = (e_hat + q_hat) / (e_hat + q_hat).norm()
+    return torch.eye(len(e), dtype=e.dtype) - 2 * torch.outer(r, r) + 2 * torch.outer(q_hat, e_hat)
+
+
+def test_rotation_gradient_equals_the_papers_matrix_on_a_hand_example():
+    vq = VectorQuantizer(3, 3, estimator="rotation")
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.5, 0.5], [-1.0, -1.0, 1.0]]))
+    e = torch.tensor([[1.0, 0.5, 0.0], [0.2, 1.0, 0.1], [-0.3, -0.6, 0.2]])  # -> codes 0, 1, 2
+    z = e.t().reshape(1, 3, 1, 3).requires_grad_()  # (B, D, H, W): 3 vectors in a row
+    upstream = torch.tensor([[0.3, -1.0, 0.4], [1.0, 0.2, -0.5], [-0.7, 0.1, 0.9]])
+    out = vq(z)
+    assert out.indices.flatten().tolist() == [0, 1, 2]
+    (out.quantized * upstream.t().reshape(1, 3, 1, 3)).sum().backward()
+    got = z.grad.reshape(3, 3).t()
+    for i, code in enumerate(vq.codebook.detach().double()):
+        rot = _explicit_rotation(e[i].double(), code)
+        assert torch.allclose(rot @ (e[i].double() / e[i].norm()), code / code.norm())
+        assert torch.allclose(rot @ rot.t(), torch.eye(3, dtype=torch.float64))
+        want = code.norm() / e[i].norm() * rot.t() @ upstream[i].double()
+        assert torch.allclose(got[i].double(), want, atol=1e-6)
+        assert not torch.allclose(got[i], upstream[i], atol=1e-2)  # STE's would be upstream
+
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+def test_rotation_acts_in_the_lookup_space(cls):
+    # cosine codes in a projection: autograd through the projections and an explicit constant
+    # R between the lookup vector and its code must give the quantizer's gradients
+    q = cls(8, 5, cosine=True, lookup_dim=3, estimator="rotation").eval()
+    z = torch.randn(2, 5, 3, 2, requires_grad=True)
+    upstream = torch.randn(2, 5, 3, 2)
+    out = q(z)
+    (out.quantized * upstream).sum().backward()
+    z_ref = z.detach().clone().requires_grad_()
+    x = q.space.inward(z_ref.permute(0, 2, 3, 1).reshape(-1, 5))  # (12, 3)
+    codes = q.codebook_vectors().detach()[out.indices.flatten()]
+    rotations = torch.stack([codes[i].norm() / x[i].norm() * _explicit_rotation(x[i], codes[i])
+                             for i in range(len(x))]).detach()  # (12, 3, 3), constants
+    rotated = torch.einsum("nij,nj->ni", rotations, x)
+    assert torch.allclose(rotated, codes, atol=1e-5)  # the forward value is the code
+    ref = q.space.outward(rotated).view(2, 3, 2, 5).permute(0, 3, 1, 2)
+    (ref * upstream).sum().backward()
+    assert torch.allclose(z.grad, z_ref.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vq", "vq-all", "ema", "ema-all"])
+def test_rotation_changes_the_gradient_not_the_forward(name):
+    z = torch.randn(3, D, 4, 5)
+    upstream = torch.randn(3, D, 4, 5)
+    runs = []
+    for estimator in ("ste", "rotation"):
+        torch.manual_seed(0)
+        q = VARIANTS[name]()
+        q.estimator = estimator
+        zz = z.clone().requires_grad_()
+        outs = [q(zz) for _ in range(3)]  # training mode: k-means, EMA updates, restarts
+        ((outs[-1].quantized * upstream).sum() + outs[-1].loss).backward()
+        runs.append((outs, zz.grad))
+    (ste, ste_grad), (rot, rot_grad) = runs
+    for a, b in zip(ste, rot):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.quantized, b.quantized)
+        assert all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))  # the same losses
+    assert not torch.allclose(ste_grad, rot_grad, atol=1e-4)
+
+
+def test_rotation_gradient_invariants_and_degenerate_vectors():
+    e, q, g = torch.randn(50, 7), torch.randn(50, 7), torch.randn(50, 7)
+    got = quantize.rotation_gradient(e, q, g)
+    # R is orthogonal: the norm is scaled by |q| / |e|, and the angle between the gradient and
+    # the code is the angle between the encoder vector and the gradient it receives
+    scale = q.norm(dim=1) / e.norm(dim=1)
+    assert torch.allclose(got.norm(dim=1), scale * g.norm(dim=1), rtol=1e-4)
+    assert torch.allclose(F.cosine_similarity(got, e), F.cosine_similarity(g, q), atol=1e-5)
+    # e = 0 has no direction: straight through; e = -q: a reflection, finite and orthogonal
+    e[0], e[1] = 0.0, -q[1] * 0.5
+    got = quantize.rotation_gradient(e, q, g)
+    assert torch.equal(got[0], g[0])
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got[1].norm(), 2 * g[1].norm(), rtol=1e-4)
+    assert torch.allclose(F.cosine_similarity(got[1:2], e[1:2]),
+                          F.cosine_similarity(g[1:2], q[1:2]), atol=1e-5)
+
+
+def test_estimator_option_in_config_checkpoint_and_cli(tmp_path, capsys):
+    from vqvae.cli import main, make_parser
+    from vqvae.config import run_config
+    from vqvae.options import given
+
+    assert quantize.ESTIMATORS == ("ste", "rotation")
+    cfg = VQVAEConfig(image_size=8, in_channels=1, hidden_channels=8, codebook_size=16,
+                      code_dim=8, estimator="rotation")
+    assert VQVAE(cfg).quantizer.estimator == "rotation"
+    ckpt.write_config(tmp_path / "config.json", ckpt.VQVAE_KIND, to_dict(cfg))
+    kind, saved = ckpt.read_config(tmp_path / "config.json")
+    assert kind == ckpt.VQVAE_KIND and from_dict(VQVAEConfig, saved) == cfg
+    old = {k: v for k, v in saved.items() if k != "estimator"}  # written before the option
+    assert from_dict(VQVAEConfig, old).estimator == "ste"
+    with pytest.raises(ConfigError, match="fsq has no codebook vectors"):
+        VQVAEConfig(quantizer="fsq", codebook_size=64, estimator="rotation")
+    with pytest.raises(ConfigError, match="estimator"):
+        VQVAEConfig(estimator="gumbel")
+    with pytest.raises(ValueError, match="estimator"):
+        VectorQuantizer(4, 2, estimator="gumbel")
+    args = make_parser().parse_args(["train", "--out", "x", "--estimator", "rotation"])
+    assert run_config(args.preset, model=given(args, "model")).model.estimator == "rotation"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--estimator {ste,rotation}" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def _keras_init(module: nn.Module) -> None:
 
 def _codebook_options(cfg: VQVAEConfig) -> dict:
     return {"kmeans_init": cfg.kmeans_init, "restart_after": cfg.restart_after,
-            "cosine": cfg.cosine, "lookup_dim": cfg.lookup_dim}
+            "cosine": cfg.cosine, "lookup_dim": cfg.lookup_dim, "estimator": cfg.estimator}
 
 
 # The one quantizer registry: the config's quantizer name -> the leaf quantizer, built from plain

@@ -17,6 +17,7 @@ Precision = Literal["auto", "fp32", "tf32", "bf16"]
 WeightInit = Literal["keras", "torch"]
 CacheMode = Literal["auto", "memory", "stream"]
 CropMode = Literal["center", "random"]
+Estimator = Literal["ste", "rotation"]
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,10 @@ class VQVAEConfig:
     lookup_dim: int | None = field(default=None, metadata=_help(
         "vq/ema: look codes up in a learned linear projection to this many dimensions "
         "(default: none, codes have code_dim dimensions)", quantizer_option=True))
+    estimator: Estimator = field(default="ste", metadata=_help(
+        "vq/ema: how the snap to a code passes the gradient to the encoder: ste (straight-"
+        "through, the seed's) | rotation (the rotation trick: rotate and rescale the encoder "
+        "vector onto its code, Fifty et al. 2024)", quantizer_option=True))
     ema_decay: float = field(default=0.99, metadata=_help(
         "ema: decay of the moving averages", quantizer_option=True))
     ema_epsilon: float = field(default=1e-5, metadata=_help(
@@ -137,6 +142,8 @@ class VQVAEConfig:
         _check(self.restart_after >= 0, f"restart_after must be >= 0, got {self.restart_after}")
         _check(self.lookup_dim is None or self.lookup_dim >= 1,
                f"lookup_dim must be >= 1, got {self.lookup_dim}")
+        _check(self.estimator in get_args(Estimator),
+               f"estimator must be one of {get_args(Estimator)}, got {self.estimator!r}")
         _check(0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         _check(self.ema_epsilon > 0.0, f"ema_epsilon must be > 0, got {self.ema_epsilon}")
         # JSON gives lists; keep a hashable tuple so configs compare equal after a round trip.
@@ -145,6 +152,8 @@ class VQVAEConfig:
                f"fsq_levels must be integers >= 2, got {self.fsq_levels}")
         if self.quantizer != "fsq":
             return
+        _check(self.estimator == "ste", f"fsq has no codebook vectors to rotate encoder outputs "
+               f"onto: estimator {self.estimator!r} applies to vq and ema only (use ste with fsq)")
         codebook_only = [name for name, on in (
             ("kmeans_init", self.kmeans_init), ("restart_after", self.restart_after > 0),
             ("cosine", self.cosine), ("lookup_dim", self.lookup_dim is not None)) if on]

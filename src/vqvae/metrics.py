@@ -1,4 +1,7 @@
-"""Reconstruction and codebook metrics: PSNR, codebook usage, perplexity, bits per code.
+"""Reconstruction and codebook metrics: PSNR, SSIM, codebook usage, perplexity, bits per code.
+
+SSIM: Wang et al., "Image Quality Assessment: From Error Visibility to Structural Similarity"
+(2004), IEEE TIP 13(4).
 
 Usage and perplexity are counted over a whole set of images, not per batch: a code counts as used
 if any held-out vector maps to it. During training, :class:`CodeUsage` counts over a window of
@@ -11,6 +14,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .autoencoder import VQVAE
 from .files import FileSet
@@ -21,6 +25,52 @@ from .distributed import all_reduce_sum, sum_over_ranks
 def psnr(mse: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     """PSNR in dB from mean squared errors of images spanning ``data_range`` ([-1, 1] -> 2)."""
     return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+# Wang et al.'s constants: an 11 x 11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03.
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+
+
+def ssim_window(height: int, width: int) -> int:
+    """Side of the SSIM window for an image: 11, or the smaller image side rounded down to odd
+    (8 x 8 digits: 7), so that small images still have at least one valid position."""
+    side = min(SSIM_WINDOW, height, width)
+    return side if side % 2 else side - 1
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-image SSIM (B,) of image batches (B, C, H, W) in [-data_range/2, data_range/2]
+    (the package's [-1, 1] with the default ``data_range`` of 2).
+
+    Wang et al. (2004): local means, variances and covariance under a Gaussian window (sigma
+    1.5, normalised; population, not sample, statistics), SSIM at every valid position (no
+    padding) of every channel, averaged over positions and channels. The window is 11 x 11, or
+    shrunk to the image for images under 11 px (:func:`ssim_window`; sigma stays 1.5): such
+    scores compare among themselves, not with 11-px-window SSIM. Computed in fp32.
+
+    SSIM's luminance term is not shift-invariant and assumes intensities in [0, L]: the images
+    are shifted by ``data_range / 2`` first, so [-1, 1] scores equal SSIM of the same images on
+    [0, 255] with L = 255 (the usual convention), unlike SSIM of the raw [-1, 1] values.
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) batches of one shape, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.float() + data_range / 2, y.float() + data_range / 2  # -> [0, data_range]
+    c = x.shape[1]
+    side = ssim_window(x.shape[2], x.shape[3])
+    g = torch.arange(side, dtype=torch.float32, device=x.device) - (side - 1) / 2
+    g = torch.exp(-g.pow(2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    window = torch.outer(g, g).expand(5 * c, 1, side, side)  # one per channel of each moment
+    # (B, 5C, H, W) -> (B, 5C, H', W'): local E[x], E[y], E[x^2], E[y^2], E[xy] of every channel
+    moments = F.conv2d(torch.cat([x, y, x * x, y * y, x * y], 1), window, groups=5 * c)
+    mu_x, mu_y, xx, yy, xy = moments.chunk(5, 1)
+    var_x, var_y = xx - mu_x * mu_x, yy - mu_y * mu_y
+    cov = xy - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)
+             / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)))  # (B, C, H', W')
+    return index.flatten(1).mean(1)
 
 
 def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
@@ -80,7 +130,8 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
     """Held-out metrics of ``model`` on uint8 images (N, C, H, W).
 
     ``psnr``/``mse`` go through the codebook (the real reconstruction); ``psnr_noq``/``mse_noq``
-    decode the quantizer's continuous path (no snap to a code). PSNR is the mean of per-image PSNR on the [-1, 1] scale
+    decode the quantizer's continuous path (no snap to a code); ``ssim``/``ssim_noq`` likewise
+    (:func:`ssim`, mean over images). PSNR is the mean of per-image PSNR on the [-1, 1] scale
     (identical to the [0, 255] scale).
     """
     return score_autoencoder(model, images, batch_size, device).metrics
@@ -110,7 +161,7 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor | ImageSet | FileSet,
     model.eval()
     k = model.cfg.codebook_size
     counts = torch.zeros(k, dtype=torch.long, device=device)
-    sums = {"mse": 0.0, "psnr": 0.0, "mse_noq": 0.0, "psnr_noq": 0.0}
+    sums = dict.fromkeys(("mse", "psnr", "ssim", "mse_noq", "psnr_noq", "ssim_noq"), 0.0)
     for batch in images.batches(batch_size, workers=workers):
         x = to_float(batch.images.to(device))
         n += x.shape[0]
@@ -120,6 +171,7 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor | ImageSet | FileSet,
             mse = (rec.float() - x).pow(2).flatten(1).mean(1)  # (B,)
             sums["mse" + name] += mse.sum().item()
             sums["psnr" + name] += psnr(mse).sum().item()
+            sums["ssim" + name] += ssim(rec, x).sum().item()
         counts += torch.bincount(q.indices.flatten(), minlength=k)
     model.train(was_training)
     sums = {**sums, "n": float(n)}

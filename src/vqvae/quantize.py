@@ -5,7 +5,9 @@ vq: van den Oord et al., "Neural Discrete Representation Learning" (2017), arXiv
 ema: the same paper's appendix / Razavi et al. (2019), arXiv:1906.00446; k-means init and
 dead-code restarts: Dhariwal et al., "Jukebox" (2020), arXiv:2005.00341; cosine codes in a
 projected lookup space: Yu et al., "Vector-quantized Image Modeling with Improved VQGAN" (2021),
-arXiv:2110.04627. The implicit codebook of FSQ, with the same API, is in :mod:`vqvae.fsq`.
+arXiv:2110.04627; the rotation trick (estimator "rotation"): Fifty et al., "Restructuring Vector
+Quantization with the Rotation Trick" (2024), arXiv:2410.06424. The implicit codebook of FSQ,
+with the same API, is in :mod:`vqvae.fsq`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ def lookup_rows(n: int, k: int, device_type: str) -> int:
     """Rows of an (n, k) distance matrix the lookup computes at once on ``device_type``."""
     return max(1, min(n, CHUNK_ELEMENTS.get(device_type, OTHER_DEVICES) // max(k, 1)))
 KMEANS_ITERS = 10
+ESTIMATORS = ("ste", "rotation")  # how the snap to a code passes gradients to the encoder
 
 
 class QuantizerOutput(NamedTuple):
-    quantized: torch.Tensor  # (B, D, H, W), straight-through: forward = codes, backward = identity
+    quantized: torch.Tensor  # (B, D, H, W): forward = codes, backward = identity (ste) or rotated
     indices: torch.Tensor  # (B, H, W) int64
     loss: torch.Tensor  # scalar: the quantizer's share of the training loss
     codebook_loss: torch.Tensor  # scalar: mse(sg(z), e), moves codes towards encoder outputs
@@ -151,35 +154,70 @@ def _channels_last(z: torch.Tensor) -> bool:
     return not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last)
 
 
+# Below this norm an encoder vector has no direction to rotate: its gradient passes straight
+# through. Below ANTIPODAL, |e_hat + q_hat| gives no reliable direction r (e points away from q):
+# r = 0 turns R into the reflection I + 2 q_hat e_hat^T, which also maps e_hat to q_hat = -e_hat.
+TINY, ANTIPODAL = 1e-12, 1e-4
+
+
+def rotation_gradient(e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The rotation trick's gradient (N, d) w.r.t. encoder vectors ``e`` (N, d) snapped to codes
+    ``q`` (N, d), given the gradient ``grad`` (N, d) w.r.t. the codes, in fp32.
+
+    Forward, the trick writes q = sg(|q|/|e| R) e with R the rotation taking e/|e| to q/|q|:
+    R = I - 2 r r^T + 2 q_hat e_hat^T, r = (e_hat + q_hat) / |e_hat + q_hat|, a constant. So
+    grad_e = |q|/|e| R^T grad = |q|/|e| (grad - 2 r (r.grad) + 2 e_hat (q_hat.grad)): dot
+    products per row, no (d, d) matrix.
+    """
+    e, q, grad = e.float(), q.float(), grad.float()
+    e_norm, q_norm = e.norm(dim=1, keepdim=True), q.norm(dim=1, keepdim=True)  # (N, 1)
+    e_hat, q_hat = e / e_norm.clamp_min(TINY), q / q_norm.clamp_min(TINY)
+    r = e_hat + q_hat
+    r_norm = r.norm(dim=1, keepdim=True)
+    r = torch.where(r_norm > ANTIPODAL, r / r_norm.clamp_min(TINY), torch.zeros_like(r))
+    rotated = (grad - 2 * r * (r * grad).sum(1, keepdim=True)
+               + 2 * e_hat * (q_hat * grad).sum(1, keepdim=True))  # R^T grad
+    return torch.where(e_norm > TINY, rotated * (q_norm / e_norm.clamp_min(TINY)), grad)
+
+
 class _SnapWithLosses(torch.autograd.Function):
     """(x, codes) (N, d) -> (codes with x's gradient, mse(codes, sg(x)), mse(x, sg(codes))).
 
     Straight-through: the forward value is exactly ``codes``, the gradient reaches x unchanged
-    (the seed's z + sg(e - z) is the same up to rounding). Both loss terms come from one
-    difference: three passes over (N, d) instead of about ten (``F.mse_loss`` twice, forward and
-    backward, and the estimator's arithmetic), which is most of a CPU train step beyond the lookup.
+    (the seed's z + sg(e - z) is the same up to rounding); with ``rotate`` it reaches x through
+    the rotation trick (:func:`rotation_gradient`), the forward value unchanged. Both loss terms
+    come from one difference: three passes over (N, d) instead of about ten (``F.mse_loss`` twice,
+    forward and backward, and the estimator's arithmetic), which is most of a CPU train step
+    beyond the lookup.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, codes: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, codes: torch.Tensor, rotate: bool = False):
         diff = (codes - x).reshape(-1)  # (N*d,)
         mse = torch.dot(diff, diff) / diff.numel()
-        ctx.save_for_backward(diff)
-        ctx.shape = x.shape
+        # the rotation needs both vectors; the difference is recomputed from them, bit for bit
+        ctx.save_for_backward(*((x, codes) if rotate else (diff,)))
+        ctx.shape, ctx.rotate = x.shape, rotate
         ctx.set_materialize_grads(False)  # an unused output sends no gradient, not zeros
         return codes.view_as(codes), mse, mse.clone()
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_codebook, grad_commitment):
-        (diff,) = ctx.saved_tensors
-        diff = diff.view(ctx.shape)
+        if ctx.rotate:
+            x, codes = ctx.saved_tensors
+            diff = codes - x
+            if grad_quantized is not None:
+                grad_quantized = rotation_gradient(x, codes, grad_quantized)
+        else:
+            (diff,) = ctx.saved_tensors
+            diff = diff.view(ctx.shape)
         scale = 2.0 / diff.numel()  # d mse(a, b) / da = 2 (a - b) / n
         grad_x = grad_quantized
         if grad_commitment is not None:
             grad_x = (diff * (grad_commitment * -scale) if grad_x is None
                       else torch.addcmul(grad_x, diff, grad_commitment, value=-scale))
         grad_codes = None if grad_codebook is None else diff * (grad_codebook * scale)
-        return grad_x, grad_codes
+        return grad_x, grad_codes, None
 
 
 # --- learned codebooks: vq and ema -------------------------------------------------------------
@@ -195,9 +233,12 @@ class _CodebookQuantizer(nn.Module):
     """
 
     def __init__(self, codebook_size: int, dim: int, beta: float, kmeans_init: bool,
-                 restart_after: int, cosine: bool, lookup_dim: int | None):
+                 restart_after: int, cosine: bool, lookup_dim: int | None, estimator: str):
         super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        self.estimator = estimator
         self.restart_after = restart_after
         self.space = LookupSpace(dim, lookup_dim, cosine)
         if kmeans_init:
@@ -239,7 +280,12 @@ class _CodebookQuantizer(nn.Module):
                 self._learn(x.detach().float(), indices)
                 self._restart_dead(x.detach().float(), indices)
         codes = F.embedding(indices, self.codebook_vectors())  # (N, d)
-        quantized, codebook_loss, commitment_loss = _SnapWithLosses.apply(x, codes)
+        # The rotation trick acts where the snap does: between the lookup vector x and its code,
+        # both in the lookup space (after projection and cosine normalisation). That step alone
+        # has no gradient; the projections around it are differentiated as they are, with either
+        # estimator. With cosine codes |x| = |code| = 1: a pure rotation on the sphere.
+        quantized, codebook_loss, commitment_loss = _SnapWithLosses.apply(
+            x, codes, self.estimator == "rotation")
         quantized = self.space.outward(quantized)
         return QuantizerOutput(unflatten_latents(quantized, (b, h, w), z), indices.view(b, h, w),
                                self._loss(codebook_loss, commitment_loss), codebook_loss,
@@ -286,13 +332,15 @@ class VectorQuantizer(_CodebookQuantizer):
     """The seed's quantizer: a learned codebook, codebook loss + beta * commitment loss.
 
     Options (all off in the seed): ``kmeans_init`` on the first training batch, ``restart_after``
-    steps unused -> re-seeded, ``cosine`` codes, lookup in a ``lookup_dim`` projection.
+    steps unused -> re-seeded, ``cosine`` codes, lookup in a ``lookup_dim`` projection, and the
+    ``estimator`` of the encoder's gradient: ``ste`` (straight-through) or ``rotation``.
     """
 
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, *,
                  kmeans_init: bool = False, restart_after: int = 0, cosine: bool = False,
-                 lookup_dim: int | None = None):
-        super().__init__(codebook_size, dim, beta, kmeans_init, restart_after, cosine, lookup_dim)
+                 lookup_dim: int | None = None, estimator: str = "ste"):
+        super().__init__(codebook_size, dim, beta, kmeans_init, restart_after, cosine, lookup_dim,
+                         estimator)
         self.codebook = nn.Parameter(self._init_codebook())
 
     def codebook_vectors(self) -> torch.Tensor:
@@ -316,8 +364,10 @@ class EMAVectorQuantizer(_CodebookQuantizer):
 
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, *,
                  decay: float = 0.99, epsilon: float = 1e-5, kmeans_init: bool = False,
-                 restart_after: int = 0, cosine: bool = False, lookup_dim: int | None = None):
-        super().__init__(codebook_size, dim, beta, kmeans_init, restart_after, cosine, lookup_dim)
+                 restart_after: int = 0, cosine: bool = False, lookup_dim: int | None = None,
+                 estimator: str = "ste"):
+        super().__init__(codebook_size, dim, beta, kmeans_init, restart_after, cosine, lookup_dim,
+                         estimator)
         self.decay, self.epsilon = decay, epsilon
         codebook = self._init_codebook()
         self.register_buffer("codebook", codebook)

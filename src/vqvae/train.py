@@ -213,7 +213,8 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             runs.write_eval(run_dir, step, final)
     headline = (f"trained to step {step}; run folder: {run_dir}\n"
                 f"held-out ({int(final['images'])} images): PSNR {final['psnr']:.2f} dB with "
-                f"quantization, {final['psnr_noq']:.2f} dB without; codebook usage "
+                f"quantization, {final['psnr_noq']:.2f} dB without; SSIM {final['ssim']:.4f} "
+                f"with, {final['ssim_noq']:.4f} without; codebook usage "
                 f"{final['usage']:.1f}% ({final['used_codes']}/{cfg.model.codebook_size}), "
                 f"perplexity {final['perplexity']:.1f}")
     return loop.RunResult(run_dir, step, final, pictures, headline, signum)
