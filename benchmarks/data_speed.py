@@ -48,7 +48,7 @@ def write_jpeg(root: Path, i: int) -> None:
     w, h = (int(v) for v in rng.integers(128, 257, 2))
     field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
         (w, h), Image.BICUBIC)
-    pixels = np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3))
+    pixels = np.asarray(field, dtype=np.int16) + rng.integers(-4, 5, (h, w, 3))
     path = root / f"c{i % CLASSES}" / f"{i:07d}.jpg"
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=85)
 
@@ -127,17 +127,20 @@ def _pss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
-def train_run(source: str, out: Path, steps: int, every: int, batch: int, workers: int) -> dict:
+def train_run(source: str, out: Path, steps: int, every: int, batch: int, workers: int,
+              holdout: float) -> dict:
     """``vqvae train`` in a subprocess, its process tree's memory sampled every 0.1 s."""
     cmd = [sys.executable, "-m", "vqvae", "train", "--preset", "seed", "--data", source,
            "--size", "128", "--cache", "stream", "--workers", str(workers), "--steps", str(steps),
-           "--every", str(every), "--eval-count", "64", "--holdout", "0.002", "--batch-size",
+           "--every", str(every), "--eval-count", "64", "--holdout", str(holdout), "--batch-size",
            str(batch), "--out", str(out)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, first_log, log = 0.0, None, out / "train.jsonl"
+    peak, workers, first_log, log = 0.0, 0.0, None, out / "train.jsonl"
     while proc.poll() is None:
-        peak = max(peak, _pss_mib(_tree(proc.pid)))
+        tree = _tree(proc.pid)
+        peak = max(peak, _pss_mib(tree))
+        workers = max(workers, _pss_mib(tree[1:]))
         if first_log is None and log.exists() and log.stat().st_size:
             first_log = time.perf_counter() - start
         time.sleep(0.1)
@@ -145,7 +148,7 @@ def train_run(source: str, out: Path, steps: int, every: int, batch: int, worker
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-2000:]}")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     later = records[1:] or records
-    return {"peak_mib": peak, "first_log_s": first_log or float("nan"),
+    return {"peak_mib": peak, "workers_mib": workers, "first_log_s": first_log or float("nan"),
             "data_wait": statistics.mean(r["data_wait"] for r in later),
             "images_per_s": statistics.mean(r["steps_per_s"] for r in later) * batch}
 
@@ -160,6 +163,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--decode-count", type=int, default=1000)
+    parser.add_argument("--test", type=int, default=200, help="held-out images of every run")
+    parser.add_argument("--skip-decode", action="store_true", help="only the training runs")
     args = parser.parse_args()
     root = Path(args.root)
     big, little = make_folders(root, args.images, args.small)
@@ -173,16 +178,17 @@ def main() -> None:
 
     print(f"# data_speed: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.workers} workers\n")
-    print(f"## Decoding {args.decode_count} JPEGs of 128-256 px to 128 px\n")
-    print("| path | images/s | vs plain PIL |\n|---|---:|---:|")
-    rows = decode_speed(big, 128, args.decode_count, args.workers)
-    for name, rate in rows:
-        print(f"| {name} | {rate:.0f} | {rate / rows[0][1]:.2f}x |")
+    if not args.skip_decode:
+        print(f"## Decoding {args.decode_count} JPEGs of 128-256 px to 128 px\n")
+        print("| path | images/s | vs plain PIL |\n|---|---:|---:|")
+        rows = decode_speed(big, 128, args.decode_count, args.workers)
+        for name, rate in rows:
+            print(f"| {name} | {rate:.0f} | {rate / rows[0][1]:.2f}x |")
 
     print(f"\n## `vqvae train --preset seed --size 128 --cache stream`, batch {args.batch_size}, "
           f"{args.steps} steps\n")
-    print("| data | peak memory (PSS, MiB) | first step logged (s) | data wait | images/s |\n"
-          "|---|---:|---:|---:|---:|")
+    print("| data | peak memory (PSS, MiB) | of which workers | first step logged (s) | "
+          "data wait | images/s |\n|---|---:|---:|---:|---:|---:|")
     results = {}
     runs = {f"folder, {args.small} images": str(little), f"folder, {args.images} images": str(big),
             f"shards of {args.images} images": str(shards)}
@@ -190,12 +196,15 @@ def main() -> None:
         out = root / f"run-{i}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         subprocess.run(["rm", "-rf", str(out) + "-startup"], check=True)
+        holdout = args.test / (args.small if "folder, " + str(args.small) in name
+                               else args.images)  # the same held-out set size everywhere
         startup = train_run(source, Path(str(out) + "-startup"), 1, 1, args.batch_size,
-                            args.workers)
+                            args.workers, holdout)
         r = results[name] = train_run(source, out, args.steps, args.every, args.batch_size,
-                                      args.workers)
+                                      args.workers, holdout)
         r["first_log_s"] = startup["first_log_s"]
-        print(f"| {name} | {r['peak_mib']:.0f} | {r['first_log_s']:.1f} | "
+        print(f"| {name} | {r['peak_mib']:.0f} | {r['workers_mib']:.0f} | "
+              f"{r['first_log_s']:.1f} | "
               f"{100 * r['data_wait']:.1f}% | {r['images_per_s']:.1f} |", flush=True)
     small, large, packed = results.values()
     print(f"\nmemory, {args.images} vs {args.small} images: "

@@ -30,15 +30,19 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def random_crop(image: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """uint8 (C, H, W) -> uint8 (C, size, size): a random square of 80-100% of the shorter side,
-    anywhere in the image, resized to ``size``."""
-    _, h, w = image.shape
+def crop_box(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int]:
+    """(top, left, side) of a random square covering 80-100% of the shorter side."""
     lo, hi = CROP_SCALE
     fraction = lo + (hi - lo) * float(torch.rand((), generator=gen))
-    side = max(1, round(min(h, w) * fraction))
-    top = int(torch.randint(0, h - side + 1, (), generator=gen))
-    left = int(torch.randint(0, w - side + 1, (), generator=gen))
+    side = max(1, round(min(height, width) * fraction))
+    top = int(torch.randint(0, height - side + 1, (), generator=gen))
+    left = int(torch.randint(0, width - side + 1, (), generator=gen))
+    return top, left, side
+
+
+def random_crop(image: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, size, size): a :func:`crop_box` square resized to ``size``."""
+    top, left, side = crop_box(image.shape[1], image.shape[2], gen)
     return resize(image[:, top:top + side, left:left + side], size)
 
 

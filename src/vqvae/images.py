@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import CROP_SCALE, maybe_flip, random_crop
+from .augment import CROP_SCALE, crop_box, maybe_flip
 
 
 class DataError(ValueError):
@@ -128,9 +128,10 @@ def decode_image(data: bytes | str, size: int, channels: int | None = None,
                  gen: torch.Generator | None = None, crop: str = "center",
                  flip: bool = False) -> torch.Tensor | str:
     """One image file (its bytes or its path) -> uint8 (C, size, size), or the reason it could
-    not be read. ``center``: the shorter side resized to ``size``, centre crop; ``random`` and
-    ``flip`` draw from ``gen`` (:mod:`vqvae.augment`). JPEGs decode at a reduced scale (Pillow's
-    draft mode) when they are at least twice the size needed: 2-8x faster on large photos."""
+    not be read. ``center``: the largest centred square, resized to ``size``; ``random`` (a
+    :func:`~vqvae.augment.crop_box` square) and ``flip`` draw from ``gen``. Cropping and
+    antialiased resizing are one Pillow call; JPEGs decode at a reduced scale (Pillow's draft
+    mode) when they are at least twice the size needed: 2-8x faster on large photos."""
     from PIL import Image
 
     random = crop == "random"
@@ -140,15 +141,19 @@ def decode_image(data: bytes | str, size: int, channels: int | None = None,
             if img.format == "JPEG":
                 img.draft("RGB", (need, need))  # both sides stay >= need
             img.load()
-            array = rgb8(img)
+            rgb = (img.convert("RGB") if not (img.mode.startswith("I;16") or img.mode == "I")
+                   else Image.fromarray(rgb8(img)))
     except Exception as e:  # PIL raises many types for corrupt files
         return f"{type(e).__name__}: {e}"
-    image = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+    w, h = rgb.size
     if random:
         assert gen is not None, "a random crop needs the sample's generator"
-        image = random_crop(image, size, gen)
+        top, left, side = crop_box(h, w, gen)
     else:
-        image = resize_square(image.unsqueeze(0), size)[0]
+        side = min(h, w)
+        top, left = (h - side) / 2, (w - side) / 2
+    rgb = rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, size, size)
     if flip:
         assert gen is not None, "a random flip needs the sample's generator"
         image = maybe_flip(image, gen)

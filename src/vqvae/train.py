@@ -161,7 +161,8 @@ class Stage1:
         test = self.splits.test
         if limit and limit < len(test):
             test = test.subset(torch.arange(limit))
-        return score_autoencoder(self.model, test, device=self.runtime.device,
+        return score_autoencoder(self.model, test, self.cfg.train.batch_size,
+                                 device=self.runtime.device,
                                  rank=self.runtime.rank, world_size=self.runtime.world_size,
                                  workers=self.cfg.data.workers)
 
