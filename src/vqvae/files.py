@@ -198,23 +198,28 @@ def _keep_readable(items: Sequence[tuple[torch.Tensor | None, int]]) -> Batch:
 
 
 def folder_files(directory: Path) -> tuple[FolderFiles, torch.Tensor | None, tuple | None]:
-    """The image files below ``directory`` (recursively, sorted) and their labels: one
-    sub-folder per class when every image sits below a first-level folder."""
-    paths = sorted(p for p in directory.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """The image files below ``directory`` (recursively, in path order) and their labels: one
+    sub-folder per class when every image sits below a first-level folder. Names are walked as
+    strings, not Path objects: a million files cost their bytes, not ~1 KB each of objects whose
+    freed pages every worker process would inherit."""
+    root = os.fspath(directory)
+    paths = [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
     if not paths:
         raise DataError(f"no images found in {directory} (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)})")
-    labels, classes = _folder_labels(directory, paths)
+    paths.sort(key=lambda p: p.split(os.sep))  # the order of sorted Paths: split by part
+    labels, classes = _folder_labels(root, paths)
     return FolderFiles(np.array([os.fsencode(p) for p in paths])), labels, classes
 
 
-def _folder_labels(root: Path, paths: list[Path]) -> tuple[torch.Tensor | None, tuple | None]:
-    parts = [p.relative_to(root).parts for p in paths]
-    if any(len(part) < 2 for part in parts):
+def _folder_labels(root: str, paths: list[str]) -> tuple[torch.Tensor | None, tuple | None]:
+    start = len(os.path.join(root, ""))
+    firsts = [p[start:].split(os.sep, 1) for p in paths]
+    if any(len(parts) < 2 for parts in firsts):
         return None, None
-    classes = tuple(sorted({part[0] for part in parts}))
+    classes = tuple(sorted({parts[0] for parts in firsts}))
     if len(classes) < 2:
         return None, None
     lookup = {name: i for i, name in enumerate(classes)}
-    return torch.tensor([lookup[part[0]] for part in parts], dtype=torch.long), classes
+    return torch.tensor([lookup[parts[0]] for parts in firsts], dtype=torch.long), classes
