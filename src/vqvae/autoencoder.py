@@ -147,6 +147,12 @@ class VQVAE(nn.Module):
         return self.decoder(self.quantizer(z).quantized if quantize
                             else self.quantizer.continuous(z))
 
+    def last_layer(self) -> nn.Parameter:
+        """The weight of the decoder's final layer, where the GAN's adaptive weight compares the
+        reconstruction and adversarial gradients."""
+        return [m.weight for m in self.decoder.modules()
+                if isinstance(getattr(m, "weight", None), nn.Parameter)][-1]
+
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         z = self.encoder(x)
         q = self.quantizer(z)

@@ -35,6 +35,9 @@ CHECKPOINTS, LATEST, KEEP = "checkpoints", "latest", "keep.json"
 STEP_NAME = re.compile(r"step-\d{7,}")
 
 
+# Modules trained beside a checkpoint's model, by file name: (module, its optimizer).
+Companions = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+
 VQVAE_KIND = "vqvae"
 PRIOR_KIND = "prior"
 
@@ -226,13 +229,43 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     return meta
 
 
+def save_companion(directory: Path, name: str, module: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> None:
+    """A module trained beside the model (the GAN's discriminator) and its optimizer, as
+    ``NAME.safetensors`` + ``NAME.json`` in a checkpoint folder: training state, not the model."""
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    tensors |= {f"module.{k}": v.detach().contiguous().cpu()
+                for k, v in module.state_dict().items()}
+    write_bytes(directory / f"{name}.safetensors", st.save(tensors))
+    write_json(directory / f"{name}.json", {"optimizer": meta})
+
+
+def load_companion(directory: Path, name: str, module: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> None:
+    """Restore what :func:`save_companion` wrote, naming any mismatch in one line."""
+    path = directory / f"{name}.safetensors"
+    try:
+        tensors = st.load_file(str(path))
+        meta = read_json(directory / f"{name}.json")
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory} holds no readable {name} state ({e}): it was not "
+                              f"trained with one") from None
+    weights = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+    try:
+        module.load_state_dict(weights)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path} does not match this run's {name}: {first}") from None
+
+
 # --- versioned, atomic checkpoints under a run folder ------------------------------------------
 
 
 def write_checkpoint(run_dir: Path, step: int, module: nn.Module, kind: str,
                      config: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
                      extra: dict[str, Any] | None = None, keep: int = 2,
-                     keep_every: int = 0) -> Path:
+                     keep_every: int = 0, companions: Companions | None = None) -> Path:
     """Atomically write ``RUN_DIR/checkpoints/step-NNNNNNN`` and point ``latest`` at it; then
     prune to the newest ``keep``, every ``keep_every``-th step and the protected ones. A failed
     write (a full disk) leaves no partial folder and ``latest`` on the previous checkpoint."""
@@ -244,6 +277,8 @@ def write_checkpoint(run_dir: Path, step: int, module: nn.Module, kind: str,
         save(tmp, module, kind, config)
         if optimizer is not None:
             save_training_state(tmp, optimizer, step, extra)
+        for part, (companion, companion_opt) in (companions or {}).items():
+            save_companion(tmp, part, companion, companion_opt)
         fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
             old = root / f".old-{name}-{os.getpid()}"
@@ -352,13 +387,16 @@ def load_model(path: str | Path, kind: str, device: str | torch.device = "cpu") 
 
 
 def restore(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, kind: str,
-            expected: Any) -> dict[str, Any]:
-    """Load the latest checkpoint of ``run_dir`` into ``module`` and ``optimizer`` (a resume),
-    after checking it was trained with the config ``expected``; returns the state metadata."""
+            expected: Any, companions: Companions | None = None) -> dict[str, Any]:
+    """Load the latest checkpoint of ``run_dir`` into ``module``, ``optimizer`` and the
+    ``companions`` (a resume), after checking it was trained with the config ``expected``;
+    returns the state metadata."""
     directory = resolve(run_dir)
     if load_model_config(directory, kind) != expected:
         raise CheckpointError(f"{directory} was trained with a different {kind} config")
     load_weights(directory, module)
+    for part, (companion, companion_opt) in (companions or {}).items():
+        load_companion(directory, part, companion, companion_opt)
     return load_training_state(directory, optimizer)
 
 

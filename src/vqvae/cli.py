@@ -32,7 +32,7 @@ from .loop import RunResult
 from .runs import NonFiniteError, find_run
 from .sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
                      save_png, save_samples)
-from .train import load_run_config, train_autoencoder
+from .train import finetune_config, load_run_config, train_autoencoder
 from .train_prior import load_prior_run_config, prior_run_config, train_prior
 
 STAGE1, STAGE2 = ("data", "model", "train"), ("prior", "ptrain")  # option groups (dest prefixes)
@@ -71,6 +71,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = _out(args)
     with launch(pick_device(cfg.train.device)) as runtime:
         result = train_autoencoder(cfg, run_dir, resume=bool(args.resume), runtime=runtime)
+    return _finish(result, runtime, "train")
+
+
+def cmd_finetune_decoder(args: argparse.Namespace) -> int:
+    cfg = finetune_config(args.run, given(args, "train"))
+    with launch(pick_device(cfg.train.device)) as runtime:
+        result = train_autoencoder(cfg, _out(args), runtime=runtime)
     return _finish(result, runtime, "train")
 
 
@@ -222,6 +229,17 @@ def make_parser() -> argparse.ArgumentParser:
     add_options(p, DataConfig, "data", "data")
     add_options(p, VQVAEConfig, "model (defaults come from --preset)", "model", False)
     add_options(p, TrainConfig, "training", "train")
+
+    p = _command(sub, "finetune-decoder", cmd_finetune_decoder, "train a stage-1 model's "
+                 "decoder alone (e.g. with --gan-weight): its codes, and priors on them, stay valid",
+                 description="Fine-tune the decoder of a trained stage-1 model in a new run, its "
+                 "encoder and codebook frozen: codes and priors made with RUN_DIR decode with the "
+                 "result (vqvae sample PRIOR --decoder NEW_RUN). Options override RUN_DIR's "
+                 "training options.")
+    p.add_argument("run", metavar="RUN_DIR", help="a stage-1 run or checkpoint folder")
+    p.add_argument("--out", metavar="NEW_RUN", required=True, help="new run folder to write")
+    p.set_defaults(resume=None)
+    add_options(p, TrainConfig, "training (defaults: RUN_DIR's)", "train", False)
 
     p = _command(sub, "reconstruct", cmd_reconstruct,
                  "reconstruction grids with and without quantization", "stage-1", 8)

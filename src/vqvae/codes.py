@@ -93,10 +93,22 @@ def fingerprint(checkpoint_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def codes_fingerprint(checkpoint_dir: str | Path) -> str:
+    """The fingerprint of the checkpoint whose codes this one's equal: its own, or for a
+    decoder fine-tuned by `vqvae finetune-decoder`, the one it was fine-tuned from."""
+    run_dir = runs.find_run(checkpoint_dir)
+    if run_dir is not None:
+        train = runs.read_run_config(run_dir, ckpt.VQVAE_KIND).train
+        if train.decoder_only and train.codes_sha256:
+            return train.codes_sha256
+    return fingerprint(checkpoint_dir)
+
+
 def check_stage1(expected_sha256: str, made_by: str, checkpoint_dir: str | Path) -> None:
-    """Refuse codes (or a prior) that another stage-1 model made: compare fingerprints."""
+    """Refuse codes (or a prior) that another stage-1 model made: compare fingerprints (a
+    decoder fine-tuned from the model that made them decodes them too)."""
     actual = fingerprint(checkpoint_dir)
-    if actual != expected_sha256:
+    if actual != expected_sha256 and codes_fingerprint(checkpoint_dir) != expected_sha256:
         raise DataError(f"the codes were made by another stage-1 model ({made_by}, sha256 "
                         f"{expected_sha256[:12]}), not {checkpoint_dir} ({actual[:12]})")
 
@@ -127,9 +139,11 @@ def encode_set(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
     return CodeSplit(torch.cat(parts), torch.cat(labels) if has_labels else None)
 
 
-def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu") -> VQVAE:
-    """The stage-1 model that decodes a prior's codes, after checking its fingerprint."""
-    directory = Path(cfg.stage1)
+def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu",
+                decoder: str | Path | None = None) -> VQVAE:
+    """The stage-1 model that decodes a prior's codes (or ``decoder``, a run or checkpoint
+    fine-tuned from it), after checking its fingerprint."""
+    directory = Path(cfg.stage1) if decoder is None else ckpt.resolve(decoder)
     if not directory.is_dir():
         raise ckpt.CheckpointError(f"the stage-1 checkpoint {directory} is gone")
     check_stage1(cfg.stage1_sha256, cfg.stage1, directory)

@@ -18,6 +18,7 @@ WeightInit = Literal["keras", "torch"]
 CacheMode = Literal["auto", "memory", "stream"]
 CropMode = Literal["center", "random"]
 Estimator = Literal["ste", "rotation"]
+GanLoss = Literal["hinge", "ns"]
 
 
 class ConfigError(ValueError):
@@ -263,10 +264,59 @@ class TrainConfig(LoopConfig):
     compile: bool = field(default=False, metadata=_help(
         "torch.compile the autoencoder for training (off: no faster on a CPU, and a compile "
         "of 10-30 s first, docs/benchmarks.md)"))
+    gan_weight: float = field(default=0.0, metadata=_help(
+        "adversarial loss weight, times the adaptive weight (reconstruction / adversarial "
+        "gradient norm at the decoder's last layer); 0: off. VQGAN-style runs use 0.1-0.8"))
+    gan_start: int = field(default=0, metadata=_help(
+        "step at which the PatchGAN discriminator and the adversarial loss start"))
+    gan_loss: GanLoss = field(default="hinge", metadata=_help(
+        "hinge | ns (non-saturating)"))
+    disc_lr: float | None = field(default=None, metadata=_help(
+        "the discriminator's Adam learning rate (default: --lr)"))
+    disc_channels: int = field(default=64, metadata=_help(
+        "channels of the discriminator's first layer (doubled per layer, at most 8x)"))
+    disc_layers: int = field(default=3, metadata=_help(
+        "stride-2 layers of the discriminator (fewer when the image is small: 16 px -> 2)"))
+    lecam: float = field(default=0.0, metadata=_help(
+        "LeCAM regularisation weight of the discriminator (e.g. 0.001; 0: off)"))
+    diffaug: bool = field(default=False, metadata=_help(
+        "DiffAugment (colour, translation, cutout) on what the discriminator sees"))
+    perceptual_weight: float = field(default=0.0, metadata=_help(
+        "LPIPS perceptual loss weight (needs --perceptual-weights; 0: off)"))
+    perceptual_weights: str | None = field(default=None, metadata=_help(
+        "a safetensors file of VGG16 + LPIPS weights (docs/perceptual.md; nothing is "
+        "downloaded)"))
+    init_from: str | None = field(default=None, metadata=_help(
+        "the stage-1 checkpoint whose weights the run starts from", cli=False))
+    decoder_only: bool = field(default=False, metadata=_help(
+        "train the decoder alone: encoder and codebook frozen (vqvae finetune-decoder)",
+        cli=False))
+    codes_sha256: str | None = field(default=None, metadata=_help(
+        "the fingerprint of the stage-1 checkpoint whose codes this model's codes equal "
+        "(a decoder-only fine-tune keeps them)", cli=False))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        for name in ("gan_weight", "gan_start", "lecam", "perceptual_weight"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.gan_loss in get_args(GanLoss),
+               f"gan_loss must be one of {get_args(GanLoss)}, got {self.gan_loss!r}")
+        _check(self.disc_lr is None or self.disc_lr > 0, f"disc_lr must be > 0, got {self.disc_lr}")
+        _check(self.disc_channels >= 1 and self.disc_layers >= 1,
+               f"disc_channels and disc_layers must be >= 1, got {self.disc_channels}, "
+               f"{self.disc_layers}")
+        _check(isinstance(self.diffaug, bool), f"diffaug must be true or false, got {self.diffaug!r}")
+        _check(not self.decoder_only or bool(self.init_from and self.codes_sha256),
+               "decoder_only needs the checkpoint to start from (init_from, codes_sha256)")
+        _check(self.perceptual_weight == 0 or bool(self.perceptual_weights),
+               "perceptual_weight needs --perceptual-weights PATH, a safetensors file of VGG16 + "
+               "LPIPS weights (docs/perceptual.md says where they come from); nothing is "
+               "downloaded")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.gan_weight > 0
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -548,6 +598,9 @@ class SampleConfig:
     steps: int = field(default=12, metadata=_help(
         "maskgit priors: parallel decoding iterations (autoregressive priors draw one code per "
         "step whatever this says)"))
+    decoder: str | None = field(default=None, metadata=_help(
+        "decode with this stage-1 run or checkpoint instead of the prior's own: one fine-tuned "
+        "from it by `vqvae finetune-decoder` (same codes, sharper decoder)"))
     no_cache: bool = field(default=False, metadata=_help(
         "recompute the whole prefix at every step (the seed's way; slow, the same codes)"))
 

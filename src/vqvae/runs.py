@@ -207,7 +207,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, model_cfg: Any,
-                    opt: torch.optim.Optimizer, loop: LoopConfig, runtime: Runtime) -> Path:
+                    opt: torch.optim.Optimizer, loop: LoopConfig, runtime: Runtime,
+                    companions: ckpt.Companions | None = None) -> Path:
     """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, and the batch
     layout, so a resume with another process count can say what changed. Non-finite weights are
     never written: :class:`NonFiniteError`, and ``latest`` stays on the last good checkpoint."""
@@ -218,11 +219,12 @@ def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, mod
                              f"the last good checkpoint as latest")
     return ckpt.write_checkpoint(run_dir, step, module, stage, to_dict(model_cfg), opt, extra={
         "world_size": runtime.world_size, "global_batch": loop.batch_size * runtime.world_size},
-        keep=loop.keep, keep_every=loop.keep_every)
+        keep=loop.keep, keep_every=loop.keep_every, companions=companions)
 
 
 def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage: str,
-            model_cfg: Any, batch_size: int, runtime: Runtime) -> int:
+            model_cfg: Any, batch_size: int, runtime: Runtime,
+            companions: ckpt.Companions | None = None) -> int:
     """Every rank loads the latest checkpoint (weights, optimizer, rank 0's RNG state); returns
     its step. Warns when the global batch changes (another process count). A run killed before
     its first checkpoint starts again from step 0."""
@@ -234,7 +236,7 @@ def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage:
         if runtime.is_main:
             warnings.warn(f"{run_dir} has no checkpoint yet: starting it from step 0")
         return 0
-    meta = ckpt.restore(directory, module, opt, stage, model_cfg)
+    meta = ckpt.restore(directory, module, opt, stage, model_cfg, companions)
     before, now = int(meta.get("global_batch", batch_size)), batch_size * runtime.world_size
     if before != now and runtime.is_main:
         keep = (f"; --batch-size {before // runtime.world_size} would keep it"

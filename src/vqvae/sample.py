@@ -175,7 +175,7 @@ def sample_images(prior_run: str | Path, cfg: SampleConfig = SampleConfig(),
     prior = ckpt.load_prior(prior_run, device)
     classes = prior.cfg.num_classes
     labels = sample_labels(cfg, classes)
-    images, codes = draw(prior, load_stage1(run_cfg, device), cfg, labels)
+    images, codes = draw(prior, load_stage1(run_cfg, device, cfg.decoder), cfg, labels)
     names = tuple(str(i) for i in range(classes)) if classes else None
     return Samples(images, Codes({"samples": CodeSplit(codes.cpu(), labels)},
                                  prior.cfg.codebook_size, run_cfg.stage1, run_cfg.stage1_sha256,

@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint as ckpt
 from . import loop, runs
+from .adversarial import Sharpener
 from .autoencoder import VQVAE, VQVAEOutput
 from .checkpoint import VQVAE_KIND
 from .config import RunConfig, TrainConfig
@@ -42,6 +44,32 @@ def vqvae_losses(x: torch.Tensor, out: VQVAEOutput) -> dict[str, torch.Tensor]:
 def load_run_config(path: str | Path) -> RunConfig:
     """The config of the stage-1 run folder holding ``path`` (the run or one of its checkpoints)."""
     return runs.read_run_config(path, VQVAE_KIND)
+
+
+def finetune_config(source: str | Path, train: dict | None = None) -> RunConfig:
+    """The config of a decoder-only fine-tune of the stage-1 model at ``source`` (a run or
+    checkpoint folder): its data and model, its training options updated by ``train``, starting
+    from its weights with the encoder and codebook frozen, so its codes stay those of
+    ``source`` (and of the checkpoint ``source`` was itself fine-tuned from)."""
+    from .codes import codes_fingerprint
+
+    directory = ckpt.resolve(source)
+    base = load_run_config(source)
+    tc = replace(base.train, **(train or {}), init_from=str(directory.resolve()),
+                 decoder_only=True, codes_sha256=codes_fingerprint(directory))
+    return replace(base, train=tc)
+
+
+def _start_from(model: VQVAE, tc: TrainConfig) -> list[torch.nn.Parameter]:
+    """Load ``tc.init_from`` into ``model``; the parameters to train (the decoder's alone when
+    ``tc.decoder_only``: the encoder and quantizer are frozen)."""
+    if tc.init_from:
+        ckpt.load_weights(Path(tc.init_from), model)
+    if not tc.decoder_only:
+        return list(model.parameters())
+    for part in (model.encoder, model.quantizer):
+        part.requires_grad_(False)
+    return list(model.decoder.parameters())
 
 
 def resolve_config(cfg: RunConfig, splits: Splits) -> RunConfig:
@@ -103,9 +131,10 @@ class Stage1:
     save with grids and held-out metrics."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer,
-                 splits: Splits, runtime: Runtime):
+                 splits: Splits, runtime: Runtime, sharpen: Sharpener):
         tc = cfg.train
         self.cfg, self.run_dir, self.model, self.opt = cfg, run_dir, model, opt
+        self.sharpen = sharpen  # perceptual and adversarial terms, when asked for
         self.splits, self.runtime = splits, runtime
         self.net = training_forward(model, tc, runtime)  # trains; ``model`` is saved, evaluated
         self.batches: Iterator[Batch] | None = None  # opened at the first step trained
@@ -131,14 +160,21 @@ class Stage1:
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc = self.cfg.train
         x = to_device(self.next_batch(step), self.runtime.device, tc.channels_last)
+        if tc.decoder_only:  # frozen BatchNorm statistics and codebook (no EMA, restarts)
+            self.model.encoder.eval()
+            self.model.quantizer.eval()
         with autocast(tc.precision, self.runtime.device):
             out = self.net(x)
             losses = vqvae_losses(x, out)
+            if self.sharpen.active:
+                extra = self.sharpen.autoencoder_terms(step, x, out.reconstruction,
+                                                       losses["mse_x"], self.model.last_layer())
+                losses |= {**extra, "loss": losses["loss"] + extra["loss"]}
         self.usage.update(out.quantized.indices)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.opt.step()
-        return losses
+        return losses | self.sharpen.discriminator_step(step, x, out.reconstruction)
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
         health = self.usage.stats()
@@ -154,6 +190,8 @@ class Stage1:
                    "dead": str(record["window_dead_codes"])}
                 | ({"wait%": f"{100 * record['data_wait']:.0f}"} if record["data_wait"] >= 0.05
                    else {})
+                | ({"g": f"{record['gan_g']:.3f}", "d": f"{record['gan_d']:.3f}"}
+                   if "gan_d" in record else {})
                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
 
     def evaluate(self, limit: int) -> Evaluation:
@@ -172,7 +210,7 @@ class Stage1:
         tc, pictures = self.cfg.train, {}
         if self.runtime.is_main:
             runs.save_checkpoint(self.run_dir, step, self.model, VQVAE_KIND, self.cfg.model,
-                                 self.opt, tc, self.runtime)
+                                 self.opt, tc, self.runtime, self.sharpen.companions())
             pictures = write_pictures(self.model, self.grid, tc.grid, self.run_dir / "samples",
                                       f"_{step:07d}")
         metrics, counts = self.evaluate(tc.eval_count)
@@ -195,14 +233,15 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     set_precision(tc.precision, runtime.device)
     torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
     model = VQVAE(cfg.model).to(runtime.device)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    opt = torch.optim.Adam(_start_from(model, tc), lr=tc.lr)
+    sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime)
     with runs.opened(run_dir, resume, runtime):
         start = (runs.restore(run_dir, model, opt, VQVAE_KIND, cfg.model, tc.batch_size,
-                              runtime) if resume else 0)
+                              runtime, sharpen.companions()) if resume else 0)
         runs.check_steps(start, tc.steps)
         main_does(lambda: runs.prepare_run(run_dir, VQVAE_KIND, cfg, start), runtime,
                   "prepare the run folder")
-        stage = Stage1(cfg, run_dir, model, opt, splits, runtime)
+        stage = Stage1(cfg, run_dir, model, opt, splits, runtime, sharpen)
         model.train()
         with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
                 train, evals, run_dir / "curves.png")) as logger:

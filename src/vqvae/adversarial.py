@@ -1,0 +1,105 @@
+"""The sharper half of a stage-1 step: perceptual and adversarial terms for the autoencoder,
+and the discriminator's own step (VQGAN, Esser et al. 2021, arXiv:2012.09841).
+
+Before ``gan_start`` only the reconstruction (and perceptual) loss trains; from it on, the
+autoencoder also minimises ``gan_weight`` x adaptive weight x the generator loss of a PatchGAN
+that trains beside it with its own Adam (betas 0.5, 0.9, as VQGAN). The discriminator's weights,
+LeCAM averages and optimizer are saved in every checkpoint and restored on resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpoint import Companions
+from .config import TrainConfig
+from .discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
+                            discriminator_loss, generator_loss, patchgan_layers)
+from .distributed import Runtime, autocast, data_parallel
+
+ADVERSARY = "adversary"  # file name of its state in a checkpoint folder
+
+
+class Adversary(nn.Module):
+    """The discriminator and its LeCAM averages, saved together."""
+
+    def __init__(self, in_channels: int, image_size: int, channels: int, layers: int):
+        super().__init__()
+        self.disc = PatchDiscriminator(in_channels, channels, patchgan_layers(image_size, layers))
+        self.lecam = LeCam()
+
+
+class Sharpener:
+    """Perceptual and adversarial terms of one stage-1 step, for a :class:`TrainConfig` that
+    asks for them (``perceptual_weight``, ``gan_weight``)."""
+
+    def __init__(self, tc: TrainConfig, in_channels: int, image_size: int, runtime: Runtime):
+        self.tc, self.runtime = tc, runtime
+        self.perceptual = None
+        if tc.perceptual_weight > 0:
+            from .perceptual import load_perceptual
+
+            self.perceptual = load_perceptual(tc.perceptual_weights, runtime.device)
+        self.adversary = self.opt = self.disc_net = None
+        if tc.adversarial:
+            self.adversary = Adversary(in_channels, image_size, tc.disc_channels,
+                                       tc.disc_layers).to(runtime.device)
+            self.opt = torch.optim.Adam(self.adversary.parameters(), lr=tc.disc_lr or tc.lr,
+                                        betas=(0.5, 0.9))
+            self.disc_net = data_parallel(self.adversary.disc, runtime)
+
+    @property
+    def active(self) -> bool:
+        return self.perceptual is not None or self.adversary is not None
+
+    def companions(self) -> Companions:
+        """What checkpoints save and restore beside the model."""
+        return {ADVERSARY: (self.adversary, self.opt)} if self.adversary is not None else {}
+
+    def _view(self, images: torch.Tensor) -> torch.Tensor:
+        return diff_augment(images) if self.tc.diffaug else images
+
+    def autoencoder_terms(self, step: int, x: torch.Tensor, reconstruction: torch.Tensor,
+                          mse: torch.Tensor, last_layer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Terms added to the autoencoder's loss (``loss``) and what to log about them."""
+        terms: dict[str, torch.Tensor] = {}
+        rec_loss = mse
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(reconstruction, x).mean()
+            rec_loss = rec_loss + self.tc.perceptual_weight * terms["perceptual"]
+        if self.adversary is not None:
+            zero = mse.detach() * 0
+            terms |= {"gan_g": zero, "gan_weight": zero}
+            if step >= self.tc.gan_start:
+                self.adversary.requires_grad_(False)  # the generator's pass: no D gradients
+                g = generator_loss(self.adversary.disc(self._view(reconstruction)),
+                                   self.tc.gan_loss)
+                self.adversary.requires_grad_(True)
+                weight = self.tc.gan_weight * adaptive_weight(rec_loss, g, last_layer)
+                terms |= {"gan_g": g, "gan_weight": weight}
+                rec_loss = rec_loss + weight * g
+        terms["loss"] = rec_loss - mse  # what the sharper terms add to the seed's loss
+        return terms
+
+    def discriminator_step(self, step: int, x: torch.Tensor,
+                           reconstruction: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One Adam step of the discriminator on real and reconstructed images (one batch
+        through it, so data parallelism sees one forward per backward); logs its loss and
+        mean logits (zeros before ``gan_start``)."""
+        if self.adversary is None:
+            return {}
+        if step < self.tc.gan_start:
+            zero = x.new_zeros(())
+            return {"gan_d": zero, "logits_real": zero, "logits_fake": zero}
+        with autocast(self.tc.precision, self.runtime.device):
+            logits = self.disc_net(self._view(torch.cat([x, reconstruction.detach()])))
+            real, fake = logits.float().chunk(2)
+            loss = discriminator_loss(real, fake, self.tc.gan_loss)
+            if self.tc.lecam > 0:
+                loss = loss + self.tc.lecam * self.adversary.lecam(real, fake)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {"gan_d": loss.detach(), "logits_real": real.detach().mean(),
+                "logits_fake": fake.detach().mean()}
