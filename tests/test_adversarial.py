@@ -53,9 +53,14 @@ def test_adaptive_weight_matches_a_hand_computation():
 
 def test_lecam_pulls_logits_towards_the_other_sides_average():
     reg = LeCam(decay=0.0)  # averages = the current batch
+    reg.update(torch.tensor(-1.0), torch.tensor(1.0))
     assert reg(torch.full((4,), -1.0), torch.full((4,), 1.0)).item() == 0.0  # already close
+    reg.update(torch.tensor(3.0), torch.tensor(-3.0))
     apart = reg(torch.full((4,), 3.0), torch.full((4,), -3.0))
     assert apart.item() == pytest.approx(2 * 36.0) and reg.real_mean.item() == 3.0
+    slow = LeCam(decay=0.9)
+    slow.update(torch.tensor(10.0), torch.tensor(0.0))
+    assert slow.real_mean.item() == pytest.approx(1.0)  # a moving average
 
 
 def test_diff_augment_is_differentiable_and_seeded():

@@ -16,7 +16,7 @@ from .checkpoint import Companions
 from .config import TrainConfig
 from .discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
                             discriminator_loss, generator_loss, patchgan_layers)
-from .distributed import Runtime, autocast, data_parallel
+from .distributed import Runtime, all_reduce_sum, autocast, data_parallel
 
 ADVERSARY = "adversary"  # file name of its state in a checkpoint folder
 
@@ -97,6 +97,8 @@ class Sharpener:
             real, fake = logits.float().chunk(2)
             loss = discriminator_loss(real, fake, self.tc.gan_loss)
             if self.tc.lecam > 0:
+                means = all_reduce_sum(torch.stack([real.mean(), fake.mean()]).detach())
+                self.adversary.lecam.update(*(means / self.runtime.world_size))
                 loss = loss + self.tc.lecam * self.adversary.lecam(real, fake)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

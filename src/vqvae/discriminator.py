@@ -91,10 +91,14 @@ class LeCam(nn.Module):
         self.register_buffer("real_mean", torch.zeros(()))
         self.register_buffer("fake_mean", torch.zeros(()))
 
+    @torch.no_grad()
+    def update(self, real_mean: torch.Tensor, fake_mean: torch.Tensor) -> None:
+        """Fold this step's mean logits (every rank's, so the averages stay identical) in."""
+        self.real_mean.lerp_(real_mean.float(), 1 - self.decay)
+        self.fake_mean.lerp_(fake_mean.float(), 1 - self.decay)
+
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.real_mean.lerp_(real.detach().float().mean(), 1 - self.decay)
-            self.fake_mean.lerp_(fake.detach().float().mean(), 1 - self.decay)
+        """The penalty on this step's logits, after :meth:`update`."""
         return (F.relu(real - self.fake_mean).pow(2).mean()
                 + F.relu(self.real_mean - fake).pow(2).mean())
 
