@@ -47,7 +47,7 @@ def test_stage_boundaries():
     assert "train" not in graph["train_prior"]  # stage 2 takes nothing from stage 1's trainer
     assert "train" not in graph["loop"] | graph["runs"]  # the shared loop serves both stages
     # Models are pure modules: no run folders, checkpoints, logging or CLI inside.
-    for model in ("autoencoder", "prior", "quantize", "fsq"):
+    for model in ("autoencoder", "prior", "quantize", "fsq", "perceptual"):
         assert not graph[model] & {"checkpoint", "runs", "loop", "cli", "plots", "sample"}, model
     # Nothing below the CLI imports it.
     assert not any("cli" in deps for name, deps in graph.items() if name != "__main__")

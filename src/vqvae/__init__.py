@@ -22,6 +22,7 @@ from .distributed import Runtime  # noqa: E402
 from .fsq import FiniteScalarQuantizer  # noqa: E402
 from .metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # noqa: E402
                       score_autoencoder, ssim)
+from .perceptual import LPIPS, PerceptualWeightsError, load_perceptual  # noqa: E402
 from .prior import Prior  # noqa: E402
 from .quality import (Classifier, ClassifierConfig, frechet_distance, judge,  # noqa: E402
                       train_classifier)
@@ -42,7 +43,8 @@ __all__ = [
     "load_autoencoder",
     "load_run_config", "load_trained", "train_autoencoder", "Runtime", "RunResult",
     "evaluate_autoencoder", "score_autoencoder", "CodeUsage", "codebook_stats", "psnr",
-    "ssim", "reconstruction_grid", "interpolation_grid",
+    "ssim", "reconstruction_grid", "interpolation_grid", "LPIPS", "load_perceptual",
+    "PerceptualWeightsError",
     # stage 2
     "Prior", "PriorConfig", "PriorTrainConfig", "PriorRunConfig", "PRIOR_PRESETS", "seed_prior",
     "default_prior", "prior_run_config", "Codes", "CodeSplit", "encode_dataset", "encode_set",
