@@ -135,3 +135,20 @@ def test_finetune_decoder_keeps_the_codes_and_the_priors_on_them(tmp_path, capsy
     capsys.readouterr()
     assert main(["sample", str(prior), "--decoder", str(other), "--n", "4"]) == 2
     assert "another stage-1 model" in capsys.readouterr().err
+
+
+def test_perceptual_loss_trains_with_weights_from_a_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from vqvae.perceptual import LPIPS
+
+    weights = tmp_path / "lpips.safetensors"
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(weights))
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--steps", "2", "--every", "2", "--perceptual-weight", "0.5",
+                 "--perceptual-weights", str(weights), "--out", str(run)]) == 0
+    assert '"perceptual"' in (run / "train.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", *BASE, "--perceptual-weight", "0.5", "--perceptual-weights",
+                 str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, ConfigError, DataConfig,
                      PriorTrainConfig, SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
 from .data import DataError, ImageSet
 from .files import FileSet
+from .perceptual import PerceptualWeightsError
 from .shards import pack
 from .distributed import PeerError, Runtime, launch, pick_device
 from .metrics import score_autoencoder
@@ -316,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return args.func(args) or 0
-    except (ConfigError, DataError, CheckpointError, FileExistsError, PeerError) as e:
+    except (ConfigError, DataError, CheckpointError, FileExistsError, PeerError,
+            PerceptualWeightsError) as e:
         print(f"vqvae: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
