@@ -201,13 +201,14 @@ def test_vqgan_options_on_resnet_are_refused(changes, words):
 @pytest.mark.parametrize("size,channels,mult,grid", [
     (256, 3, (1, 1, 2, 4), 32), (128, 3, (1, 1, 2, 4), 16), (64, 3, (1, 1, 2, 4), 8),
     (32, 1, (1, 1, 2), 8), (16, 1, (1, 1), 8), (8, 1, (1, 1), 4), (100, 3, (1, 1, 2), 25),
+    (30, 1, (1, 1), 15),
     (96, 3, (1, 1, 2, 4), 12)])
 def test_vqgan_preset_fits_the_image_size(size, channels, mult, grid):
     cfg = vqgan_model(size, channels)
     assert cfg.channel_mult == mult and cfg.downsamples == len(mult) - 1
     assert cfg.level_widths == tuple(128 * m for m in mult) and cfg.latent_size == grid
     assert cfg.attention and cfg.res_blocks == 2 and cfg.norm_groups == 32
-    default = default_model(size, channels)  # the default preset's quantizer
+    default = default_model(128, channels)  # the default preset's quantizer (30 px: no model)
     for name in (*quantizer_options(), "quantizer", "codebook_size", "code_dim", "beta"):
         assert getattr(cfg, name) == getattr(default, name), name
     assert PRESETS["vqgan"].model is vqgan_model and PRESETS["vqgan"].train.lr == 1e-4
@@ -218,7 +219,7 @@ def test_run_config_derives_downsamples_and_resets_across_architectures():
         return run_config(preset, replace(run_config().data, size=size), changes).model
 
     assert model("vqgan", channel_mult=(1, 2)).downsamples == 1  # given alone, it sets it
-    with pytest.raises(ConfigError, match=r"give downsamples \+ 1 = 3 values, or --channel-mult"):
+    with pytest.raises(ConfigError, match=r"give 3 values to --channel-mult \(e.g. 1,1,2\)"):
         model("vqgan", downsamples=2)
     with pytest.raises(ConfigError, match="--norm-groups"):
         model("vqgan", hidden_channels=16)

@@ -183,11 +183,12 @@ class VQVAEConfig:
             return
         _check(self.res_blocks >= 1, "vqgan needs res_blocks >= 1 (its residual blocks change "
                f"the width between levels), got {self.res_blocks}")
-        levels = len(self.channel_mult)
-        _check(not self.channel_mult or levels == self.downsamples + 1,
-               f"channel_mult {','.join(map(str, self.channel_mult))} has {levels} levels, i.e. "
-               f"{levels - 1} downsamplings, but downsamples is {self.downsamples}: give "
-               f"downsamples + 1 = {self.downsamples + 1} values, or --channel-mult alone (it "
+        mult, levels = self.channel_mult, self.downsamples + 1
+        like = ",".join(map(str, (mult + mult[-1:] * levels)[:levels]))
+        _check(not mult or len(mult) == levels,
+               f"channel_mult {','.join(map(str, mult))} has {len(mult)} levels, i.e. "
+               f"{len(mult) - 1} downsamplings, but downsamples is {self.downsamples}: give "
+               f"{levels} values to --channel-mult (e.g. {like}), or --channel-mult alone (it "
                f"sets downsamples)")
         widths = self.level_widths
         _check(all(w % self.norm_groups == 0 for w in widths),
@@ -386,12 +387,12 @@ def vqgan_model(image_size: int = 256, in_channels: int = 3) -> VQVAEConfig:
     sizes that 8 does not divide (100 px: f4)."""
     deepest = max(1, min(3, int(math.log2(image_size)) - 3))
     downsamples = next((d for d in range(deepest, 0, -1) if image_size % 2**d == 0), deepest)
-    vqgan = dict(architecture="vqgan", hidden_channels=128, downsamples=downsamples,
-                 channel_mult=(1, 1, 2, 4)[:downsamples + 1], res_blocks=2, attention=True,
-                 norm_groups=32)
-    # The default's BatchNorm options belong to resnet: back to their (unused) defaults.
-    return replace(default_model(image_size, in_channels),
-                   **(_defaults(architecture_options()) | vqgan))
+    vqgan = dict(image_size=image_size, architecture="vqgan", hidden_channels=128,
+                 downsamples=downsamples, channel_mult=(1, 1, 2, 4)[:downsamples + 1],
+                 res_blocks=2, attention=True, norm_groups=32)
+    # The default preset's quantizer and initialisation (its model built at a size it accepts);
+    # its BatchNorm options belong to resnet: back to their (unused) defaults.
+    return replace(default_model(128, in_channels), **(_defaults(architecture_options()) | vqgan))
 
 
 @dataclass(frozen=True)
