@@ -14,7 +14,7 @@ from .codes import (CodeSplit, Codes, encode_dataset, encode_set, load_codes, lo
 from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, LoopConfig,  # noqa: E402
                      Preset, PriorConfig, PriorRunConfig, PriorTrainConfig, RunConfig,
                      SampleConfig, TrainConfig, VQVAEConfig, default_model, default_prior,
-                     run_config, seed_model, seed_prior)
+                     run_config, seed_model, seed_prior, vqgan_model)
 from .data import DataError, ImageSet, Splits, load_splits, to_float, to_uint8  # noqa: E402
 from .files import FileSet  # noqa: E402
 from .shards import pack  # noqa: E402
@@ -38,7 +38,8 @@ __all__ = [
     "VQVAE", "VQVAEOutput", "ResidualBlock", "VectorQuantizer", "EMAVectorQuantizer",
     "FiniteScalarQuantizer", "QuantizerOutput", "QUANTIZERS", "build_quantizer",
     "VQVAEConfig", "DataConfig", "LoopConfig", "TrainConfig", "RunConfig", "Preset", "PRESETS",
-    "run_config", "seed_model", "default_model", "ConfigError", "DataError", "CheckpointError",
+    "run_config", "seed_model", "default_model", "vqgan_model", "ConfigError", "DataError",
+    "CheckpointError",
     "ImageSet", "FileSet", "Splits", "load_splits", "pack", "to_float", "to_uint8",
     "load_autoencoder",
     "load_run_config", "load_trained", "train_autoencoder", "Runtime", "RunResult",

@@ -2,6 +2,7 @@
 
 van den Oord et al., "Neural Discrete Representation Learning" (2017), arXiv:1711.00937; the layer
 plan is the VQ-VAE blog post's Keras model, which the ``seed`` preset reproduces layer by layer.
+The encoder and decoder are one of :data:`ARCHITECTURES`: this ``resnet`` or ``vqgan`` (vqgan.py).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .config import QuantizerName, VQVAEConfig
+from .config import Architecture, QuantizerName, VQVAEConfig
 from .fsq import FiniteScalarQuantizer
 from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
+from .vqgan import vqgan_decoder, vqgan_encoder
 
 
 class ResidualBlock(nn.Module):
@@ -41,7 +43,7 @@ def _block(cfg: VQVAEConfig) -> ResidualBlock:
     return ResidualBlock(cfg.hidden_channels, cfg.bn_momentum, cfg.bn_eps)
 
 
-def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
+def resnet_encoder(cfg: VQVAEConfig) -> nn.Sequential:
     """(B, C, S, S) -> (B, code_dim, S/2^n, S/2^n). Seed: conv-BN-ReLU-conv-BN, then blocks
     separated by BN; the output itself has no BN."""
     layers: list[nn.Module] = []
@@ -60,7 +62,7 @@ def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build_decoder(cfg: VQVAEConfig) -> nn.Sequential:
+def resnet_decoder(cfg: VQVAEConfig) -> nn.Sequential:
     """(B, code_dim, s, s) -> (B, C, s*2^n, s*2^n) in [-1, 1]. Seed: (BN, block) x n, then
     transposed convs with BN-ReLU between them and tanh at the end."""
     layers: list[nn.Module] = []
@@ -74,6 +76,38 @@ def build_decoder(cfg: VQVAEConfig) -> nn.Sequential:
     layers += [nn.ConvTranspose2d(cfg.hidden_channels, cfg.in_channels, 4, stride=2, padding=1),
                nn.Tanh()]
     return nn.Sequential(*layers)
+
+
+def _vqgan_encoder(cfg: VQVAEConfig) -> nn.Sequential:
+    return vqgan_encoder(cfg.in_channels, cfg.level_widths, cfg.res_blocks, cfg.code_dim,
+                         cfg.attention, cfg.norm_groups)
+
+
+def _vqgan_decoder(cfg: VQVAEConfig) -> nn.Sequential:
+    return vqgan_decoder(cfg.code_dim, cfg.level_widths, cfg.res_blocks, cfg.in_channels,
+                         cfg.attention, cfg.norm_groups)
+
+
+class EncoderDecoder(NamedTuple):
+    encoder: Callable[[VQVAEConfig], nn.Module]  # images (B, C, S, S) -> (B, code_dim, s, s)
+    decoder: Callable[[VQVAEConfig], nn.Module]  # (B, code_dim, s, s) -> images (B, C, S, S)
+
+
+# The config's architecture name -> the builders of its encoder and decoder.
+ARCHITECTURES: dict[Architecture, EncoderDecoder] = {
+    "resnet": EncoderDecoder(resnet_encoder, resnet_decoder),
+    "vqgan": EncoderDecoder(_vqgan_encoder, _vqgan_decoder),
+}
+
+
+def build_encoder(cfg: VQVAEConfig) -> nn.Module:
+    """``cfg.architecture``'s encoder: images (B, C, S, S) -> latents (B, code_dim, s, s)."""
+    return ARCHITECTURES[cfg.architecture].encoder(cfg)
+
+
+def build_decoder(cfg: VQVAEConfig) -> nn.Module:
+    """``cfg.architecture``'s decoder: latents (B, code_dim, s, s) -> images (B, C, S, S)."""
+    return ARCHITECTURES[cfg.architecture].decoder(cfg)
 
 
 def _keras_init(module: nn.Module) -> None:
@@ -107,7 +141,7 @@ def build_quantizer(cfg: VQVAEConfig) -> nn.Module:
 
 
 class VQVAEOutput(NamedTuple):
-    reconstruction: torch.Tensor  # (B, C, H, W) in [-1, 1]
+    reconstruction: torch.Tensor  # (B, C, H, W) in [-1, 1] (vqgan: near it, unclamped)
     latents: torch.Tensor  # (B, D, h, w) continuous encoder output
     quantized: QuantizerOutput
 
@@ -133,7 +167,8 @@ class VQVAE(nn.Module):
         return self.quantizer(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents or code vectors (B, D, h, w) -> images (B, C, H, W) in [-1, 1]."""
+        """Latents or code vectors (B, D, h, w) -> images (B, C, H, W) in [-1, 1]; the vqgan
+        decoder has no tanh, so its values may overshoot slightly (``to_uint8`` clamps)."""
         return self.decoder(z)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -148,10 +183,11 @@ class VQVAE(nn.Module):
                             else self.quantizer.continuous(z))
 
     def last_layer(self) -> nn.Parameter:
-        """The weight of the decoder's final layer, where the GAN's adaptive weight compares the
-        reconstruction and adversarial gradients."""
-        return [m.weight for m in self.decoder.modules()
-                if isinstance(getattr(m, "weight", None), nn.Parameter)][-1]
+        """The weight of the decoder's final layer (the last module with one): where the GAN's
+        adaptive weight compares the gradients of the reconstruction and adversarial losses."""
+        weights = [m.weight for m in self.decoder.modules()
+                   if isinstance(getattr(m, "weight", None), nn.Parameter)]
+        return weights[-1]
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         z = self.encoder(x)

@@ -226,7 +226,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "train", cmd_train, "train stage 1 (the VQ-VAE)",
                  description="Train a VQ-VAE; options override the chosen preset.")
-    _training(p, PRESETS, "seed: the blog post's model exactly; default: the improved one")
+    _training(p, PRESETS, "seed: the blog post's model exactly; default: the improved one; "
+              "vqgan: a VQGAN-class autoencoder (GroupNorm blocks, attention, f8 from 64 px)")
     add_options(p, DataConfig, "data", "data")
     add_options(p, VQVAEConfig, "model (defaults come from --preset)", "model", False)
     add_options(p, TrainConfig, "training", "train")

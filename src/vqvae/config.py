@@ -12,7 +12,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
 
 QuantizerName = Literal["vq", "ema", "fsq"]
-PresetName = Literal["seed", "default"]
+PresetName = Literal["seed", "default", "vqgan"]  # stage 1
+PriorPresetName = Literal["seed", "default"]
+Architecture = Literal["resnet", "vqgan"]
 Precision = Literal["auto", "fp32", "tf32", "bf16"]
 WeightInit = Literal["keras", "torch"]
 CacheMode = Literal["auto", "memory", "stream"]
@@ -79,9 +81,27 @@ class DataConfig:
 class VQVAEConfig:
     image_size: int = field(default=128, metadata=_help("image side in pixels", cli=False))
     in_channels: int = field(default=3, metadata=_help("image channels", cli=False))
-    hidden_channels: int = field(default=128, metadata=_help("channels of every conv layer (z_dim)"))
-    downsamples: int = field(default=2, metadata=_help("stride-2 convolutions (latent = size / 2^n)"))
-    res_blocks: int = field(default=3, metadata=_help("residual blocks in encoder and decoder"))
+    architecture: Architecture = field(default="resnet", metadata=_help(
+        "resnet: the blog post's conv/BatchNorm/ReLU encoder and transposed-conv decoder, tanh "
+        "output | vqgan: GroupNorm/SiLU residual blocks over levels of channel_mult widths, "
+        "nearest-neighbour upsampling, optional self-attention, no tanh (Esser et al. 2021)"))
+    hidden_channels: int = field(default=128, metadata=_help(
+        "channels of every conv layer (z_dim); vqgan: of the first level (times channel_mult)"))
+    downsamples: int = field(default=2, metadata=_help(
+        "stride-2 convolutions (latent = size / 2^n); vqgan: len(channel_mult) - 1"))
+    res_blocks: int = field(default=3, metadata=_help(
+        "residual blocks in encoder and decoder; vqgan: per resolution level, >= 1"))
+    channel_mult: tuple[int, ...] = field(default=(), metadata=_help(
+        "vqgan: each resolution level's width as a multiple of hidden_channels, comma-separated "
+        "(e.g. 1,1,2,4); downsamples + 1 values, and given without --downsamples it sets "
+        "downsamples to its length - 1 (default: every level hidden_channels wide)",
+        architecture="vqgan"))
+    attention: bool = field(default=False, metadata=_help(
+        "vqgan: single-head self-attention after each residual block of the lowest resolution "
+        "and between the two middle blocks, in encoder and decoder", architecture="vqgan"))
+    norm_groups: int = field(default=32, metadata=_help(
+        "vqgan: GroupNorm groups; every level's width must be a multiple of it",
+        architecture="vqgan"))
     codebook_size: int = field(default=64, metadata=_help("number of codes K"))
     code_dim: int = field(default=128, metadata=_help("dimension D of each code"))
     beta: float = field(default=0.25, metadata=_help("commitment loss weight"))
@@ -114,17 +134,25 @@ class VQVAEConfig:
     weight_init: WeightInit = field(default="keras", metadata=_help(
         "keras: glorot-uniform convs, U(-0.05, 0.05) codebook (the seed's); torch: PyTorch defaults"))
     bn_momentum: float = field(default=0.01, metadata=_help(
-        "BatchNorm running-stat momentum (PyTorch convention; Keras' 0.99 is 0.01)"))
-    bn_eps: float = field(default=1e-3, metadata=_help("BatchNorm epsilon"))
+        "resnet: BatchNorm running-stat momentum (PyTorch convention; Keras' 0.99 is 0.01)",
+        architecture="resnet"))
+    bn_eps: float = field(default=1e-3, metadata=_help(
+        "resnet: BatchNorm epsilon", architecture="resnet"))
 
     def __post_init__(self) -> None:
         _check(self.in_channels in (1, 3), f"in_channels must be 1 or 3, got {self.in_channels}")
+        _check(self.architecture in get_args(Architecture),
+               f"architecture must be one of {get_args(Architecture)}, got {self.architecture!r}")
         _check(self.downsamples >= 1, f"downsamples must be >= 1, got {self.downsamples}")
-        factor = 2**self.downsamples
-        _check(self.image_size % factor == 0,
-               f"image size {self.image_size} is not divisible by 2^downsamples = {factor}")
         _check(self.hidden_channels >= 1, f"hidden_channels must be >= 1, got {self.hidden_channels}")
         _check(self.res_blocks >= 0, f"res_blocks must be >= 0, got {self.res_blocks}")
+        self._check_architecture_options()
+        factor = 2**self.downsamples
+        fewer = ("a shorter --channel-mult" if self.architecture == "vqgan"
+                 else "fewer --downsamples")
+        _check(self.image_size % factor == 0,
+               f"image size {self.image_size} is not divisible by 2^downsamples = {factor}: "
+               f"pick a --size that is a multiple of {factor}, or {fewer}")
         _check(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
         _check(self.code_dim >= 1, f"code_dim must be >= 1, got {self.code_dim}")
         _check(self.beta >= 0.0, f"beta must be >= 0, got {self.beta}")
@@ -133,8 +161,42 @@ class VQVAEConfig:
         self._check_quantizer_options()
         _check(self.weight_init in get_args(WeightInit),
                f"weight_init must be one of {get_args(WeightInit)}, got {self.weight_init!r}")
-        _check(0.0 < self.bn_momentum <= 1.0, f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+
+    def _check_architecture_options(self) -> None:
+        """Options of the other architecture must keep their defaults (they would do nothing)."""
+        # JSON gives lists; keep a hashable tuple so configs compare equal after a round trip.
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        _check(all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                   for m in self.channel_mult),
+               f"channel_mult must be integers >= 1, got {self.channel_mult}")
+        _check(isinstance(self.attention, bool),
+               f"attention must be true or false, got {self.attention!r}")
+        _check(self.norm_groups >= 1, f"norm_groups must be >= 1, got {self.norm_groups}")
+        _check(0.0 < self.bn_momentum <= 1.0,
+               f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         _check(self.bn_eps > 0.0, f"bn_eps must be > 0, got {self.bn_eps}")
+        other = [f"{f.name} ({f.metadata['architecture']} only)" for f in fields(self)
+                 if f.metadata.get("architecture") not in (None, self.architecture)
+                 and getattr(self, f.name) != f.default]
+        _check(not other, f"architecture {self.architecture!r} has no use for "
+               f"{', '.join(other)}: leave it at its default, or choose that --architecture")
+        if self.architecture != "vqgan":
+            return
+        _check(self.res_blocks >= 1, "vqgan needs res_blocks >= 1 (its residual blocks change "
+               f"the width between levels), got {self.res_blocks}")
+        mult, levels = self.channel_mult, self.downsamples + 1
+        like = ",".join(map(str, (mult + mult[-1:] * levels)[:levels]))
+        _check(not mult or len(mult) == levels,
+               f"channel_mult {','.join(map(str, mult))} has {len(mult)} levels, i.e. "
+               f"{len(mult) - 1} downsamplings, but downsamples is {self.downsamples}: give "
+               f"{levels} values to --channel-mult (e.g. {like}), or --channel-mult alone (it "
+               f"sets downsamples)")
+        widths = self.level_widths
+        _check(all(w % self.norm_groups == 0 for w in widths),
+               f"GroupNorm with norm_groups {self.norm_groups} needs every level's width to be a "
+               f"multiple of it, but hidden_channels {self.hidden_channels} x channel_mult gives "
+               f"{widths}: change --hidden-channels, or --norm-groups to a divisor of them all "
+               f"(e.g. {math.gcd(*widths)})")
 
     def _check_quantizer_options(self) -> None:
         _check(isinstance(self.kmeans_init, bool), f"kmeans_init must be true or false, "
@@ -173,6 +235,23 @@ class VQVAEConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // 2**self.downsamples
+
+    @property
+    def level_widths(self) -> tuple[int, ...]:
+        """vqgan: channels of each resolution level, full resolution first (hidden_channels x
+        ``channel_mult``, or hidden_channels at every level when it is empty)."""
+        mult = self.channel_mult or (1,) * (self.downsamples + 1)
+        return tuple(self.hidden_channels * m for m in mult)
+
+
+def architecture_options() -> tuple[str, ...]:
+    """The fields of :class:`VQVAEConfig` that belong to one architecture (``resnet``'s BatchNorm,
+    ``vqgan``'s levels, attention and GroupNorm); any other architecture keeps their defaults."""
+    return tuple(f.name for f in fields(VQVAEConfig) if f.metadata.get("architecture"))
+
+
+def _defaults(names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: VQVAEConfig.__dataclass_fields__[name].default for name in names}
 
 
 def fsq_levels_for(codebook_size: int) -> tuple[int, ...]:
@@ -350,6 +429,22 @@ def default_model(image_size: int = 128, in_channels: int = 3) -> VQVAEConfig:
                    restart_after=20, cosine=True, lookup_dim=8)
 
 
+def vqgan_model(image_size: int = 256, in_channels: int = 3) -> VQVAEConfig:
+    """A VQGAN-class tokenizer (Esser et al. 2021) with the default preset's quantizer: widths
+    128-128-256-512 (channel_mult 1,1,2,4), two GroupNorm residual blocks per level, attention at
+    the lowest resolution. f8 from 64 px (a 16x16 grid at 128 px); smaller images drop the last
+    levels so that the grid stays 8x8 (32 px: f4, channel_mult 1,1,2; 16 px: f2, 1,1), and so do
+    sizes that 8 does not divide (100 px: f4)."""
+    deepest = max(1, min(3, int(math.log2(image_size)) - 3))
+    downsamples = next((d for d in range(deepest, 0, -1) if image_size % 2**d == 0), deepest)
+    vqgan = dict(image_size=image_size, architecture="vqgan", hidden_channels=128,
+                 downsamples=downsamples, channel_mult=(1, 1, 2, 4)[:downsamples + 1],
+                 res_blocks=2, attention=True, norm_groups=32)
+    # The default preset's quantizer and initialisation (its model built at a size it accepts);
+    # its BatchNorm options belong to resnet: back to their (unused) defaults.
+    return replace(default_model(128, in_channels), **(_defaults(architecture_options()) | vqgan))
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named starting point of one stage: its model config for the data's shape (a function of
@@ -359,8 +454,11 @@ class Preset:
     train: LoopConfig
 
 
+# VQGAN-class tokenizers train with Adam around 1e-4 (LlamaGen: 1e-4) on small per-device batches.
+VQGAN_TRAIN = TrainConfig(batch_size=16, lr=1e-4)
 PRESETS = {"seed": Preset(seed_model, TrainConfig()),
-           "default": Preset(default_model, TrainConfig())}
+           "default": Preset(default_model, TrainConfig()),
+           "vqgan": Preset(vqgan_model, VQGAN_TRAIN)}
 
 
 def quantizer_options() -> tuple[str, ...]:
@@ -379,10 +477,14 @@ def run_config(preset: PresetName = "default", data: DataConfig | None = None,
     base = PRESETS[preset].model(data.size, data.channels or 3)
     if given.get("quantizer", base.quantizer) != base.quantizer:
         # The preset's quantizer options belong to its quantizer: another one starts clean.
-        base = replace(base, **{name: VQVAEConfig.__dataclass_fields__[name].default
-                                for name in quantizer_options()})
+        base = replace(base, **_defaults(quantizer_options()))
     if given.get("quantizer", base.quantizer) == "fsq" and "fsq_levels" in given:
         given.setdefault("codebook_size", math.prod(given["fsq_levels"]))
+    if given.get("architecture", base.architecture) != base.architecture:
+        # Likewise the preset's BatchNorm or level options belong to its architecture.
+        base = replace(base, **_defaults(architecture_options()))
+    if given.get("channel_mult"):
+        given.setdefault("downsamples", len(given["channel_mult"]) - 1)
     return RunConfig(data=data, model=replace(base, **given),
                      train=replace(PRESETS[preset].train, **(train or {})), preset=preset)
 
@@ -535,7 +637,7 @@ class PriorRunConfig:
     codes: str
     stage1: str
     stage1_sha256: str
-    preset: PresetName = "default"
+    preset: PriorPresetName = "default"
 
 
 def seed_prior(codebook_size: int = 64, height: int = 8, width: int = 8,

@@ -132,7 +132,7 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
     ``psnr``/``mse`` go through the codebook (the real reconstruction); ``psnr_noq``/``mse_noq``
     decode the quantizer's continuous path (no snap to a code); ``ssim``/``ssim_noq`` likewise
     (:func:`ssim`, mean over images). PSNR is the mean of per-image PSNR on the [-1, 1] scale
-    (identical to the [0, 255] scale).
+    (identical to the [0, 255] scale); reconstructions are clamped to [-1, 1] first.
     """
     return score_autoencoder(model, images, batch_size, device).metrics
 
@@ -167,8 +167,11 @@ def score_autoencoder(model: VQVAE, images: torch.Tensor | ImageSet | FileSet,
         n += x.shape[0]
         z = model.encode_latents(x)
         q = model.quantizer(z)
-        for name, rec in (("", model.decode(q.quantized)), ("_noq", model.decode(model.quantizer.continuous(z)))):
-            mse = (rec.float() - x).pow(2).flatten(1).mean(1)  # (B,)
+        for name, z_hat in (("", q.quantized), ("_noq", model.quantizer.continuous(z))):
+            # Score the picture that is shown: clamped like to_uint8 (a no-op after resnet's
+            # tanh; vqgan's decoder is unbounded).
+            rec = model.decode(z_hat).float().clamp(-1.0, 1.0)
+            mse = (rec - x).pow(2).flatten(1).mean(1)  # (B,)
             sums["mse" + name] += mse.sum().item()
             sums["psnr" + name] += psnr(mse).sum().item()
             sums["ssim" + name] += ssim(rec, x).sum().item()

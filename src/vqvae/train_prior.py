@@ -19,7 +19,7 @@ from . import loop, runs
 from .checkpoint import PRIOR_KIND, protect
 from .autoencoder import VQVAE
 from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
-from .config import (PRIOR_PRESETS, ConfigError, PresetName, PriorConfig, PriorRunConfig,
+from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
                      SampleConfig)
 from .data import BatchStream, DataError
 from .distributed import Runtime, autocast, data_parallel, main_does, pick_device, set_precision
@@ -36,7 +36,7 @@ def load_prior_run_config(path: str | Path) -> PriorRunConfig:
     return runs.read_run_config(path, PRIOR_KIND)
 
 
-def prior_run_config(codes: Codes, codes_path: str = "", preset: PresetName = "default",
+def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName = "default",
                      conditional: bool = False, model: dict[str, Any] | None = None,
                      train: dict[str, Any] | None = None) -> PriorRunConfig:
     """A prior run config for ``codes``: ``preset``'s model sized to their vocabulary, grid and
