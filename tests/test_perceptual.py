@@ -1,7 +1,6 @@
 """The perceptual loss: LPIPS's invariants on random weights, the loader's checks, torchvision's
 key layout and the conversion script."""
 
-import importlib.util
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from vqvae import LPIPS, PerceptualWeightsError, load_perceptual
 from vqvae.perceptual import unit_normalize
+from script_module import load_script
 
 # torchvision's vgg16().features: (index, in, out) of its 13 convolutions, written out here
 # independently of the module so that a naming slip in either shows up.
@@ -197,12 +197,7 @@ def test_torchvision_names_load(torchvision_features, tmp_path):
 
 
 def _convert_script():
-    """scripts/convert_lpips.py as a module (scripts/ is not a package)."""
-    path = Path(__file__).parents[1] / "scripts" / "convert_lpips.py"
-    spec = importlib.util.spec_from_file_location("convert_lpips", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/convert_lpips.py")
 
 
 def test_convert_script(torchvision_features, tmp_path, capsys):

@@ -1,6 +1,4 @@
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +8,7 @@ from vqvae.checkpoint import load_prior
 from vqvae.cli import main
 from vqvae.codes import CodeSplit, load_codes, save_codes
 from vqvae.runs import read_jsonl
+from script_module import load_script
 
 STAGE1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
           "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "32",
@@ -207,12 +206,7 @@ def test_all_classes_in_turn_and_loaded_again(drawn_for_every_class):
 
 
 def _sample_quality():
-    """benchmarks/sample_quality.py as a module (benchmarks/ is not a package)."""
-    path = Path(__file__).parents[1] / "benchmarks" / "sample_quality.py"
-    spec = importlib.util.spec_from_file_location("sample_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/sample_quality.py")
 
 
 def test_judge_a_sample_folder(drawn_for_every_class, tmp_path, capsys):
