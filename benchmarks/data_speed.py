@@ -10,7 +10,8 @@ of 128-256 px (smooth random colour fields, 10 class folders) and a hard-linked 
 2. ``vqvae train --preset seed --size 128 --cache stream`` on the small folder, the large folder
    and the large folder's shards: peak memory of the whole process tree (PSS: shared pages
    counted once), seconds from the command to step 1 logged (a separate 1-step run: Python and
-   torch imports, indexing the files, the first batch, step 1 and its save), the share of step time spent waiting for data
+   torch imports, indexing the files, the first batch, step 1 and its save), the share of step
+   time spent waiting for data
    (``data_wait`` in train.jsonl, first window left out), images/s.
 
     PYTHONPATH=src python benchmarks/data_speed.py                       # ~100k images
@@ -93,7 +94,8 @@ def decode_speed(folder: Path, size: int, count: int, workers: int) -> list[tupl
         start = time.perf_counter()
         for i in range(count):
             train.decode(i, gen, crop)
-        rows.append((f"vqvae decode ({crop} crop), 1 process", count / (time.perf_counter() - start)))
+        rows.append((f"vqvae decode ({crop} crop), 1 process",
+                     count / (time.perf_counter() - start)))
     batches = train_batches(train, cfg, 64, seed=0, start=0)
     next(batches)  # workers started
     start = time.perf_counter()
