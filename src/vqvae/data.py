@@ -218,19 +218,18 @@ def _memory_source(cfg: DataConfig, path: Path | None) -> tuple[ImageSet, ImageS
                     f"of images or .tar shards)")
 
 
-def _file_splits(cfg: DataConfig) -> Splits:
-    """A folder's files or the samples of tar shards, split before decoding: a folder by a
-    seeded permutation of its sorted file list, shards by a hash of each sample's key."""
+def _file_splits(cfg: DataConfig, shards: bool) -> Splits:
+    """A folder's files or (``shards``) the samples of tar shards, split before decoding: a
+    folder by a seeded permutation of its sorted file list, shards by a hash of each sample's
+    key."""
     channels = cfg.channels or 3
-    if is_shard_source(cfg.source):
+    if shards:
         paths = shard_paths(cfg.source)
         index = index_shards(paths)
-        labels = index.labels if (index.labels >= 0).all() else None
-        classes = manifest_classes(paths) if labels is not None else None
-        full = FileSet(index.files, cfg.size, channels,
-                       None if labels is None else torch.from_numpy(labels),
-                       classes or (None if labels is None else _class_names(
-                           torch.from_numpy(labels), paths[0])))
+        labels = torch.from_numpy(index.labels) if (index.labels >= 0).all() else None
+        classes = None if labels is None else (manifest_classes(paths)
+                                               or _class_names(labels, paths[0]))
+        full = FileSet(index.files, cfg.size, channels, labels, classes)
         test = held_out(index.keys, cfg.holdout, cfg.split_seed)
         if test.all() or not test.any():
             raise DataError(f"{cfg.source}: {len(full)} image(s) leave no train or no held-out "
@@ -264,13 +263,13 @@ def load_splits(cfg: DataConfig) -> Splits:
     """
     path = None if cfg.source == "digits" or cfg.source in NAMED_IDX else Path(
         cfg.source).expanduser()
-    if path is not None and not path.exists() and not is_shard_source(cfg.source):
+    shards = path is not None and is_shard_source(cfg.source)
+    if path is not None and not path.exists() and not shards:
         raise DataError(f"data source {cfg.source!r} not found (expected digits, "
                         f"{', '.join(NAMED_IDX)}, a folder of images, .tar shards, or a "
                         f".npy/.npz file)")
-    if path is not None and (is_shard_source(cfg.source) or (path.is_dir()
-                                                             and not _is_idx_dir(path))):
-        splits = _file_splits(cfg)
+    if path is not None and (shards or (path.is_dir() and not _is_idx_dir(path))):
+        splits = _file_splits(cfg, shards)
         images = len(splits.train) + len(splits.test)
         if cache_mode(cfg, images, splits.train.channels) == "stream":
             return splits

@@ -111,7 +111,7 @@ class ShardStream(IterableDataset):
         self.start, self.rank = start, rank
         self.readers = max(1, data.workers)
         self.total = self.readers * world_size
-        self.groups = [g for g in shard_groups(train.files.shard_ids)]
+        self.groups = shard_groups(train.files.shard_ids)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()

@@ -56,9 +56,11 @@ def is_shard_source(source: str) -> bool:
     if "{" in source or source.endswith(".tar"):
         return True
     path = Path(source).expanduser()
+    # the image check first: it stops at the first image of a flat folder, where looking for a
+    # .tar that is not there would list every file
     return path.is_dir() and ((path / MANIFEST).exists() or (
-        any(path.glob("*.tar")) and not any(p.suffix.lower() in IMAGE_EXTENSIONS
-                                            for p in path.iterdir())))
+        not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir())
+        and any(path.glob("*.tar"))))
 
 
 def shard_paths(source: str) -> list[Path]:
