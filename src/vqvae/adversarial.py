@@ -64,10 +64,11 @@ class Sharpener:
                           mse: torch.Tensor, last_layer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Terms added to the autoencoder's loss (``loss``) and what to log about them."""
         terms: dict[str, torch.Tensor] = {}
-        rec_loss = mse
+        added = mse.new_zeros(())  # what the sharper terms add to the seed's loss
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(reconstruction, x).mean()
-            rec_loss = rec_loss + self.tc.perceptual_weight * terms["perceptual"]
+            added = self.tc.perceptual_weight * terms["perceptual"]
+        rec_loss = mse + added  # the reconstruction loss the adaptive weight balances against
         if self.adversary is not None:
             zero = mse.detach() * 0
             terms |= {"gan_g": zero, "gan_weight": zero}
@@ -78,8 +79,8 @@ class Sharpener:
                 self.adversary.requires_grad_(True)
                 weight = self.tc.gan_weight * adaptive_weight(rec_loss, g, last_layer)
                 terms |= {"gan_g": g, "gan_weight": weight}
-                rec_loss = rec_loss + weight * g
-        terms["loss"] = rec_loss - mse  # what the sharper terms add to the seed's loss
+                added = added + weight * g
+        terms["loss"] = added
         return terms
 
     def discriminator_step(self, step: int, x: torch.Tensor,
