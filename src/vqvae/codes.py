@@ -93,22 +93,27 @@ def fingerprint(checkpoint_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _finetuned_from(checkpoint_dir: str | Path) -> str | None:
+    """For a decoder fine-tuned by `vqvae finetune-decoder`, the fingerprint of the checkpoint
+    whose codes it decodes (recorded in its run config); else None."""
+    run_dir = runs.find_run(checkpoint_dir)
+    if run_dir is None:
+        return None
+    train = runs.read_run_config(run_dir, ckpt.VQVAE_KIND).train
+    return train.codes_sha256 if train.decoder_only else None
+
+
 def codes_fingerprint(checkpoint_dir: str | Path) -> str:
     """The fingerprint of the checkpoint whose codes this one's equal: its own, or for a
-    decoder fine-tuned by `vqvae finetune-decoder`, the one it was fine-tuned from."""
-    run_dir = runs.find_run(checkpoint_dir)
-    if run_dir is not None:
-        train = runs.read_run_config(run_dir, ckpt.VQVAE_KIND).train
-        if train.decoder_only and train.codes_sha256:
-            return train.codes_sha256
-    return fingerprint(checkpoint_dir)
+    fine-tuned decoder, the one it was fine-tuned from."""
+    return _finetuned_from(checkpoint_dir) or fingerprint(checkpoint_dir)
 
 
 def check_stage1(expected_sha256: str, made_by: str, checkpoint_dir: str | Path) -> None:
     """Refuse codes (or a prior) that another stage-1 model made: compare fingerprints (a
     decoder fine-tuned from the model that made them decodes them too)."""
     actual = fingerprint(checkpoint_dir)
-    if actual != expected_sha256 and codes_fingerprint(checkpoint_dir) != expected_sha256:
+    if expected_sha256 not in (actual, _finetuned_from(checkpoint_dir)):
         raise DataError(f"the codes were made by another stage-1 model ({made_by}, sha256 "
                         f"{expected_sha256[:12]}), not {checkpoint_dir} ({actual[:12]})")
 
