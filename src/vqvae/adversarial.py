@@ -16,7 +16,8 @@ from .checkpoint import Companions
 from .config import TrainConfig
 from .discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
                             discriminator_loss, generator_loss, patchgan_layers)
-from .distributed import Runtime, all_reduce_sum, autocast, data_parallel
+from .distributed import Runtime, all_reduce_sum, data_parallel
+from .precision import autocast
 
 ADVERSARY = "adversary"  # file name of its state in a checkpoint folder
 

@@ -223,7 +223,8 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     if "rng.cpu" not in tensors:
         raise CheckpointError(f"{directory / STATE_FILE} holds no random state (rng.cpu)")
     torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     return meta

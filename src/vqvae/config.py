@@ -15,7 +15,7 @@ QuantizerName = Literal["vq", "ema", "fsq"]
 PresetName = Literal["seed", "default", "vqgan"]  # stage 1
 PriorPresetName = Literal["seed", "default"]
 Architecture = Literal["resnet", "vqgan"]
-Precision = Literal["auto", "fp32", "tf32", "bf16"]
+Precision = Literal["auto", "fp32", "tf32", "bf16", "fp16"]
 WeightInit = Literal["keras", "torch"]
 CacheMode = Literal["auto", "memory", "stream"]
 CropMode = Literal["center", "random"]
@@ -292,7 +292,11 @@ class LoopConfig:
     precision: Precision = field(default="auto", metadata=_help(
         "auto (tf32 on CUDA, fp32 elsewhere) | fp32 (strict, also on CUDA) | tf32 (CUDA: TF32 "
         "matmuls and convolutions) | bf16 (autocast; the quantizer's lookup, statistics and "
-        "losses stay fp32; weights and checkpoints are fp32)"))
+        "losses stay fp32; weights and checkpoints are fp32) | fp16 (the same with fp16 and "
+        "dynamic loss scaling, for GPUs without bf16)"))
+    deterministic: bool = field(default=False, metadata=_help(
+        "deterministic CUDA kernels, so that a resumed run continues exactly as an "
+        "uninterrupted one (slower; a CPU is deterministic already)"))
     keep: int = field(default=2, metadata=_help(
         "newest checkpoints kept (older ones are pruned, except --keep-every and those that codes "
         "or a prior depend on)"))
@@ -312,6 +316,8 @@ class LoopConfig:
         _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
         _check(self.precision in get_args(Precision),
                f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
+        _check(isinstance(self.deterministic, bool),
+               f"deterministic must be true or false, got {self.deterministic!r}")
         _check(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
         _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
         _check(isinstance(self.tensorboard, bool),
@@ -386,6 +392,9 @@ class TrainConfig(LoopConfig):
                f"disc_channels and disc_layers must be >= 1, got {self.disc_channels}, "
                f"{self.disc_layers}")
         _check(isinstance(self.diffaug, bool), f"diffaug must be true or false, got {self.diffaug!r}")
+        _check(self.precision != "fp16" or self.gan_weight == 0,
+               "precision fp16 with --gan-weight is not supported (the discriminator and the "
+               "adaptive weight would need loss scaling of their own): use --precision bf16")
         _check(not self.decoder_only or bool(self.init_from and self.codes_sha256),
                "decoder_only needs the checkpoint to start from (init_from, codes_sha256)")
         _check(self.perceptual_weight == 0 or bool(self.perceptual_weights),

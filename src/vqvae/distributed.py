@@ -10,7 +10,7 @@ import inspect
 import os
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator
@@ -108,23 +108,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-def set_precision(precision: str, device: torch.device) -> None:
-    """Process-wide math settings of a precision on CUDA: TF32 tensor cores for matmuls and
-    convolutions with ``auto``/``tf32``/``bf16`` (PyTorch's default already allows them for
-    convolutions: strict fp32 made the seed preset's 128 px step 3.8x slower on an H200), none
-    with ``fp32``. Nothing to set on a CPU, which has no TF32."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = precision != "fp32"
-
-
-def autocast(precision: str, device: torch.device) -> Any:
-    """The context a training step's forward runs in: bf16 autocast, or nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # --- agreeing across ranks ---------------------------------------------------------------------

@@ -208,9 +208,11 @@ class NonFiniteError(FloatingPointError):
 
 def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, model_cfg: Any,
                     opt: torch.optim.Optimizer, loop: LoopConfig, runtime: Runtime,
-                    companions: ckpt.Companions | None = None) -> Path:
-    """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, and the batch
-    layout, so a resume with another process count can say what changed. Non-finite weights are
+                    companions: ckpt.Companions | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, fp16's loss scale,
+    and the batch layout, so a resume with another process count can say what changed.
+    Non-finite weights are
     never written: :class:`NonFiniteError`, and ``latest`` stays on the last good checkpoint."""
     finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
     if not bool(finite):  # one host sync per checkpoint
@@ -218,15 +220,18 @@ def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, mod
                              f"stopped without saving them: {run_dir / ckpt.CHECKPOINTS} keeps "
                              f"the last good checkpoint as latest")
     return ckpt.write_checkpoint(run_dir, step, module, stage, to_dict(model_cfg), opt, extra={
-        "world_size": runtime.world_size, "global_batch": loop.batch_size * runtime.world_size},
+        "world_size": runtime.world_size, "global_batch": loop.batch_size * runtime.world_size,
+        **({"loss_scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled()
+           else {})},
         keep=loop.keep, keep_every=loop.keep_every, companions=companions)
 
 
 def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage: str,
             model_cfg: Any, batch_size: int, runtime: Runtime,
-            companions: ckpt.Companions | None = None) -> int:
-    """Every rank loads the latest checkpoint (weights, optimizer, rank 0's RNG state); returns
-    its step. Warns when the global batch changes (another process count). A run killed before
+            companions: ckpt.Companions | None = None,
+            scaler: torch.amp.GradScaler | None = None) -> int:
+    """Every rank loads the latest checkpoint (weights, optimizer, rank 0's RNG state, fp16's loss
+    scale); returns its step. Warns when the global batch changes (another process count). A run killed before
     its first checkpoint starts again from step 0."""
     try:
         directory = ckpt.resolve(run_dir)  # once: a bad `latest` warns once
@@ -237,6 +242,8 @@ def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage:
             warnings.warn(f"{run_dir} has no checkpoint yet: starting it from step 0")
         return 0
     meta = ckpt.restore(directory, module, opt, stage, model_cfg, companions)
+    if scaler is not None and scaler.is_enabled() and isinstance(meta.get("loss_scaler"), dict):
+        scaler.load_state_dict(meta["loss_scaler"])
     before, now = int(meta.get("global_batch", batch_size)), batch_size * runtime.world_size
     if before != now and runtime.is_main:
         keep = (f"; --batch-size {before // runtime.world_size} would keep it"

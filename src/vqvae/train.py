@@ -25,9 +25,10 @@ from .config import RunConfig, TrainConfig
 from .data import Splits, load_splits, to_float
 from .images import Batch
 from .loader import train_batches
-from .distributed import Runtime, autocast, data_parallel, main_does, pick_device, set_precision
+from .distributed import Runtime, data_parallel, main_does, pick_device
 from .metrics import CodeUsage, Evaluation, score_autoencoder
 from .plots import plot_code_usage, plot_curves
+from .precision import autocast, loss_scaler, numerics
 from .sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
 
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
@@ -131,11 +132,12 @@ class Stage1:
     save with grids and held-out metrics."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer,
-                 splits: Splits, runtime: Runtime, sharpen: Sharpener):
+                 splits: Splits, runtime: Runtime, sharpen: Sharpener,
+                 scaler: torch.amp.GradScaler):
         tc = cfg.train
         self.cfg, self.run_dir, self.model, self.opt = cfg, run_dir, model, opt
         self.sharpen = sharpen  # perceptual and adversarial terms, when asked for
-        self.splits, self.runtime = splits, runtime
+        self.splits, self.runtime, self.scaler = splits, runtime, scaler
         self.net = training_forward(model, tc, runtime)  # trains; ``model`` is saved, evaluated
         self.batches: Iterator[Batch] | None = None  # opened at the first step trained
         self.usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)
@@ -172,8 +174,9 @@ class Stage1:
                 losses |= {**extra, "loss": losses["loss"] + extra["loss"]}
         self.usage.update(out.quantized.indices)
         self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.opt.step()
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.opt)  # fp16: skipped (and the scale lowered) on inf/nan gradients
+        self.scaler.update()
         return losses | self.sharpen.discriminator_step(step, x, out.reconstruction)
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
@@ -210,7 +213,8 @@ class Stage1:
         tc, pictures = self.cfg.train, {}
         if self.runtime.is_main:
             runs.save_checkpoint(self.run_dir, step, self.model, VQVAE_KIND, self.cfg.model,
-                                 self.opt, tc, self.runtime, self.sharpen.companions())
+                                 self.opt, tc, self.runtime, self.sharpen.companions(),
+                                 self.scaler)
             pictures = write_pictures(self.model, self.grid, tc.grid, self.run_dir / "samples",
                                       f"_{step:07d}")
         metrics, counts = self.evaluate(tc.eval_count)
@@ -230,18 +234,19 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     splits = splits or load_splits(cfg.data)
     cfg = resolve_config(cfg, splits)
     tc = cfg.train
-    set_precision(tc.precision, runtime.device)
     torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
     model = VQVAE(cfg.model).to(runtime.device)
     opt = torch.optim.Adam(_start_from(model, tc), lr=tc.lr)
     sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime)
-    with runs.opened(run_dir, resume, runtime):
+    scaler = loss_scaler(tc.precision, runtime.device)
+    with (numerics(tc.precision, runtime.device, tc.deterministic),
+          runs.opened(run_dir, resume, runtime)):
         start = (runs.restore(run_dir, model, opt, VQVAE_KIND, cfg.model, tc.batch_size,
-                              runtime, sharpen.companions()) if resume else 0)
+                              runtime, sharpen.companions(), scaler) if resume else 0)
         runs.check_steps(start, tc.steps)
         main_does(lambda: runs.prepare_run(run_dir, VQVAE_KIND, cfg, start), runtime,
                   "prepare the run folder")
-        stage = Stage1(cfg, run_dir, model, opt, splits, runtime, sharpen)
+        stage = Stage1(cfg, run_dir, model, opt, splits, runtime, sharpen, scaler)
         model.train()
         with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
                 train, evals, run_dir / "curves.png")) as logger:

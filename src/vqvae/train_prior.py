@@ -22,13 +22,17 @@ from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
                      SampleConfig)
 from .data import BatchStream, DataError
-from .distributed import Runtime, autocast, data_parallel, main_does, pick_device, set_precision
+from .distributed import Runtime, data_parallel, main_does, pick_device
 from .metrics import evaluate_prior
 from .plots import plot_curves
+from .precision import autocast, loss_scaler, numerics
 from .prior import Prior, build_prior
 from .sample import draw, samples_grid, save_png
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
+# Training grids up to this size live on a GPU for the whole run (as the smallest integer type
+# that holds the codebook), so a step reads its batch there instead of copying it from the host.
+RESIDENT_BYTES = 1 << 30
 
 
 def load_prior_run_config(path: str | Path) -> PriorRunConfig:
@@ -80,6 +84,17 @@ class PriorLoss(nn.Module):
         return nats.mean() if weights is None else nats.sum() / weights.sum()
 
 
+def resident(codes: torch.Tensor, codebook_size: int, device: torch.device) -> torch.Tensor:
+    """The training grids (N, h, w) where the training steps read them: on a GPU, all of them as
+    int16 / int32 when that fits in :data:`RESIDENT_BYTES`; in host memory otherwise."""
+    if device.type != "cuda":
+        return codes
+    dtype = torch.int16 if codebook_size <= torch.iinfo(torch.int16).max else torch.int32
+    if codes.numel() * dtype.itemsize > RESIDENT_BYTES:
+        return codes
+    return codes.to(device=device, dtype=dtype)
+
+
 def optimizer(prior: Prior, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW; weight decay only on matrices, never on biases, norms or embeddings."""
     decay = [p for n, p in prior.named_parameters() if p.dim() >= 2 and "weight" in n
@@ -107,13 +122,16 @@ class Stage2:
     and a save with a sample grid and held-out bits per code."""
 
     def __init__(self, cfg: PriorRunConfig, run_dir: Path, prior: Prior,
-                 opt: torch.optim.Optimizer, codes: Codes, stage1: VQVAE, runtime: Runtime):
+                 opt: torch.optim.Optimizer, codes: Codes, stage1: VQVAE, runtime: Runtime,
+                 scaler: torch.amp.GradScaler):
         tc = cfg.train
         self.cfg, self.run_dir, self.prior, self.opt = cfg, run_dir, prior, opt
-        self.runtime = runtime
+        self.runtime, self.scaler = runtime, scaler
         self.train, self.test = codes.split("train"), codes.split("test")
         self.labels = self.train.labels if cfg.model.num_classes else None
         self.loss = data_parallel(PriorLoss(prior, tc.token_dropout), runtime)  # ``prior`` is saved
+        self.codes = resident(self.train.codes, codebook_size=cfg.model.codebook_size,
+                              device=runtime.device)
         self.stream = BatchStream(len(self.train), tc.batch_size, tc.seed, runtime.rank,
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
@@ -127,14 +145,16 @@ class Stage2:
             labels = labels.to(device, non_blocking=True)
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(step, tc.lr, tc.warmup)
-        codes = self.train.codes[index].to(device, non_blocking=True)
+        codes = self.codes[index.to(self.codes.device)].to(device, torch.long, non_blocking=True)
         with autocast(tc.precision, device):
             loss = self.loss(codes, labels)  # over the local batch; DDP averages gradients
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if tc.grad_clip:
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not fp16's scaled ones
             torch.nn.utils.clip_grad_norm_(self.prior.parameters(), tc.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)  # fp16: skipped (and the scale lowered) on inf/nan gradients
+        self.scaler.update()
         return {"loss": loss}
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
@@ -159,7 +179,7 @@ class Stage2:
         tc, pictures = self.cfg.train, {}
         if self.runtime.is_main:
             runs.save_checkpoint(self.run_dir, step, self.prior, PRIOR_KIND, self.cfg.model,
-                                 self.opt, tc, self.runtime)
+                                 self.opt, tc, self.runtime, scaler=self.scaler)
             images, _ = draw(self.prior, self.stage1, SampleConfig(n=tc.grid**2, seed=tc.seed),
                              self._row_labels(tc.grid))
             grid = samples_grid(images, tc.grid)
@@ -195,16 +215,17 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     stage1 = load_stage1(cfg, runtime.device)  # before seeding: building it draws random weights
     check_stage1(codes.stage1_sha256, codes.stage1, cfg.stage1)
     tc = cfg.train
-    set_precision(tc.precision, runtime.device)
     torch.manual_seed(tc.seed)
     prior = build_prior(cfg.model).to(runtime.device)
     opt = optimizer(prior, tc.lr, tc.weight_decay)
-    with runs.opened(run_dir, resume, runtime):
+    scaler = loss_scaler(tc.precision, runtime.device)
+    with (numerics(tc.precision, runtime.device, tc.deterministic),
+          runs.opened(run_dir, resume, runtime)):
         start = (runs.restore(run_dir, prior, opt, PRIOR_KIND, cfg.model, tc.batch_size,
-                              runtime) if resume else 0)
+                              runtime, scaler=scaler) if resume else 0)
         runs.check_steps(start, tc.steps)
         main_does(lambda: _prepare(run_dir, cfg, start, codes), runtime, "prepare the run folder")
-        stage = Stage2(cfg, run_dir, prior, opt, codes, stage1, runtime)
+        stage = Stage2(cfg, run_dir, prior, opt, codes, stage1, runtime, scaler)
         prior.train()
         with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
                 train, evals, run_dir / "curves.png", losses=("bits",),
