@@ -50,6 +50,48 @@ def test_cached_forward_matches_full_forward(variant, classes):
 
 
 @pytest.mark.parametrize("variant,classes", VARIANTS)
+def test_static_decode_step_matches_full_forward(variant, classes):
+    """The fixed-shape step (a CUDA graph's): one token at the cache's device-side position,
+    attending to all slots with the unwritten ones masked, gives the full forward's logits."""
+    prior = Prior(tiny(variant, classes)).eval()
+    inputs, _ = prior.inputs_and_targets(torch.randint(0, 7, (3, 3, 4)))
+    labels = torch.tensor([0, 1, 3]) if classes else None
+    full = prior(inputs, labels)
+    cache = prior.new_cache(3, static=True)
+    extra = prior.cls(labels) if classes else None
+    steps = [prior.decode_step(inputs[:, :1], cache, extra)]
+    steps += [prior.decode_step(inputs[:, t:t + 1], cache) for t in range(1, 12)]
+    assert int(cache.position) == 12
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_sampling(precision):
+    """Forward passes under autocast, the cache in the autocast dtype; the same draw again gives
+    the same grids, and the static step agrees with the dynamic one."""
+    prior = Prior(tiny("gpt", 3))
+    draw = lambda **kw: prior.generate(4, labels=1, guidance=2.0, precision=precision,  # noqa
+                                       generator=torch.Generator().manual_seed(0), **kw)
+    a = draw()
+    assert a.shape == (4, 3, 4) and 0 <= a.min() and a.max() < 7
+    assert torch.equal(a, draw()) and torch.equal(a, draw(graph=True))
+    with pytest.raises(ValueError, match="precision"):
+        prior.generate(4, precision="tf32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant,classes", VARIANTS)
+def test_cuda_graph_sampling_equals_eager(variant, classes):
+    """On CUDA the static step is captured once and replayed: the same codes as the eager
+    cached sampler (float64 logits, as the test above)."""
+    prior = Prior(tiny(variant, classes)).double().cuda()
+    extra = {"labels": torch.tensor([0, 1, 2, 1, 0]), "guidance": 2.0} if classes else {}
+    a, b = (prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
+                           graph=graph, **extra) for graph in (False, True))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant,classes", VARIANTS)
 @pytest.mark.parametrize("options", [{}, {"top_k": 3}, {"top_p": 0.8, "temperature": 1.5}])
 def test_cached_sampling_equals_full_recomputation(variant, classes, options):
     """Same random stream -> exactly the same tokens (float64, so logits agree to ~1e-15)."""
@@ -59,8 +101,10 @@ def test_cached_sampling_equals_full_recomputation(variant, classes, options):
                        **options, **extra)
     b = prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
                        use_cache=False, **options, **extra)
+    d = prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
+                       graph=True, **options, **extra)  # the static cache's step
     assert a.shape == (5, 3, 4) and a.dtype == torch.long
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and torch.equal(a, d)
     assert 0 <= a.min() and a.max() < 7
     c = prior.generate(5, generator=torch.Generator().manual_seed(2), batch_size=3,
                        **options, **extra)

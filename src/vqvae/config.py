@@ -16,6 +16,7 @@ PresetName = Literal["seed", "default", "vqgan"]  # stage 1
 PriorPresetName = Literal["seed", "default"]
 Architecture = Literal["resnet", "vqgan"]
 Precision = Literal["auto", "fp32", "tf32", "bf16", "fp16"]
+SamplePrecision = Literal["fp32", "bf16", "fp16"]
 WeightInit = Literal["keras", "torch"]
 CacheMode = Literal["auto", "memory", "stream"]
 CropMode = Literal["center", "random"]
@@ -714,11 +715,20 @@ class SampleConfig:
         "from it by `vqvae finetune-decoder` (same codes, sharper decoder)"))
     no_cache: bool = field(default=False, metadata=_help(
         "recompute the whole prefix at every step (the seed's way; slow, the same codes)"))
+    precision: SamplePrecision = field(default="fp32", metadata=_help(
+        "fp32 | bf16 | fp16: the prior's forward passes under autocast (codes are drawn from "
+        "fp32 probabilities)"))
+    graph: bool = field(default=False, metadata=_help(
+        "autoregressive priors on CUDA: replay each one-code step from a CUDA graph over a "
+        "static KV cache (fewer kernel launches; on a CPU the same step runs uncaptured)"))
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, f"n must be >= 1, got {self.n}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.precision in get_args(SamplePrecision),
+               f"precision must be one of {get_args(SamplePrecision)}, got {self.precision!r}")
+        _check(isinstance(self.graph, bool), f"graph must be true or false, got {self.graph!r}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.guidance)
         _check(self.label is None or self.label >= 0, f"--class must be >= 0, got {self.label}")
         _check(self.label is None or not self.all_classes,

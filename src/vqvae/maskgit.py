@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PriorConfig, check_sampling
+from .precision import sampling_autocast, sampling_dtype
 from .transformer import (GPTStack, GridTransformer, check_labels, filter_logits,
                           init_gpt_model, sample_next)
 
@@ -91,23 +92,29 @@ class MaskGITPrior(GridTransformer):
     def generate(self, n: int, *, labels: int | torch.Tensor | None = None,
                  guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 batch_size: int = 64, use_cache: bool = True, steps: int = 12) -> torch.Tensor:
+                 batch_size: int = 64, use_cache: bool = True, steps: int = 12,
+                 precision: str = "fp32", graph: bool = False) -> torch.Tensor:
         """Draw ``n`` code grids (n, h, w) in ``steps`` parallel iterations, ``batch_size`` at a
-        time (``use_cache`` is the autoregressive prior's and does nothing here)."""
+        time, the forward passes under ``precision`` (fp32 | bf16 | fp16 autocast).
+        ``use_cache`` and ``graph`` are the autoregressive prior's and do nothing here (each
+        iteration is one full pass over the grid: not launch-bound)."""
         if n < 1 or batch_size < 1 or steps < 1:
             raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, "
                              f"{steps}")
         check_sampling(temperature, top_k, top_p, guidance)
         labels = check_labels(labels, n, self.cfg.num_classes, guidance, self.head.weight.device)
+        device = self.head.weight.device
+        dtype = sampling_dtype(precision, device)
         was_training = self.training
         self.eval()
         grids = []
         for s in range(0, n, batch_size):
             b = min(batch_size, n - s)
             start = torch.full((b, self.cfg.seq_len), self.mask_token, dtype=torch.long,
-                               device=self.head.weight.device)
-            grids.append(self.fill(start, None if labels is None else labels[s:s + b], guidance,
-                                   temperature, top_k, top_p, generator, steps))
+                               device=device)
+            with sampling_autocast(dtype, device):
+                grids.append(self.fill(start, None if labels is None else labels[s:s + b],
+                                       guidance, temperature, top_k, top_p, generator, steps))
         self.train(was_training)
         return torch.cat(grids).view(n, self.cfg.height, self.cfg.width)
 

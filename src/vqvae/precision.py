@@ -27,6 +27,22 @@ def autocast(precision: str, device: torch.device) -> Any:
     return nullcontext()
 
 
+def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a sampler's forward passes run in under ``precision`` (fp32 | bf16 | fp16):
+    None for fp32."""
+    if precision not in ("fp32", *AUTOCAST):
+        raise ValueError(f"sampling precision must be fp32, bf16 or fp16, got {precision!r}")
+    return AUTOCAST.get(precision)
+
+
+def sampling_autocast(dtype: torch.dtype | None, device: torch.device) -> Any:
+    """Autocast to ``dtype`` for sampling, without autocast's weight-cast cache (which a CUDA
+    graph capture must not use); nothing for None."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
 def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """fp16's dynamic loss scaler (small gradients would underflow fp16's range); a disabled one,
     whose ``scale`` and ``step`` pass through, in every other precision."""

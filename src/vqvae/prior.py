@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig, PriorVariant, check_sampling
+from .graphs import WARMUP, CapturedStep
 from .maskgit import MaskGITPrior
-from .transformer import (STACKS, GridTransformer, KVCache, check_labels, init_gpt_model,
-                          init_keras, sample_next)
+from .precision import sampling_autocast, sampling_dtype
+from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, check_labels,
+                          init_gpt_model, init_keras, sample_next)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -87,16 +89,34 @@ class Prior(GridTransformer):
         logits = self(inputs, labels)
         return F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none"), None
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None,
+                  static: bool = False) -> KVCache:
+        """An empty cache for ``batch`` rows in ``dtype`` (default: the weights'); ``static``: a
+        :class:`StaticKVCache` for :meth:`decode_step`."""
         ref = self.head.weight
-        return KVCache(self.cfg.layers, batch, self.cfg.heads, self.cfg.seq_len,
-                       self.cfg.d_model // self.cfg.heads, ref.device, ref.dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(self.cfg.layers, batch, self.cfg.heads, self.cfg.seq_len,
+                    self.cfg.d_model // self.cfg.heads, ref.device, dtype or ref.dtype)
+
+    def decode_step(self, tokens: torch.Tensor, cache: StaticKVCache,
+                    extra: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row (B, 1) at the cache's position -> next-code logits (B, K), the
+        position advanced; fixed shapes and no host sync, so a CUDA graph can replay it.
+        ``extra`` (B, d_model) is added to the token's embedding (the class, on the start
+        token)."""
+        x = self.embed(tokens, cache.position)
+        if extra is not None:
+            x = x + extra[:, None]
+        x = self.stack(x, cache)
+        cache.position.add_(1)
+        return self.head(x[:, -1])
 
     @torch.inference_mode()
     def generate(self, n: int, *, labels: int | torch.Tensor | None = None,
                  guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 batch_size: int = 64, use_cache: bool = True, steps: int = 0) -> torch.Tensor:
+                 batch_size: int = 64, use_cache: bool = True, steps: int = 0,
+                 precision: str = "fp32", graph: bool = False) -> torch.Tensor:
         """Draw ``n`` code grids (n, h, w), ``batch_size`` at a time, one code per step
         (``steps`` is the parallel-decoding prior's and does nothing here).
 
@@ -104,15 +124,23 @@ class Prior(GridTransformer):
         the logits as uncond + g * (cond - uncond) (classifier-free guidance), both passes batched
         together. ``use_cache=False`` recomputes the whole prefix at every step (the seed's way);
         it draws exactly the same codes as the cached path from the same ``generator`` state.
+        ``precision`` bf16 / fp16 runs the forward passes under autocast (codes are drawn from
+        fp32 probabilities). ``graph``: a static KV cache whose one-code step is captured in a
+        CUDA graph and replayed (on a CPU the same static step runs without capture).
         """
         labels = self._check_sampling(n, batch_size, labels, guidance, temperature, top_k, top_p)
+        device = self.head.weight.device
+        dtype = sampling_dtype(precision, device)
         was_training = self.training
         self.eval()
         grids = []
-        for s in range(0, n, batch_size):
-            batch_labels = None if labels is None else labels[s:s + batch_size]
-            grids.append(self._generate_batch(min(batch_size, n - s), batch_labels, guidance,
-                                              temperature, top_k, top_p, generator, use_cache))
+        with sampling_autocast(dtype, device):
+            for s in range(0, n, batch_size):
+                b = min(batch_size, n - s)
+                batch_labels = None if labels is None else labels[s:s + batch_size]
+                knobs = (guidance, temperature, top_k, top_p, generator)
+                grids.append(self._generate_static(b, batch_labels, *knobs, dtype) if graph
+                             else self._generate_batch(b, batch_labels, *knobs, use_cache, dtype))
         self.train(was_training)
         return torch.cat(grids).view(n, self.cfg.height, self.cfg.width)
 
@@ -128,14 +156,15 @@ class Prior(GridTransformer):
 
     def _generate_batch(self, b: int, labels: torch.Tensor | None, guidance: float,
                         temperature: float, top_k: int | None, top_p: float | None,
-                        generator: torch.Generator | None, use_cache: bool) -> torch.Tensor:
+                        generator: torch.Generator | None, use_cache: bool,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
         device = self.head.weight.device
         guided = labels is not None and guidance != 1.0
         if guided:  # rows [0, b) conditional, [b, 2b) the null class
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
         rows = 2 * b if guided else b
         seq = torch.full((rows, 1), self.start_token, dtype=torch.long, device=device)
-        cache = self.new_cache(rows) if use_cache else None
+        cache = self.new_cache(rows, dtype) if use_cache else None
         codes = torch.empty(b, self.cfg.seq_len, dtype=torch.long, device=device)
         for t in range(self.cfg.seq_len):
             step_in = seq[:, -1:] if use_cache and t else seq  # cached: only the newest token
@@ -146,6 +175,40 @@ class Prior(GridTransformer):
             codes[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = codes[:, t:t + 1].repeat(2, 1) if guided else codes[:, t:t + 1]
             seq = nxt if use_cache else torch.cat([seq, nxt], 1)
+        return codes
+
+    def _generate_static(self, b: int, labels: torch.Tensor | None, guidance: float,
+                         temperature: float, top_k: int | None, top_p: float | None,
+                         generator: torch.Generator | None,
+                         dtype: torch.dtype | None) -> torch.Tensor:
+        """:meth:`_generate_batch` with a static cache: the same codes (up to rounding), the
+        step after the first replayed from a CUDA graph on a GPU."""
+        device = self.head.weight.device
+        guided = labels is not None and guidance != 1.0
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        rows = 2 * b if guided else b
+        cache = self.new_cache(rows, dtype, static=True)
+        token = torch.full((rows, 1), self.start_token, dtype=torch.long, device=device)
+        step = lambda tokens: self.decode_step(tokens, cache)  # noqa: E731
+        if device.type == "cuda" and self.cfg.seq_len > WARMUP:  # warm-ups write slots 0, 1, 2
+            step = CapturedStep(step, token)
+            cache.position.zero_()  # the warm-up calls advanced it
+        extra = None
+        if self.cls is not None:  # the class rides on the start token
+            extra = self.cls(labels if labels is not None else
+                             torch.full((rows,), self.null_class, device=device))
+        logits = self.decode_step(token, cache, extra)
+        codes = torch.empty(b, self.cfg.seq_len, dtype=torch.long, device=device)
+        for t in range(self.cfg.seq_len):
+            if t:
+                logits = step(token)
+            logits = logits.float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance * (cond - uncond)
+            codes[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+            token = codes[:, t:t + 1].repeat(2, 1) if guided else codes[:, t:t + 1]
         return codes
 
 

@@ -36,13 +36,40 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class StaticKVCache(KVCache):
+    """A KV cache whose one-code decode step has fixed shapes, so that a CUDA graph can replay
+    it: the step writes its key and value at ``position`` (a device tensor the step advances)
+    and attends to all ``max_len`` slots, those not yet written masked out. Slots start at zero
+    (a masked slot still enters the weighted sum, with weight 0: it must not be NaN)."""
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__(layers, batch, heads, max_len, head_dim, device, dtype)
+        self.k.zero_()
+        self.v.zero_()
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # the slot written next
+        self.slots = torch.arange(max_len, device=device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store one position's (B, H, 1, Dh) key/value; return all (B, H, max_len, Dh) slots and
+        the (1, 1, 1, max_len) mask of those written so far."""
+        self.k[layer].index_copy_(2, self.position, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.position, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer], (self.slots <= self.position).view(1, 1, 1, -1)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
                      layer: int, dropout_p: float = 0.0) -> torch.Tensor:
     """(B, H, T, Dh) queries/keys/values -> (B, H, T, Dh), each query seeing itself and the past.
 
     Without a cache, or filling an empty one, SDPA's causal mask does it. With cached positions the
-    only supported query is the single newest token, which may see every key, so no mask at all.
+    only supported query is the single newest token, which may see every key, so no mask at all;
+    with a :class:`StaticKVCache`, every slot written so far.
     """
+    if isinstance(cache, StaticKVCache):
+        k, v, visible = cache.write(layer, k, v)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible,
+                                              dropout_p=dropout_p)
     past = 0 if cache is None else cache.length
     if cache is not None:
         k, v = cache.append(layer, k, v)
