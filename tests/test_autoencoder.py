@@ -95,3 +95,43 @@ def test_default_preset_differs_only_where_documented():
 def test_bad_config_values_are_named(field, value, words):
     with pytest.raises(ConfigError, match=words):
         replace(VQVAEConfig(), **{field: value})
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema", "fsq"])
+def test_training_forward_is_one_graph_after_initialisation(quantizer):
+    """torch.compile (and a CUDA graph under reduce-overhead) sees the whole training forward as
+    one graph once k-means init is done: no host sync or data-dependent shape in the lookup,
+    the EMA statistics or the dead-code restarts (a graph break would split the captured step)."""
+    import torch._dynamo as dynamo
+
+    extra = ({"codebook_size": 16, "fsq_levels": (4, 4), "kmeans_init": False,
+              "restart_after": 0, "cosine": False, "lookup_dim": None}
+             if quantizer == "fsq" else {})
+    cfg = replace(default_model(16, 1), hidden_channels=16, quantizer=quantizer, **extra)
+    model = VQVAE(cfg).train()
+    x = torch.randn(4, 1, 16, 16)
+    model(x)  # the first training step initialises the codebook (data-dependent, eager)
+    explained = dynamo.explain(model)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, [
+        b.reason for b in explained.break_reasons]
+
+
+def test_loaded_codebook_is_not_initialised_again():
+    """The host-side memo of ``initialized`` is re-read after a load: a loaded, initialised
+    model skips k-means; a fresh state dict (initialized = False) runs it again."""
+    cfg = replace(default_model(16, 1), hidden_channels=16)
+    trained = VQVAE(cfg).train()
+    trained(torch.randn(4, 1, 16, 16))
+    fresh = VQVAE(cfg).train()
+    untouched = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh(torch.randn(4, 1, 16, 16))  # initialises, remembers it
+    fresh.load_state_dict(trained.state_dict())
+    fresh.eval()(torch.randn(4, 1, 16, 16))
+    codebook = fresh.quantizer.codebook.detach().clone()
+    fresh.train()(torch.randn(4, 1, 16, 16))
+    assert bool(fresh.quantizer.initialized)
+    fresh.load_state_dict(untouched)
+    assert not fresh.quantizer._initialized_seen and not bool(fresh.quantizer.initialized)
+    fresh.train()(torch.randn(4, 1, 16, 16))
+    assert bool(fresh.quantizer.initialized) and not torch.equal(fresh.quantizer.codebook,
+                                                                 codebook)

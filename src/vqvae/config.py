@@ -22,6 +22,7 @@ CacheMode = Literal["auto", "memory", "stream"]
 CropMode = Literal["center", "random"]
 Estimator = Literal["ste", "rotation"]
 GanLoss = Literal["hinge", "ns"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
 
 class ConfigError(ValueError):
@@ -350,6 +351,9 @@ class TrainConfig(LoopConfig):
     compile: bool = field(default=False, metadata=_help(
         "torch.compile the autoencoder for training (off: no faster on a CPU, and a compile "
         "of 10-30 s first, docs/benchmarks.md)"))
+    compile_mode: CompileMode = field(default="default", metadata=_help(
+        "torch.compile's mode with --compile: default | reduce-overhead (CUDA graphs: small "
+        "steps that are launch-bound on a GPU) | max-autotune"))
     gan_weight: float = field(default=0.0, metadata=_help(
         "adversarial loss weight, times the adaptive weight (reconstruction / adversarial "
         "gradient norm at the decoder's last layer); 0: off. VQGAN-style runs use 0.1-0.8"))
@@ -386,6 +390,8 @@ class TrainConfig(LoopConfig):
         _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
         for name in ("gan_weight", "gan_start", "lecam", "perceptual_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.compile_mode in get_args(CompileMode),
+               f"compile_mode must be one of {get_args(CompileMode)}, got {self.compile_mode!r}")
         _check(self.gan_loss in get_args(GanLoss),
                f"gan_loss must be one of {get_args(GanLoss)}, got {self.gan_loss!r}")
         _check(self.disc_lr is None or self.disc_lr > 0, f"disc_lr must be > 0, got {self.disc_lr}")

@@ -151,7 +151,9 @@ def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Lo
           budget.progress(start, desc, progress) as bar):
         while step < loop.steps:
             for name, value in stage.step(step).items():  # summed on the device: no host sync
-                window[name] = value.detach() + window[name] if name in window else value.detach()
+                # a copy, not the tensor itself: a CUDA graph overwrites its outputs on replay
+                window[name] = (value.detach() + window[name] if name in window
+                                else value.detach().clone())
             step += 1
             window_steps += 1
             if step % LOG_EVERY == 0 or step == loop.steps:

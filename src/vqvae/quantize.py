@@ -69,7 +69,8 @@ def cluster_sums(x: torch.Tensor, indices: torch.Tensor,
                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code counts (K,) and sums (K, D) of the rows of ``x`` (N, D) assigned by ``indices``,
     summed over ranks; no (N, K) one-hot matrix is built."""
-    counts = torch.bincount(indices, minlength=k).to(x.dtype)
+    # index_add_, not bincount: a fixed output shape, which torch.compile captures in one graph
+    counts = x.new_zeros(k).index_add_(0, indices, x.new_ones(indices.shape[0]))
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, indices, x)
     return all_reduce_sum(counts), all_reduce_sum(sums)
 
@@ -243,6 +244,9 @@ class _CodebookQuantizer(nn.Module):
         self.space = LookupSpace(dim, lookup_dim, cosine)
         if kmeans_init:
             self.register_buffer("initialized", torch.tensor(False))
+        # ``initialized`` read once and remembered on the host: the check costs a sync (and a
+        # graph break under torch.compile) until it is true, never after
+        self._initialized_seen = False
         if restart_after > 0:
             self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
 
@@ -303,21 +307,30 @@ class _CodebookQuantizer(nn.Module):
         codes = F.embedding(indices.reshape(-1), self.codebook_vectors())  # (N, d)
         return unflatten_latents(self.space.outward(codes), indices.shape)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._initialized_seen = False  # the loaded ``initialized`` decides again
+        super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def _maybe_initialize(self, x: torch.Tensor) -> None:
-        if not hasattr(self, "initialized") or bool(self.initialized):
+        if self._initialized_seen or not hasattr(self, "initialized"):
+            return
+        if bool(self.initialized):
+            self._initialized_seen = True
             return
         centroids, counts = kmeans(x, self.codebook_size, cosine=self.space.cosine)
         everything = torch.ones(self.codebook_size, dtype=torch.bool, device=x.device)
         self._overwrite(everything, centroids, counts.clamp_min(1.0))
         self.initialized.fill_(True)
+        self._initialized_seen = True
 
     def _restart_dead(self, x: torch.Tensor, indices: torch.Tensor) -> None:
         """Re-seed every code unused for ``restart_after`` steps with a random vector of this
         (global) batch. Written without a host sync: all K rows get a candidate, the mask picks."""
         if self.restart_after <= 0:
             return
-        used = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size)) > 0
+        used = all_reduce_sum(torch.zeros(self.codebook_size, dtype=torch.long,
+                                          device=x.device).index_fill_(0, indices, 1)) > 0
         self.unused_steps.add_(1).masked_fill_(used, 0)
         dead = self.unused_steps >= self.restart_after  # (K,)
         # Rank 0's draw among all ranks' vectors (the picks of one process with the global batch).

@@ -98,7 +98,7 @@ def training_forward(model: VQVAE, tc: TrainConfig,
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)
     net = data_parallel(model, runtime)
-    return torch.compile(net) if tc.compile else net
+    return torch.compile(net, mode=tc.compile_mode) if tc.compile else net
 
 
 def grid_images(splits: Splits, n: int) -> torch.Tensor:
@@ -161,6 +161,8 @@ class Stage1:
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc = self.cfg.train
+        if tc.compile and tc.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are done with
         x = to_device(self.next_batch(step), self.runtime.device, tc.channels_last)
         if tc.decoder_only:  # frozen BatchNorm statistics and codebook (no EMA, restarts)
             self.model.encoder.eval()
@@ -236,7 +238,9 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     tc = cfg.train
     torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
     model = VQVAE(cfg.model).to(runtime.device)
-    opt = torch.optim.Adam(_start_from(model, tc), lr=tc.lr)
+    # fused: one kernel for the whole update on CUDA (and no host sync for fp16's scaler)
+    opt = torch.optim.Adam(_start_from(model, tc), lr=tc.lr,
+                           fused=runtime.device.type == "cuda")
     sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime)
     scaler = loss_scaler(tc.precision, runtime.device)
     with (numerics(tc.precision, runtime.device, tc.deterministic),
