@@ -67,9 +67,11 @@ def test_train_resume_reconstruct_interpolate_eval(tmp_path, capsys):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
+    """On the CPU, bit-exact kernels: no option needed (CUDA: tests/test_precision.py)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["train", *TINY, "--steps", "30", "--out", str(a)]) == 0
-    assert main(["train", *TINY, "--steps", "15", "--out", str(b)]) == 0
+    cpu = [*TINY, "--device", "cpu"]
+    assert main(["train", *cpu, "--steps", "30", "--out", str(a)]) == 0
+    assert main(["train", *cpu, "--steps", "15", "--out", str(b)]) == 0
     assert main(["train", "--resume", str(b), "--steps", "30"]) == 0
     # Same data order, optimizer state and RNG: the resumed weights equal the uninterrupted ones.
     wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()

@@ -19,7 +19,7 @@ TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-di
         "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "64"]
 PRIOR = ["--d-model", "16", "--layers", "1", "--heads", "2", "--batch-size", "16",
          "--every", "10", "--eval-count", "64"]
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = pytest.mark.cuda
 
 
 def _flags() -> tuple:
@@ -104,7 +104,7 @@ def test_resident_codes_stay_on_the_host_without_a_gpu():
 
 
 @CUDA
-def test_resident_codes_on_the_gpu():
+def test_resident_codes_on_cuda():
     codes = torch.randint(0, 512, (10, 4, 4))
     on = resident(codes, 512, torch.device("cuda"))
     assert on.device.type == "cuda" and on.dtype == torch.int16
@@ -124,3 +124,30 @@ def test_deterministic_resume_is_exact_on_cuda(tmp_path, precision):
     wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
+
+
+@CUDA
+def test_prior_deterministic_resume_is_exact_on_cuda(tmp_path):
+    stage1, a, b = tmp_path / "stage1", tmp_path / "a", tmp_path / "b"
+    assert main(["train", *TINY, "--steps", "15", "--device", "cuda", "--out", str(stage1)]) == 0
+    options = ["--stage1", str(stage1), *PRIOR, "--device", "cuda", "--deterministic",
+               "--precision", "bf16"]
+    assert main(["train-prior", *options, "--steps", "20", "--out", str(a)]) == 0
+    assert main(["train-prior", *options, "--steps", "10", "--out", str(b)]) == 0
+    assert main(["train-prior", "--resume", str(b), "--steps", "20"]) == 0
+    wa, wb = load_prior(a).state_dict(), load_prior(b).state_dict()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@CUDA
+@pytest.mark.parametrize("options", [["--precision", "fp16"],
+                                     ["--compile", "--compile-mode", "reduce-overhead"]])
+def test_stage1_trains_on_cuda(tmp_path, options):
+    """fp16 with its scaler, and the step captured in CUDA graphs by torch.compile."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "30", "--device", "cuda", *options,
+                 "--out", str(run)]) == 0
+    losses = read_jsonl(run / "train.jsonl")
+    assert len(losses) == 3 and all(math.isfinite(r["mse_x"]) for r in losses)
+    assert losses[-1]["mse_x"] < losses[0]["mse_x"]

@@ -79,7 +79,7 @@ def test_mixed_precision_sampling(precision):
         prior.generate(4, precision="tf32")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("variant,classes", VARIANTS)
 def test_cuda_graph_sampling_equals_eager(variant, classes):
     """On CUDA the static step is captured once and replayed: the same codes as the eager

@@ -250,7 +250,7 @@ def test_code_usage_long_windows_use_few_buckets():
     assert usage.stats()["used_codes"] == 99
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cpu_and_cuda_agree(name):
     torch.manual_seed(0)
