@@ -233,3 +233,13 @@ def test_cli_resume_of_a_streamed_augmented_run_is_exact(tmp_path):
     wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
     for key in wa:
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
+
+
+@pytest.mark.cuda
+def test_in_memory_batches_live_on_cuda_and_equal_the_host_ones():
+    data = DataConfig(source="digits", size=8)
+    train = load_splits(data).train
+    host = [b.images for b in islice(train_batches(train, data, 8, 0, 0), 3)]
+    cuda = [b.images for b in islice(train_batches(train, data, 8, 0, 0,
+                                                   device=torch.device("cuda")), 3)]
+    assert all(c.device.type == "cuda" and torch.equal(c.cpu(), h) for c, h in zip(cuda, host))

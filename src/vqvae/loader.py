@@ -24,13 +24,19 @@ from .files import FileSet, TarFiles
 from .images import Batch, DataError, ImageSet
 from .shards import epoch_plan, shard_groups
 
+# An in-memory training set up to this size, never augmented, lives on a GPU for the whole run:
+# a step indexes its batch there instead of gathering it on the host and copying it over.
+RESIDENT_BYTES = 1 << 30
+
 
 def train_batches(train: ImageSet | FileSet, data: DataConfig, batch_size: int, seed: int,
                   start: int, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> Iterator[Batch]:
-    """Endless uint8 training batches for steps ``start``, ``start + 1``, ..."""
+                  pin_memory: bool = False, device: torch.device | None = None
+                  ) -> Iterator[Batch]:
+    """Endless uint8 training batches for steps ``start``, ``start + 1``, ...; an in-memory set
+    that fits :data:`RESIDENT_BYTES` and is not augmented gives them on ``device`` (CUDA)."""
     if isinstance(train, ImageSet):
-        return _memory_batches(train, data, batch_size, seed, start, rank, world_size)
+        return _memory_batches(train, data, batch_size, seed, start, rank, world_size, device)
     workers = data.workers
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                   prefetch_factor=4 if workers else None)
@@ -43,11 +49,18 @@ def train_batches(train: ImageSet | FileSet, data: DataConfig, batch_size: int, 
 
 
 def _memory_batches(train: ImageSet, data: DataConfig, batch_size: int, seed: int, start: int,
-                    rank: int, world_size: int) -> Iterator[Batch]:
+                    rank: int, world_size: int, device: torch.device | None = None
+                    ) -> Iterator[Batch]:
     stream = BatchStream(len(train), batch_size, seed, rank, world_size)
+    images_at = train.images
+    plain = data.crop != "random" and not data.flip
+    if (device is not None and device.type == "cuda" and plain
+            and train.images.numel() <= RESIDENT_BYTES):
+        images_at = train.images.to(device)  # uint8: one byte per pixel
     for step in count(start):
         index = stream.indices(step)
-        images = augment_batch(train.images[index], data.size, data.crop, data.flip, seed, step)
+        images = augment_batch(images_at[index.to(images_at.device)], data.size, data.crop,
+                               data.flip, seed, step)
         yield Batch(images, None if train.labels is None else train.labels[index])
 
 

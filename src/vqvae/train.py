@@ -151,7 +151,8 @@ class Stage1:
             self.batches = train_batches(self.splits.train, self.cfg.data, tc.batch_size,
                                          tc.seed, step, self.runtime.rank,
                                          self.runtime.world_size,
-                                         pin_memory=self.runtime.device.type == "cuda")
+                                         pin_memory=self.runtime.device.type == "cuda",
+                                         device=self.runtime.device)
             self.window_start = perf_counter()
         began = perf_counter()
         batch = next(self.batches)
