@@ -43,6 +43,25 @@ def test_codes_file(stage1):
     assert len(codes.stage1_sha256) == 64 and codes.source == "digits"
 
 
+def test_encode_with_flipped_training_images(stage1, tmp_path):
+    """--flip appends the codes of the mirrored training images (labels repeated); the test
+    split is unchanged; the mirrored half is what the model makes of flipped pictures."""
+    out = tmp_path / "flipped.safetensors"
+    assert main(["encode", str(stage1 / "run"), "--flip", "--out", str(out)]) == 0
+    plain, flipped = load_codes(stage1 / "codes.safetensors"), load_codes(out)
+    train = flipped.split("train")
+    assert train.codes.shape == (2 * 1617, 2, 2)
+    assert torch.equal(train.codes[:1617], plain.split("train").codes)
+    assert torch.equal(train.labels, plain.split("train").labels.repeat(2))
+    assert torch.equal(flipped.split("test").codes, plain.split("test").codes)
+    model = vqvae.load_autoencoder(stage1 / "run")
+    images = vqvae.load_splits(vqvae.DataConfig(source="digits", size=8)).train.images[:16]
+    with torch.no_grad():
+        mirrored = model.encode(vqvae.to_float(images).flip(-1)).indices
+    assert torch.equal(train.codes[1617:1617 + 16].long(), mirrored)
+    assert not torch.equal(train.codes[1617:].long(), train.codes[:1617].long())
+
+
 def test_train_prior_sample_end_to_end(stage1, tmp_path, capsys):
     run = tmp_path / "prior"
     assert main(["train-prior", "--codes", str(stage1 / "codes.safetensors"), *PRIOR,

@@ -130,7 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    codes = encode_dataset(args.run, args.data, args.batch_size, pick_device(args.device))
+    codes = encode_dataset(args.run, args.data, args.batch_size, pick_device(args.device),
+                           flip=args.flip)
     print(f"encoded {codes.summary()}: {save_codes(codes, args.out)}")
 
 
@@ -260,6 +261,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="CODES", required=True, help="codes file to write "
                    "(.safetensors)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    p.add_argument("--flip", action="store_true", help="also encode every training image "
+                   "mirrored left-right (twice the training grids for a prior; for photos and "
+                   "clothes, not for digits or text); the test split is left as it is")
 
     p = _command(sub, "pack", cmd_pack, "write an image folder into WebDataset tar shards",
                  description="Write the images below FOLDER (labels from its first-level "

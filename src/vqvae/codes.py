@@ -124,9 +124,10 @@ def check_stage1(expected_sha256: str, made_by: str, checkpoint_dir: str | Path)
 @torch.no_grad()
 def encode_set(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
                device: torch.device | str = "cpu", desc: str = "encode", progress: bool = True,
-               workers: int = 2) -> CodeSplit:
-    """An image set -> its code ids (N, h, w) in :func:`code_dtype` and labels; a streamed set
-    is decoded by ``workers`` processes and its unreadable files are left out."""
+               workers: int = 2, flip: bool = False) -> CodeSplit:
+    """An image set -> its code ids (N, h, w) in :func:`code_dtype` and labels (of the images
+    mirrored left-right with ``flip``); a streamed set is decoded by ``workers`` processes and
+    its unreadable files are left out."""
     model.eval()
     dtype = code_dtype(model.cfg.codebook_size)
     parts, labels = [], []
@@ -134,6 +135,7 @@ def encode_set(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
                dynamic_ncols=True)
     for batch in images.batches(batch_size, workers=workers):
         x = to_float(batch.images.to(device))
+        x = x.flip(-1) if flip else x
         parts.append(model.encode(x).indices.to("cpu", dtype))
         labels.append(batch.labels)
         bar.update(x.shape[0] + batch.skipped)
@@ -186,9 +188,13 @@ def load_trained(path: str | Path, source: str | None = None,
 
 
 def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: int = 256,
-                   device: torch.device | str = "cpu", progress: bool = True) -> Codes:
+                   device: torch.device | str = "cpu", progress: bool = True,
+                   flip: bool = False) -> Codes:
     """Encode the train and test splits of a data source (default: the run's own) with the
-    stage-1 model of ``run_dir`` (a run folder or a checkpoint folder)."""
+    stage-1 model of ``run_dir`` (a run folder or a checkpoint folder). ``flip``: the training
+    split also holds the codes of every training image mirrored left-right (twice the grids for
+    a prior, as LlamaGen trains its priors; for data whose mirror image is still in-distribution:
+    photos, clothes, not digits or text); the test split stays as it is."""
     directory = ckpt.resolve(run_dir)
     model = ckpt.load_autoencoder(directory, device)
     data = stage1_data(run_dir, model, source)
@@ -196,6 +202,13 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
     encoded = {name: encode_set(model, getattr(splits, name), batch_size, device,
                                 f"encode {name}", progress, data.workers)
                for name in ("train", "test")}
+    if flip:
+        mirrored = encode_set(model, splits.train, batch_size, device, "encode train (flipped)",
+                              progress, data.workers, flip=True)
+        train = encoded["train"]
+        encoded["train"] = CodeSplit(torch.cat([train.codes, mirrored.codes]),
+                                     None if train.labels is None
+                                     else torch.cat([train.labels, mirrored.labels]))
     return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()),
                  fingerprint(directory), data.source, splits.train.classes)
 
