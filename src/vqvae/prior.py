@@ -159,20 +159,15 @@ class Prior(GridTransformer):
                         generator: torch.Generator | None, use_cache: bool,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
         device = self.head.weight.device
-        guided = labels is not None and guidance != 1.0
-        if guided:  # rows [0, b) conditional, [b, 2b) the null class
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        labels, guided = _guided_rows(labels, guidance, self.null_class)
         rows = 2 * b if guided else b
         seq = torch.full((rows, 1), self.start_token, dtype=torch.long, device=device)
         cache = self.new_cache(rows, dtype) if use_cache else None
         codes = torch.empty(b, self.cfg.seq_len, dtype=torch.long, device=device)
         for t in range(self.cfg.seq_len):
             step_in = seq[:, -1:] if use_cache and t else seq  # cached: only the newest token
-            logits = self(step_in, labels, cache)[:, -1].float()  # (rows, K)
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance * (cond - uncond)
-            codes[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+            logits = self(step_in, labels, cache)[:, -1]  # (rows, K)
+            codes[:, t] = _draw(logits, guided, guidance, temperature, top_k, top_p, generator)
             nxt = codes[:, t:t + 1].repeat(2, 1) if guided else codes[:, t:t + 1]
             seq = nxt if use_cache else torch.cat([seq, nxt], 1)
         return codes
@@ -184,9 +179,7 @@ class Prior(GridTransformer):
         """:meth:`_generate_batch` with a static cache: the same codes (up to rounding), the
         step after the first replayed from a CUDA graph on a GPU."""
         device = self.head.weight.device
-        guided = labels is not None and guidance != 1.0
-        if guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        labels, guided = _guided_rows(labels, guidance, self.null_class)
         rows = 2 * b if guided else b
         cache = self.new_cache(rows, dtype, static=True)
         token = torch.full((rows, 1), self.start_token, dtype=torch.long, device=device)
@@ -203,13 +196,30 @@ class Prior(GridTransformer):
         for t in range(self.cfg.seq_len):
             if t:
                 logits = step(token)
-            logits = logits.float()
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance * (cond - uncond)
-            codes[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+            codes[:, t] = _draw(logits, guided, guidance, temperature, top_k, top_p, generator)
             token = codes[:, t:t + 1].repeat(2, 1) if guided else codes[:, t:t + 1]
         return codes
+
+
+def _guided_rows(labels: torch.Tensor | None, guidance: float,
+                 null: int) -> tuple[torch.Tensor | None, bool]:
+    """Classifier-free guidance draws every grid twice: rows [0, b) with their class, [b, 2b)
+    with the null class. Returns the labels of all rows and whether guidance is on."""
+    if labels is None or guidance == 1.0:
+        return labels, False
+    return torch.cat([labels, torch.full_like(labels, null)]), True
+
+
+def _draw(logits: torch.Tensor, guided: bool, guidance: float, temperature: float,
+          top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """One code per grid from next-code logits (rows, K): guided rows mixed as
+    uncond + g * (cond - uncond), then drawn in fp32 or better."""
+    logits = logits.float()
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + guidance * (cond - uncond)
+    return sample_next(logits, temperature, top_k, top_p, generator)
 
 
 def _corrupt(tokens: torch.Tensor, p: float, k: int, generator: torch.Generator | None,
