@@ -212,8 +212,8 @@ def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, mod
                     scaler: torch.amp.GradScaler | None = None) -> Path:
     """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, fp16's loss scale,
     and the batch layout, so a resume with another process count can say what changed.
-    Non-finite weights are
-    never written: :class:`NonFiniteError`, and ``latest`` stays on the last good checkpoint."""
+    Non-finite weights are never written: :class:`NonFiniteError`, and ``latest`` stays on the
+    last good checkpoint."""
     finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
     if not bool(finite):  # one host sync per checkpoint
         raise NonFiniteError(f"the weights became non-finite by step {step} (lower --lr?); "
@@ -231,8 +231,8 @@ def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage:
             companions: ckpt.Companions | None = None,
             scaler: torch.amp.GradScaler | None = None) -> int:
     """Every rank loads the latest checkpoint (weights, optimizer, rank 0's RNG state, fp16's loss
-    scale); returns its step. Warns when the global batch changes (another process count). A run killed before
-    its first checkpoint starts again from step 0."""
+    scale); returns its step. Warns when the global batch changes (another process count). A run
+    killed before its first checkpoint starts again from step 0."""
     try:
         directory = ckpt.resolve(run_dir)  # once: a bad `latest` warns once
     except ckpt.CheckpointError:
