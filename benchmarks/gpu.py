@@ -321,7 +321,8 @@ def sampling_table(cfg, batches: list[int], device: torch.device) -> list[str]:
     torch.manual_seed(0)
     prior = build_prior(cfg).to(device).eval()
     lines = [f"### Sampling {cfg.height}x{cfg.width} grids (KV cache); ratios to eager fp32\n",
-             "| batch | sampler | seconds | tokens/s | vs eager fp32 |", "|---:|---|---:|---:|---:|"]
+             "| batch | sampler | seconds | tokens/s | vs eager fp32 |",
+             "|---:|---|---:|---:|---:|"]
     for batch in batches:
         base = None
         for graph, precision in ((False, "fp32"), (False, "bf16"), (True, "fp32"),
