@@ -3,6 +3,7 @@ disjoint rank slices, corrupt files skipped and counted, `pack` -> shards -> tra
 
 import socket
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from vqvae.cli import main
 from vqvae.codes import load_codes
 from vqvae.files import FileSet
 from vqvae.loader import train_batches
-from vqvae.shards import MANIFEST, epoch_plan, expand_pattern, pack, shard_groups
+from vqvae.shards import (INDEX_SUFFIX, MANIFEST, epoch_plan, expand_pattern, index_shards,
+                          pack, shard_groups, shard_paths)
 from vqvae.data import cache_mode
 
 N = 40  # images per folder; pixel value 5 * i + 2 identifies image i after any centre resize
@@ -173,7 +175,7 @@ def test_pack_resumes_after_an_interruption_and_refuses_a_changed_folder(tmp_pat
 
     def dying(path, data):
         calls.append(path.name)
-        if len(calls) == 5:  # shard 0, manifest, shard 1, manifest, then shard 2 dies
+        if len(calls) == 8:  # (index, shard, manifest) x 2, shard 2's index, then shard 2 dies
             raise OSError("disk full")
         write_bytes(path, data)
 
@@ -182,12 +184,35 @@ def test_pack_resumes_after_an_interruption_and_refuses_a_changed_folder(tmp_pat
         pack(folder, broken, 6, progress=False, write=dying)
     done = pack(folder, broken, 6, progress=False)
     assert done.resumed_from == 12 and done.shards == 7
-    for shard in sorted(clean.glob("*.tar")):
+    for shard in sorted(clean.glob("*.tar*")):  # shards and their indexes
         assert (broken / shard.name).read_bytes() == shard.read_bytes()
     assert (broken / MANIFEST).read_text() == (clean / MANIFEST).read_text()
     _folder(tmp_path / "img", n=N + 1)
     with pytest.raises(DataError, match="different listing"):
         pack(folder, broken, 6, progress=False)
+
+
+def test_the_index_beside_packed_shards_equals_reading_their_headers(tmp_path):
+    """pack writes each shard's sample index beside it; a run reads that instead of every member
+    header, with the same result. A missing, damaged or stale index (the shard was rewritten)
+    falls back to reading the headers."""
+    shards = Path(_shards(tmp_path, _folder(tmp_path / "img")))
+    paths = shard_paths(str(shards))
+    indexes = sorted(shards.glob("*.tar" + INDEX_SUFFIX))
+    assert len(indexes) == len(paths) == 7
+    fast = index_shards(paths, progress=False)
+    for index in indexes:
+        index.rename(index.with_suffix(".moved"))
+    scanned = index_shards(paths, progress=False)
+    for a, b in ((fast.keys, scanned.keys), (fast.labels, scanned.labels),
+                 (fast.files.offsets, scanned.files.offsets),
+                 (fast.files.names, scanned.files.names)):
+        assert np.array_equal(a, b)
+    indexes[0].write_text("{not json")
+    indexes[1].with_suffix(".moved").rename(indexes[1])
+    with open(paths[1], "ab") as f:  # the shard changed after its index was written
+        f.write(b"\0" * 512)
+    assert np.array_equal(index_shards(paths, progress=False).keys, scanned.keys)
 
 
 def test_cache_auto_picks_memory_for_small_sets(tmp_path, monkeypatch):

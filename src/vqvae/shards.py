@@ -5,7 +5,8 @@ the first dot of its base name) form one sample: ``000123.jpg`` and ``000123.cls
 as text). This is the convention of WebDataset (Aizman et al., "High Performance I/O for Large
 Scale Deep Learning", 2019) and img2dataset; shards written by those tools read here too.
 :func:`pack` writes shards from an image folder, resumably, with a ``shards.json`` manifest that
-keeps the class names.
+keeps the class names, and beside every shard an index of its samples (``NAME.tar.idx.json``)
+that lets a training run skip reading the shard's member headers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .images import DataError
 
 MANIFEST = "shards.json"
 MANIFEST_KIND = "vqvae-shards"
+INDEX_SUFFIX, INDEX_KIND = ".idx.json", "vqvae-shard-index"
 _IMAGE_SUFFIXES = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
@@ -94,35 +96,30 @@ class ShardIndex:
     labels: np.ndarray  # (N,) int64
 
 
+Sample = tuple[int, int, str, int]  # (data offset, size, image member name, label or -1)
+
+
 def index_shards(paths: list[Path], progress: bool = True) -> ShardIndex:
-    """Read the member headers of every shard (not the images): one sample per key with an image
-    member; a ``.cls`` member gives its label."""
+    """One sample per key with an image member, across ``paths``; a ``.cls`` member gives its
+    label. A shard written by :func:`pack` is indexed from the file beside it; any other is read
+    member header by member header (not the images)."""
     shard_ids, offsets, lengths, names, keys, labels = [], [], [], [], [], []
     for shard_id, path in enumerate(tqdm(paths, desc="indexing shards", unit="shard",
                                          disable=not progress or len(paths) < 8, leave=False)):
-        try:
-            with tarfile.open(path, "r:") as tar:
-                samples: dict[str, list] = {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, suffix = _key(member.name)
-                    entry = samples.setdefault(key, [None, -1])
-                    if suffix in _IMAGE_SUFFIXES and entry[0] is None:
-                        entry[0] = member
-                    elif suffix == "cls":
-                        entry[1] = _read_label(tar, member, path)
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"cannot read shard {path}: {e} (shards are uncompressed .tar)"
-                            ) from None
-        for key, (member, label) in samples.items():
-            if member is None:
-                continue
+        samples = _read_index(path)
+        if samples is None:
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    samples = _scan(tar, path)
+            except (tarfile.TarError, OSError) as e:
+                raise DataError(f"cannot read shard {path}: {e} (shards are uncompressed .tar)"
+                                ) from None
+        for offset, size, name, label in samples:
             shard_ids.append(shard_id)
-            offsets.append(member.offset_data)
-            lengths.append(member.size)
-            names.append(member.name.encode())
-            keys.append(key.encode())
+            offsets.append(offset)
+            lengths.append(size)
+            names.append(name.encode())
+            keys.append(_key(name)[0].encode())
             labels.append(label)
     if not offsets:
         raise DataError(f"the {len(paths)} shard(s) hold no images (members named KEY.jpg, "
@@ -131,6 +128,35 @@ def index_shards(paths: list[Path], progress: bool = True) -> ShardIndex:
                      np.array(offsets, dtype=np.int64), np.array(lengths, dtype=np.int64),
                      np.array(names))
     return ShardIndex(files, np.array(keys), np.array(labels, dtype=np.int64))
+
+
+def _scan(tar: tarfile.TarFile, path: Path) -> list[Sample]:
+    """The samples of an open shard, from its member headers (in member order)."""
+    samples: dict[str, list] = {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, suffix = _key(member.name)
+        entry = samples.setdefault(key, [None, -1])
+        if suffix in _IMAGE_SUFFIXES and entry[0] is None:
+            entry[0] = member
+        elif suffix == "cls":
+            entry[1] = _read_label(tar, member, path)
+    return [(member.offset_data, member.size, member.name, label)
+            for member, label in samples.values() if member is not None]
+
+
+def _read_index(path: Path) -> list[Sample] | None:
+    """The samples recorded beside a shard by :func:`pack`, if that index is there and was made
+    for this very file (same size in bytes); None otherwise (the shard is scanned instead)."""
+    try:
+        index = json.loads(path.with_name(path.name + INDEX_SUFFIX).read_text())
+        if (index.get("kind"), index.get("tar_bytes")) != (INDEX_KIND, path.stat().st_size):
+            return None
+        return [(int(o), int(n), str(name), int(label))
+                for o, n, name, label in index["samples"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> int:
@@ -206,6 +232,12 @@ def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: st
                 _add(tar, f"{i:09d}{suffix}", files.read(i))
                 if labels is not None:
                     _add(tar, f"{i:09d}.cls", str(int(labels[i])).encode())
+        buffer.seek(0)
+        with tarfile.open(fileobj=buffer, mode="r:") as tar:
+            samples = _scan(tar, out / name)
+        index = {"kind": INDEX_KIND, "format": 1, "tar_bytes": buffer.getbuffer().nbytes,
+                 "samples": samples}
+        write(out / (name + INDEX_SUFFIX), json.dumps(index).encode())
         write(out / name, buffer.getvalue())
         manifest["shards"].append({"name": name, "count": len(rows)})
         write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
