@@ -686,7 +686,7 @@ SEED_PRIOR_TRAIN = PriorTrainConfig(batch_size=32, lr=1e-3, warmup=0, weight_dec
 # AdamW at 2e-3 (a small pre-norm model takes it) with a short warm-up, then a cosine to zero at
 # the end of the run, weight decay on matrices and gradient clipping; batch 32, as the seed: at
 # a few hundred CPU steps more updates beat larger ones.
-DEFAULT_PRIOR_TRAIN = PriorTrainConfig(batch_size=32, lr=2e-3, warmup=20, schedule="cosine",
+DEFAULT_PRIOR_TRAIN = PriorTrainConfig(batch_size=16, lr=4e-3, warmup=10, schedule="cosine",
                                        weight_decay=0.01, grad_clip=1.0)
 PRIOR_PRESETS = {"seed": Preset(seed_prior, SEED_PRIOR_TRAIN),
                  "default": Preset(default_prior, DEFAULT_PRIOR_TRAIN)}
