@@ -691,10 +691,10 @@ DEFAULT_PRIOR_TRAIN = PriorTrainConfig(batch_size=16, lr=4e-3, warmup=10, schedu
 PRIOR_PRESETS = {"seed": Preset(seed_prior, SEED_PRIOR_TRAIN),
                  "default": Preset(default_prior, DEFAULT_PRIOR_TRAIN)}
 
-# Training codes (grids x codes per grid) from which on the default prior needs no dropout: it
-# sees them at most a few times in the budgets it is tuned for (Fashion-MNIST's 60,000 grids of
-# 8x8 are 3.8M codes; a run of 10 CPU minutes sees ~1.5 of them), while the 1,617 digit grids of
-# 4x4 (26k codes) are seen dozens of times and overfit (docs/prior.md).
+# Training codes (grids x codes per grid) from which on the default prior needs no dropout: the
+# budgets it is tuned for see such a set less than once (Fashion-MNIST's 60,000 grids of 8x8 are
+# 3.8M codes; 5 CPU minutes saw 17k grids), while the 1,617 digit grids of 4x4 (26k codes) are
+# seen dozens of times and overfit (docs/prior.md).
 LARGE_CODE_SET = 1_000_000
 
 
