@@ -1,14 +1,19 @@
-"""Held-out NLL (bits/code) of the seed and the default prior after the same CPU budget.
+"""Held-out bits/code and sample distance of the seed and the default prior after the same budget.
 
-Both priors train at the same time, each in its own ``vqvae train-prior`` process pinned to one
-intra-op thread, for the same wall-clock minutes (``--minutes``); running them side by side means
-a busy machine slows both alike. The CPU seconds each process actually used are read from the OS
-(``os.wait4``) and printed, so an unequal share is visible. Test bits/code is the final
-evaluation on every test grid (``RUN/eval.json``); the codes' unigram entropy is the baseline a
-prior has to beat.
+For each budget in ``--minutes`` the priors train at the same time, each in its own
+``vqvae train-prior`` process pinned to one intra-op thread, for the same wall-clock minutes;
+running them side by side means a busy machine slows both alike. The CPU seconds each process
+actually used are read from the OS (``os.wait4``) and printed, so an unequal share is visible.
+Test bits/code is the final evaluation on every test grid (``RUN/eval.json``); the codes' unigram
+entropy is the baseline a prior has to beat. With ``--draws`` > 0 each prior's samples are also
+judged as ``sample_quality.py`` does (a classifier-feature Fréchet distance to the training
+images, mean ± sd over draws of ``--n`` samples), after both arms of a budget have finished.
 
     vqvae encode /path/to/stage1-run --out codes.safetensors
-    PYTHONPATH=src python benchmarks/prior_nll.py --codes codes.safetensors --minutes 4
+    PYTHONPATH=src python benchmarks/prior_nll.py --codes codes.safetensors --minutes 2 5 10
+
+``--arm NAME=PRESET [OPTIONS]`` adds an arm with ``vqvae train-prior`` options, e.g.
+``--arm "small=default --d-model 128 --heads 4"``.
 """
 
 from __future__ import annotations
@@ -17,14 +22,31 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vqvae.codes import load_codes
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    options: tuple[str, ...]  # train-prior options: --preset and any overrides
+
+
+@dataclass(frozen=True)
+class Trained:
+    arm: Arm
+    run: Path
+    cpu_s: float
+    wall_s: float
+    returncode: int
 
 
 def unigram_bits(codes: torch.Tensor, k: int) -> float:
@@ -34,54 +56,131 @@ def unigram_bits(codes: torch.Tensor, k: int) -> float:
     return float(-(p * p.log()).sum() / math.log(2))
 
 
-def main() -> None:
+def parse_arm(text: str) -> Arm:
+    """``NAME=PRESET [OPTIONS]`` or a bare preset name -> an :class:`Arm`."""
+    name, _, rest = text.partition("=")
+    words = shlex.split(rest) if rest else [name]
+    return Arm(name, ("--preset", words[0], *words[1:]))
+
+
+def train_side_by_side(arms: list[Arm], codes: str, minutes: float, out: Path,
+                       args: argparse.Namespace) -> list[Trained]:
+    """Start one train-prior process per arm at once, each for ``minutes`` on one thread; wait
+    for all and return the CPU seconds the OS charged each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for arm in arms:
+        run = out / arm.name
+        cmd = [sys.executable, "-m", "vqvae", "train-prior", "--codes", codes, *arm.options,
+               "--minutes", str(minutes), "--steps", "1000000000", "--every", str(args.every),
+               "--eval-count", str(args.eval_codes), "--seed", str(args.seed), "--device", "cpu",
+               "--out", str(run)]
+        with open(out / f"{arm.name}.log", "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        procs[proc.pid] = (arm, run, time.monotonic())
+    done = []
+    while len(done) < len(procs):
+        pid, status, rusage = os.wait4(-1, 0)
+        if pid in procs:
+            arm, run, started = procs[pid]
+            done.append(Trained(arm, run, rusage.ru_utime + rusage.ru_stime,
+                                time.monotonic() - started, os.waitstatus_to_exitcode(status)))
+    order = [arm.name for arm in arms]
+    return sorted(done, key=lambda t: order.index(t.arm.name))
+
+
+class Judge:
+    """The sample distance of ``sample_quality.py`` for priors over one stage-1 model's data:
+    its cached classifier and the training images' features, built once."""
+
+    def __init__(self, stage1: str, args: argparse.Namespace):
+        import sample_quality as sq  # beside this file
+        from vqvae import checkpoint as ckpt
+        from vqvae import load_splits
+        from vqvae.codes import stage1_data
+        from vqvae.quality import ClassifierConfig, features
+
+        self.sq, self.args = sq, args
+        data = stage1_data(stage1, ckpt.load_autoencoder(stage1))
+        splits = load_splits(data)
+        self.classifier, _ = sq.classifier_for(splits.train, data, ClassifierConfig(),
+                                               sq.default_cache(data))
+        self.reference = features(self.classifier, splits.train.images)
+        test = splits.test
+        self.n = min(args.n, len(test))
+        pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:self.n]
+        self.held = test.images[pick]
+        self.floor = sq.judged(self.classifier, [self.held], self.reference)
+        self.data = data
+
+    def prior(self, run: Path) -> dict:
+        """judged() over ``--draws`` sets of n samples (seeds 0, 1, ...)."""
+        ns = argparse.Namespace(sample_seed=0, draws=self.args.draws, temperature=1.0, top_k=None)
+        draws = self.sq.prior_samples(str(run), self.n, ns, self.held.shape[1:])
+        return self.sq.judged(self.classifier, draws, self.reference)
+
+
+def distance(result: dict | None) -> str:
+    if result is None:
+        return "n/a"
+    sd = f" ± {result['frechet_sd']:.1f}" if result["frechet_sd"] is not None else ""
+    return f"{result['frechet']:.1f}{sd}"
+
+
+def table_row(minutes: float, trained: Trained, judge: Judge | None, out: Path) -> str:
+    if trained.returncode != 0:
+        return (f"| {minutes:g} | {trained.arm.name} | failed (exit {trained.returncode}), see "
+                f"{out / (trained.arm.name + '.log')} | | | | | |")
+    result = json.loads((trained.run / "eval.json").read_text())
+    quality = judge.prior(trained.run) if judge else None
+    confident = f"{100 * quality['confident']:.1f}%" if quality else "n/a"
+    return (f"| {minutes:g} | {trained.arm.name} | {_params(trained.run) / 1e6:.2f}M | "
+            f"{result['step']} | {trained.cpu_s / 60:.1f} | {result['bits_per_code']:.4f} | "
+            f"{distance(quality)} | {confident} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--codes", required=True, help="codes file from `vqvae encode`")
-    parser.add_argument("--minutes", type=float, default=4.0, help="wall minutes per prior")
-    parser.add_argument("--presets", nargs="+", default=["seed", "default"])
-    parser.add_argument("--out", default="runs/prior-nll", help="folder for the two runs")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[4.0],
+                        help="wall minutes per prior; one row per budget and arm")
+    parser.add_argument("--presets", nargs="+", default=["seed", "default"],
+                        help="arms that are plain presets")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME=PRESET [OPTIONS]",
+                        help="an arm with train-prior options (instead of --presets)")
+    parser.add_argument("--out", default="runs/prior-nll", help="folder for the runs")
     parser.add_argument("--every", type=int, default=400)
     parser.add_argument("--eval-codes", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--draws", type=int, default=3,
+                        help="sets of --n samples judged per prior (0: no sample distance)")
+    parser.add_argument("--n", type=int, default=1000, help="samples per draw (at most the "
+                        "held-out size)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    arms = [parse_arm(a) for a in args.arm] or [parse_arm(p) for p in args.presets]
     codes = load_codes(args.codes)
-    out = Path(args.out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = {}
-    for preset in args.presets:
-        run = out / preset
-        cmd = [sys.executable, "-m", "vqvae", "train-prior", "--codes", args.codes, "--preset",
-               preset, "--minutes", str(args.minutes), "--steps", "1000000000", "--every",
-               str(args.every), "--eval-count", str(args.eval_codes), "--seed", str(args.seed),
-               "--device", "cpu", "--out", str(run)]
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / f"{preset}.log", "w")
-        procs[os.fspath(run)] = (preset, subprocess.Popen(cmd, env=env, stdout=log, stderr=log),
-                                 time.monotonic())
-    usage = {}
-    while len(usage) < len(procs):
-        pid, status, rusage = os.wait4(-1, 0)
-        for run, (preset, proc, started) in procs.items():
-            if proc.pid == pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                usage[run] = (rusage.ru_utime + rusage.ru_stime, time.monotonic() - started,
-                              proc.returncode)
     test = codes.split("test").codes
-    print(f"codes: {args.codes} ({codes.grid[0]}x{codes.grid[1]} grids, K={codes.codebook_size},"
+    print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/prior_nll.py", *sys.argv[1:]]))
+    print(f"\ncodes: {args.codes} ({codes.grid[0]}x{codes.grid[1]} grids, K={codes.codebook_size},"
           f" {len(codes.split('train'))} train / {len(test)} test); unigram entropy of the test "
-          f"codes {unigram_bits(test, codes.codebook_size):.3f} bits/code\n")
-    print("| prior | params | steps | train minutes (wall) | CPU minutes (whole process, "
-          "incl. final eval) | test bits/code |")
-    print("|---|---|---|---|---|---|")
-    for run, (preset, _, _) in procs.items():
-        cpu, wall, rc = usage[run]
-        if rc != 0:
-            print(f"| {preset} | failed (exit {rc}), see {out / (preset + '.log')} | | | | |")
-            continue
-        result = json.loads((Path(run) / "eval.json").read_text())
-        params = _params(Path(run))
-        print(f"| {preset} | {params / 1e6:.2f}M | {result['step']} | {args.minutes:g} | "
-              f"{cpu / 60:.1f} | {result['bits_per_code']:.4f} |")
+          f"codes {unigram_bits(test, codes.codebook_size):.3f} bits/code", flush=True)
+    judge = Judge(codes.stage1, args) if args.draws else None
+    if judge:
+        print(f"sample distance: {judge.data.source} at {judge.data.size}px, {args.draws} draws "
+              f"of {judge.n} samples per prior (mean ± sd); held-out images (the floor): "
+              f"{distance(judge.floor)}", flush=True)
+    print("\n| minutes (wall) | prior | params | steps | CPU minutes (whole process) | "
+          "test bits/code | sample distance | confident (>= 0.8) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    for minutes in args.minutes:
+        out = Path(args.out) / f"{minutes:g}min"
+        for trained in train_side_by_side(arms, args.codes, minutes, out, args):
+            print(table_row(minutes, trained, judge, out), flush=True)
 
 
 def _params(run: Path) -> int:

@@ -1,9 +1,14 @@
+import time
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from vqvae import checkpoint as ckpt
-from vqvae.config import ConfigError, PriorConfig, default_prior, seed_prior, to_dict
+from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, ConfigError, PriorConfig,
+                          default_prior, prior_for_data, seed_prior, to_dict)
+from vqvae.train_prior import RunClock, learning_rate
 from vqvae.prior import Prior
 from vqvae.transformer import SeedBlock, filter_logits, sample_next
 
@@ -184,8 +189,40 @@ def test_seed_preset_structure():
 
 def test_default_preset_is_gpt():
     prior = Prior(default_prior(64, 8, 8))
-    assert prior.cfg.variant == "gpt" and prior.cfg.dropout > 0
-    assert prior.row.weight.shape == (8, 256)
+    assert prior.cfg.variant == "gpt"
+    assert prior.row.weight.shape == (8, prior.cfg.d_model)
+
+
+def test_default_prior_regularised_on_small_code_sets_only():
+    model, train = default_prior(128, 4, 4), DEFAULT_PRIOR_TRAIN
+    small = prior_for_data(model, train, train_grids=1617)  # the digits: 26k codes
+    large = prior_for_data(replace(model, height=8, width=8), train, 60000)  # Fashion-MNIST
+    assert small[0].dropout == 0.1 and small[1].token_dropout == 0.1
+    assert large[0].dropout == 0.0 and large[1].token_dropout == 0.0
+    edge = LARGE_CODE_SET // 16
+    assert prior_for_data(model, train, edge)[0].dropout == 0.0
+    assert prior_for_data(model, train, edge - 1)[0].dropout == 0.1
+
+
+def test_learning_rate_warmup_then_cosine_to_zero():
+    assert learning_rate(0, 1.0, 4) == 0.25 and learning_rate(3, 1.0, 4) == 1.0
+    assert learning_rate(10, 1.0, 4, "constant", 0.9) == 1.0
+    assert learning_rate(4, 1.0, 4, "cosine", 0.0) == 1.0
+    assert learning_rate(50, 1.0, 4, "cosine", 0.5) == pytest.approx(0.5)
+    assert learning_rate(99, 1.0, 4, "cosine", 1.0) == pytest.approx(0.0)
+    assert learning_rate(99, 1.0, 4, "cosine", 1.5) == pytest.approx(0.0)  # past the end
+    assert learning_rate(1, 1.0, 4, "cosine", 0.9) == 0.5  # the warm-up comes first
+
+
+def test_run_clock_progress_by_steps_or_by_the_time_budget(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    by_steps, by_time = RunClock(200, None), RunClock(10**9, 2.0)
+    now[0] += 60.0  # half of the 2-minute budget
+    assert by_steps.progress(50) == 0.25
+    assert by_time.progress(50) == pytest.approx(0.5)
+    now[0] += 600.0
+    assert by_time.progress(60) == 1.0
 
 
 def test_save_load_identical_logits(tmp_path):

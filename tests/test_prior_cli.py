@@ -88,7 +88,8 @@ def test_train_prior_sample_end_to_end(stage1, tmp_path, capsys):
 def test_resume_matches_uninterrupted_run(stage1, tmp_path):
     codes = str(stage1 / "codes.safetensors")
     a, b = tmp_path / "a", tmp_path / "b"
-    cpu = [*PRIOR, "--device", "cpu"]  # CUDA kernels need --deterministic for this
+    # CUDA kernels need --deterministic for this; a constant rate lets a run be extended exactly
+    cpu = [*PRIOR, "--device", "cpu", "--schedule", "constant"]
     assert main(["train-prior", "--codes", codes, *cpu, "--steps", "20", "--out", str(a)]) == 0
     assert main(["train-prior", "--codes", codes, *cpu, "--steps", "10", "--out", str(b)]) == 0
     assert main(["train-prior", "--resume", str(b), "--steps", "20"]) == 0
@@ -96,6 +97,22 @@ def test_resume_matches_uninterrupted_run(stage1, tmp_path):
     for key in wa:
         assert torch.allclose(wa[key], wb[key], atol=1e-6), key
     assert [m["step"] for m in read_jsonl(b / "metrics.jsonl")] == [10, 20]
+
+
+def test_cosine_run_stopped_early_resumes_exactly(stage1, tmp_path):
+    """The default cosine schedule depends on the step and --steps only: a run stopped by its
+    time budget (after step 1, still in the warm-up) and resumed ends as an uninterrupted one."""
+    codes = str(stage1 / "codes.safetensors")
+    a, b = tmp_path / "a", tmp_path / "b"
+    cpu = [*PRIOR, "--device", "cpu", "--schedule", "cosine", "--warmup", "2", "--steps", "20"]
+    assert main(["train-prior", "--codes", codes, *cpu, "--out", str(a)]) == 0
+    assert main(["train-prior", "--codes", codes, *cpu, "--minutes", "1e-6", "--out", str(b)]) == 0
+    assert (b / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+    # a generous budget: its spent share (seconds / 6000 s) stays far below step / 20
+    assert main(["train-prior", "--resume", str(b), "--minutes", "100"]) == 0
+    wa, wb = load_prior(a).state_dict(), load_prior(b).state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=1e-6), key
 
 
 def test_conditional_prior_encoded_on_the_fly(stage1, tmp_path, capsys):

@@ -8,6 +8,7 @@ the shared loop's (:mod:`vqvae.runs`); nothing here comes from stage 1's trainer
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from .checkpoint import PRIOR_KIND, protect
 from .autoencoder import VQVAE
 from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
-                     SampleConfig)
+                     SampleConfig, prior_for_data)
 from .data import BatchStream, DataError
 from .distributed import Runtime, data_parallel, main_does, pick_device
 from .metrics import evaluate_prior
@@ -53,7 +54,10 @@ def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName
     h, w = codes.grid
     chosen = PRIOR_PRESETS[preset]
     base = chosen.model(codes.codebook_size, h, w, codes.num_classes if conditional else 0)
-    return PriorRunConfig(replace(base, **(model or {})), replace(chosen.train, **(train or {})),
+    base_train = chosen.train
+    if preset == "default":  # the seed stays the blog post's prior whatever the data
+        base, base_train = prior_for_data(base, base_train, len(codes.split("train")))
+    return PriorRunConfig(replace(base, **(model or {})), replace(base_train, **(train or {})),
                           codes_path, codes.stage1, codes.stage1_sha256, preset)
 
 
@@ -107,9 +111,33 @@ def optimizer(prior: Prior, lr: float, weight_decay: float) -> torch.optim.Optim
                              fused=prior.head.weight.is_cuda)
 
 
-def learning_rate(step: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to ``peak``, then constant (a time budget leaves the end unknown)."""
-    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant",
+                  progress: float = 0.0) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then ``peak`` (constant) or a cosine
+    that reaches zero when ``progress`` (the share of the run done, in [0, 1]) does: a run whose
+    end is known gains from annealing into it, most of all a short one."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+class RunClock:
+    """How far a run is, for the schedule: ``step / steps``, or when a ``minutes`` budget ends
+    the run first, the share of it spent (this invocation's: a resumed --minutes run anneals
+    again over its own budget). Runs bounded by --steps alone depend on the step only, so they
+    resume exactly."""
+
+    def __init__(self, steps: int, minutes: float | None):
+        self.steps, self.seconds = steps, None if minutes is None else 60.0 * minutes
+        self.t0 = time.monotonic()
+
+    def progress(self, step: int) -> float:
+        done = step / self.steps
+        if self.seconds is not None:
+            done = max(done, (time.monotonic() - self.t0) / self.seconds)
+        return min(done, 1.0)
 
 
 def drop_labels(labels: torch.Tensor, p: float, null: int) -> torch.Tensor:
@@ -137,6 +165,7 @@ class Stage2:
         self.stream = BatchStream(len(self.train), tc.batch_size, tc.seed, runtime.rank,
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
+        self.clock, self.lr = RunClock(tc.steps, tc.minutes), tc.lr
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc, device = self.cfg.train, self.runtime.device
@@ -145,8 +174,9 @@ class Stage2:
         if self.labels is not None:
             labels = drop_labels(self.labels[index], tc.p_uncond, self.prior.null_class)
             labels = labels.to(device, non_blocking=True)
+        self.lr = learning_rate(step, tc.lr, tc.warmup, tc.schedule, self.clock.progress(step))
         for group in self.opt.param_groups:
-            group["lr"] = learning_rate(step, tc.lr, tc.warmup)
+            group["lr"] = self.lr
         codes = self.codes[index.to(self.codes.device)].to(device, torch.long, non_blocking=True)
         with autocast(tc.precision, device):
             loss = self.loss(codes, labels)  # over the local batch; DDP averages gradients
@@ -160,8 +190,7 @@ class Stage2:
         return {"loss": loss}
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
-        return {"bits": means["loss"] / math.log(2),
-                "lr": learning_rate(step - 1, self.cfg.train.lr, self.cfg.train.warmup)}
+        return {"bits": means["loss"] / math.log(2), "lr": self.lr}  # the last step's
 
     def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]:
         return ({"bits": f"{record['bits']:.3f}"}
