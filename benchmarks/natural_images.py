@@ -150,7 +150,7 @@ def main() -> None:
     arms = {"mse": [], "gan": [*shlex.split(args.gan), "--gan-start", str(args.gan_start)]}
     rows, pictures = [], [held]
     for name, extra in arms.items():
-        train([*common, *extra], root / name)
+        train([*common, *extra], root / name, args.steps)
         metrics = evaluate_autoencoder(ckpt.load_autoencoder(root / name), held)
         rec = reconstruct(root / name, held)
         pictures.append(rec)

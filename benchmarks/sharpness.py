@@ -93,10 +93,14 @@ def mse_stops(args: argparse.Namespace) -> list[int]:
     return sorted(stops | ({args.finetune_from} if args.finetune else set()))
 
 
-def train(options: list[str], run: Path) -> None:
-    """``vqvae OPTIONS --out RUN`` unless RUN has finished (its eval.json exists)."""
+def train(options: list[str], run: Path, steps: int) -> None:
+    """``vqvae OPTIONS --out RUN`` unless RUN has finished its ``steps`` (a run stopped early
+    also writes eval.json, at the step it reached: resume or delete it)."""
     if (run / "eval.json").exists():
-        return
+        reached = json.loads((run / "eval.json").read_text())["step"]
+        if reached >= steps:
+            return
+        raise SystemExit(f"{run} stopped at step {reached} of {steps}: resume or delete it")
     options = [*options, "--out", str(run)]
     print("$ vqvae " + shlex.join(options), file=sys.stderr, flush=True)
     if vqvae(options) != 0:
@@ -116,17 +120,17 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, float]
         stops = mse_stops(args)
         every = math.gcd(*stops)
         train(["train", "--preset", args.preset, *common(args, seed, stops[-1], every),
-               "--keep-every", str(every)], base)
+               "--keep-every", str(every)], base, stops[-1])
         return base / "checkpoints" / f"step-{arm.steps:07d}", seconds(base, arm.steps)
     run = root / f"{slug(arm.name)}-seed{seed}"
     if arm.kind == "scratch":
         train(["train", "--preset", args.preset, *common(args, seed, arm.steps, args.every),
-               *arm.options, "--gan-start", str(args.gan_start)], run)
+               *arm.options, "--gan-start", str(args.gan_start)], run, arm.steps)
         return run, seconds(run, arm.steps)
-    start = args.finetune_from
+    start, more = args.finetune_from, arm.steps - args.finetune_from
     train(["finetune-decoder", str(base / "checkpoints" / f"step-{start:07d}"), "--steps",
-           str(arm.steps - start), "--every", str(args.every), *arm.options], run)
-    return run, seconds(base, start) + seconds(run, arm.steps - start)
+           str(more), "--every", str(args.every), *arm.options], run, more)
+    return run, seconds(base, start) + seconds(run, more)
 
 
 def seconds(run: Path, step: int) -> float:
