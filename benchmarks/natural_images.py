@@ -19,6 +19,7 @@ GAN reconstructions in rows. Nothing is downloaded: the photos are files of the 
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -120,6 +121,35 @@ def reconstruct(run: Path, images: torch.Tensor) -> torch.Tensor:
     return to_uint8(ckpt.load_autoencoder(run).reconstruct(to_float(images)))
 
 
+def arms(args: argparse.Namespace, folder: Path) -> dict[str, tuple[list[str], int]]:
+    """name -> (`vqvae` options, the steps of that invocation): MSE, and the GAN from scratch
+    (discriminator from ``--gan-start``) or, with ``--finetune-from N``, ``vqvae
+    finetune-decoder`` of the MSE run's checkpoint at N up to the same total steps."""
+    n = args.finetune_from
+    every = math.gcd(args.steps, n) if n else max(1, args.steps // 4)
+    mse = ["train", "--preset", args.preset, "--data", str(folder), "--size", str(args.size),
+           "--crop", "random", "--flip", "--steps", str(args.steps), "--every", str(every),
+           "--keep-every", str(every), "--batch-size", str(args.batch_size), "--seed",
+           str(args.seed)]
+    gan = shlex.split(args.gan)
+    if not n:
+        return {"mse": (mse, args.steps), "gan": ([*mse, *gan, "--gan-start",
+                                                    str(args.gan_start)], args.steps)}
+    start = Path(args.root) / "mse" / "checkpoints" / f"step-{n:07d}"
+    return {"mse": (mse, args.steps), "gan": (["finetune-decoder", str(start), "--steps",
+                                                str(args.steps - n), "--every", str(every),
+                                                *gan], args.steps - n)}
+
+
+def arm_seconds(args: argparse.Namespace, name: str) -> float:
+    """Training-loop seconds of an arm (a fine-tune's include its MSE start's)."""
+    root = Path(args.root)
+    if name == "gan" and args.finetune_from:
+        return (seconds(root / "mse", args.finetune_from)
+                + seconds(root / "gan", args.steps - args.finetune_from))
+    return seconds(root / name, args.steps)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs/sharpness-natural")
@@ -133,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gan-start", type=int, default=600)
     parser.add_argument("--gan", default="--gan-weight 0.5 --disc-channels 32 --lecam 0.001 "
                         "--diffaug", help="the GAN arm's extra `vqvae train` options")
+    parser.add_argument("--finetune-from", type=int, default=0, help="N: the GAN arm is a "
+                        "decoder-only fine-tune of the MSE run's step N (0: from scratch)")
     parser.add_argument("--png", default=None, help="where to write the side-by-side PNG")
     parser.add_argument("--show", type=int, default=8, help="held-out tiles in the PNG")
     return parser.parse_args(argv)
@@ -143,23 +175,20 @@ def main() -> None:
     root = Path(args.root)
     folder = write_tiles(root / "tiles", args.per_photo, args.holdout, args.size)
     held = load_folder(root / "tiles" / "heldout")
-    common = ["train", "--preset", args.preset, "--data", str(folder), "--size", str(args.size),
-              "--crop", "random", "--flip", "--steps", str(args.steps), "--every",
-              str(max(1, args.steps // 4)), "--batch-size", str(args.batch_size), "--seed",
-              str(args.seed)]
-    arms = {"mse": [], "gan": [*shlex.split(args.gan), "--gan-start", str(args.gan_start)]}
     rows, pictures = [], [held]
-    for name, extra in arms.items():
-        train([*common, *extra], root / name, args.steps)
+    for name, (options, steps) in arms(args, folder).items():
+        train(options, root / name, steps)
         metrics = evaluate_autoencoder(ckpt.load_autoencoder(root / name), held)
         rec = reconstruct(root / name, held)
         pictures.append(rec)
         rows.append(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.4f} | "
-                    f"{gradient_ratio(rec, held):.3f} | {seconds(root / name, args.steps):.0f} |")
+                    f"{gradient_ratio(rec, held):.3f} | {arm_seconds(args, name):.0f} |")
+    how = (f"decoder-only fine-tune from the MSE run's step {args.finetune_from}"
+           if args.finetune_from else f"from step {args.gan_start}")
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/natural_images.py", *sys.argv[1:]]))
     print(f"\n{len(list(folder.glob('*.png')))} training tiles, {len(held)} held-out tiles at "
           f"{args.size}px; {args.preset} preset, {args.steps} steps of {args.batch_size}, seed "
-          f"{args.seed}; gan: {args.gan} from step {args.gan_start}; seconds: training loop, "
+          f"{args.seed}; gan: {args.gan} {how}; seconds: training loop, "
           f"shared 2-core CPU, rough\n")
     print("| arm | PSNR (dB) | SSIM | gradient ratio | seconds |\n|---|---:|---:|---:|---:|")
     print("\n".join(rows))
