@@ -4,16 +4,18 @@ tiles cut from the photos that ship inside scikit-image's and scikit-learn's pac
 Each photo is split in two: training tiles (random squares, stored at 96 px and cropped and
 flipped again by ``--crop random --flip``) come from its left part, held-out tiles (a grid of
 96-px squares resized to the training size) from its right ``--holdout`` strip, so no held-out
-pixel was ever trained on. Both arms train the same preset, seed and steps through ``vqvae
-train``; the table scores them on the held-out tiles (PSNR, SSIM, and the gradient ratio: the
-mean absolute pixel difference between neighbours of the reconstructions over the originals',
-1.0 as much fine detail as the originals, blur lowers it), and one PNG shows originals, MSE and
-GAN reconstructions in rows. Nothing is downloaded: the photos are files of the two wheels
-(scikit-image's ``skimage.data`` images fetched through pooch are not used).
+pixel was ever trained on. The arms train the same preset, seed and steps through the CLI;
+the table scores them on the held-out tiles (PSNR, SSIM, and the gradient ratio: the mean
+absolute difference between neighbouring pixels of the reconstructions over the originals';
+blur lowers it, noise and artefacts raise it), and one PNG shows originals and each arm's
+reconstructions in rows. With ``--finetune-from N`` the GAN arm is a decoder-only fine-tune of
+the MSE run's step N, and ``--control OPTIONS`` adds the same fine-tune without the GAN (its
+lower learning rate alone can change the figures). Nothing is downloaded: the photos are files
+of the two wheels (``skimage.data`` images fetched through pooch are not used).
 
-    PYTHONPATH=src python benchmarks/natural_images.py --steps 2000 --gan-start 600 \\
-        --gan '--gan-weight 0.5 --disc-channels 32 --lecam 0.001 --diffaug' \\
-        --png docs/img/natural-sharpness.png
+    PYTHONPATH=src python benchmarks/natural_images.py --steps 1000 --finetune-from 700 \
+        --batch-size 16 --gan '--gan-weight 0.5 --disc-channels 32 --lr 1e-4' \
+        --control '--lr 1e-4' --png docs/img/natural-sharpness.png
 """
 
 from __future__ import annotations
@@ -136,17 +138,18 @@ def arms(args: argparse.Namespace, folder: Path) -> dict[str, tuple[list[str], i
         return {"mse": (mse, args.steps), "gan": ([*mse, *gan, "--gan-start",
                                                     str(args.gan_start)], args.steps)}
     start = Path(args.root) / "mse" / "checkpoints" / f"step-{n:07d}"
-    return {"mse": (mse, args.steps), "gan": (["finetune-decoder", str(start), "--steps",
-                                                str(args.steps - n), "--every", str(every),
-                                                *gan], args.steps - n)}
+    tune = ["finetune-decoder", str(start), "--steps", str(args.steps - n), "--every", str(every)]
+    control = {"mse-ft": ([*tune, *shlex.split(args.control)], args.steps - n)} if (
+        args.control is not None) else {}
+    return {"mse": (mse, args.steps), **control, "gan": ([*tune, *gan], args.steps - n)}
 
 
 def arm_seconds(args: argparse.Namespace, name: str) -> float:
     """Training-loop seconds of an arm (a fine-tune's include its MSE start's)."""
     root = Path(args.root)
-    if name == "gan" and args.finetune_from:
+    if name != "mse" and args.finetune_from:
         return (seconds(root / "mse", args.finetune_from)
-                + seconds(root / "gan", args.steps - args.finetune_from))
+                + seconds(root / name, args.steps - args.finetune_from))
     return seconds(root / name, args.steps)
 
 
@@ -165,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--diffaug", help="the GAN arm's extra `vqvae train` options")
     parser.add_argument("--finetune-from", type=int, default=0, help="N: the GAN arm is a "
                         "decoder-only fine-tune of the MSE run's step N (0: from scratch)")
+    parser.add_argument("--control", default=None, help="with --finetune-from: also a "
+                        "decoder-only fine-tune without the GAN, with these options (e.g. the "
+                        "GAN arm's --lr), so that the GAN's effect is told from the fine-tune's")
     parser.add_argument("--png", default=None, help="where to write the side-by-side PNG")
     parser.add_argument("--show", type=int, default=8, help="held-out tiles in the PNG")
     return parser.parse_args(argv)
@@ -175,7 +181,7 @@ def main() -> None:
     root = Path(args.root)
     folder = write_tiles(root / "tiles", args.per_photo, args.holdout, args.size)
     held = load_folder(root / "tiles" / "heldout")
-    rows, pictures = [], [held]
+    rows, pictures, names = [], [held], list(arms(args, folder))
     for name, (options, steps) in arms(args, folder).items():
         train(options, root / name, steps)
         metrics = evaluate_autoencoder(ckpt.load_autoencoder(root / name), held)
@@ -194,8 +200,9 @@ def main() -> None:
     print("\n".join(rows))
     if args.png:
         pick = torch.linspace(0, len(held) - 1, args.show).round().long()  # spread over photos
-        grid = torch.cat([p[pick] for p in pictures])  # rows: originals, mse, gan
-        print(f"\noriginals | mse | gan: {save_png(tile(grid, args.show), args.png)}")
+        grid = torch.cat([p[pick] for p in pictures])  # rows: originals, then each arm
+        path = save_png(tile(grid, args.show, min_tile=2 * args.size), args.png)  # 2x, nearest
+        print(f"\nrows: originals | {' | '.join(names)}: {path}")
 
 
 if __name__ == "__main__":
