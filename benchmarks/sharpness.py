@@ -14,9 +14,9 @@ Every run is judged on the same ``--n`` held-out images. Seconds are the trainin
 (train.jsonl, periodic saves included; a fine-tune adds its MSE start's): rough on a shared CPU,
 but what an equal-CPU-time comparison needs, hence ``--mse-steps`` for longer MSE rows.
 
-    PYTHONPATH=src python benchmarks/sharpness.py --steps 1200 --gan-start 400 \\
-        --variant 'gan w0.5=--gan-weight 0.5 --lecam 0.001 --diffaug' \\
-        --finetune 'ft w0.5=--gan-weight 0.5 --lecam 0.001 --diffaug' --finetune-from 800 \\
+    PYTHONPATH=src python benchmarks/sharpness.py --steps 1200 --finetune-from 800 \\
+        --finetune 'ft mse lr1e-4=--lr 1e-4' \\
+        --finetune 'ft w0.5 lr1e-4=--gan-weight 0.5 --disc-channels 32 --lr 1e-4' \\
         --mse-steps 2000 --seeds 0 1
 """
 
@@ -196,16 +196,25 @@ def main() -> None:
             results.setdefault(arm.name, []).append(
                 {**score(path, held, classifier, reference), "seconds": secs, "seed": seed})
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/sharpness.py", *sys.argv[1:]]))
-    print(f"\n{args.preset} preset, {args.data} at {args.size}px, batch {args.batch_size}, seeds "
-          f"{args.seeds}; GAN rows {args.steps} steps (from scratch: discriminator from step "
-          f"{args.gan_start}; fine-tunes: decoder alone from the MSE run's step "
-          f"{args.finetune_from}); Fréchet distance of {n} held-out reconstructions "
-          f"(classifier features, benchmarks/sample_quality.py); seconds: training loop, "
-          f"shared 2-core CPU, rough\n")
+    print(header(args, n))
     print(table(results, f"mse @ {args.steps}"))
     if len(args.seeds) > 1:
         print("\nper seed:\n")
         print(per_seed(results))
+
+
+def header(args: argparse.Namespace, n: int) -> str:
+    """What the table's rows are, in one paragraph (only the kinds of rows it has)."""
+    kinds = {arm.kind for arm in arms(args)}
+    how = []
+    if "scratch" in kinds:
+        how.append(f"from scratch: discriminator from step {args.gan_start}")
+    if "finetune" in kinds:
+        how.append(f"fine-tunes: decoder alone from the MSE run's step {args.finetune_from}")
+    return (f"\n{args.preset} preset, {args.data} at {args.size}px, batch {args.batch_size}, "
+            f"seeds {args.seeds}; other rows {args.steps} steps ({'; '.join(how)}); Fréchet "
+            f"distance of {n} held-out reconstructions (classifier features, "
+            f"benchmarks/sample_quality.py); seconds: training loop, shared 2-core CPU, rough\n")
 
 
 def table(results: dict[str, list[dict[str, float]]], control: str) -> str:
