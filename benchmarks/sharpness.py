@@ -1,23 +1,35 @@
-"""Sharper reconstructions: MSE alone against the adversarial (PatchGAN) loss at the same step
-budget, judged by held-out PSNR, SSIM and the Fréchet distance of reconstructions
-(benchmarks/sample_quality.py's classifier features).
+"""Sharper reconstructions: MSE alone against the adversarial (PatchGAN) loss, judged by held-out
+PSNR, SSIM and the Fréchet distance of reconstructions (benchmarks/sample_quality.py's features).
 
-Every variant trains the same preset with the same seed and steps through ``vqvae train``; the
-GAN variants switch their discriminator on at ``--gan-start`` (before it they are the MSE run up
-to the discriminator's initialisation). Rows are means over ``--seeds``; the distance judges the
-same ``--n`` held-out images for every run.
+Three kinds of rows, every run training the same preset with the same seed through the CLI:
 
-    PYTHONPATH=src python benchmarks/sharpness.py --data fashion-mnist --size 32 --steps 1500
+- ``mse @ S``: one MSE run per seed, trained to the largest step any row needs and kept at each
+  of them (the learning rate is constant, so its checkpoint at S is the S-step MSE run);
+- ``--variant NAME=OPTIONS``: a run from scratch with extra ``vqvae train`` options, its
+  discriminator from ``--gan-start`` (before it, it is the MSE run);
+- ``--finetune NAME=OPTIONS``: ``vqvae finetune-decoder`` of the MSE checkpoint at
+  ``--finetune-from`` with OPTIONS, up to ``--steps`` in all; its control is ``mse @ steps``.
+
+Every run is judged on the same ``--n`` held-out images. Seconds are the training loop's own
+(train.jsonl, periodic saves included; a fine-tune adds its MSE start's): rough on a shared CPU,
+but what an equal-CPU-time comparison needs, hence ``--mse-steps`` for longer MSE rows.
+
+    PYTHONPATH=src python benchmarks/sharpness.py --steps 1200 --finetune-from 800 \\
+        --finetune 'ft mse lr1e-4=--lr 1e-4' \\
+        --finetune 'ft w0.5 lr1e-4=--gan-weight 0.5 --disc-channels 32 --lr 1e-4' \\
+        --mse-steps 2000 --seeds 0 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -25,71 +37,214 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sample_quality import classifier_for, default_cache, judged, reconstructions  # noqa: E402
 
 from vqvae import DataConfig, load_splits  # noqa: E402
+from vqvae import checkpoint as ckpt  # noqa: E402
 from vqvae.cli import main as vqvae  # noqa: E402
+from vqvae.metrics import evaluate_autoencoder  # noqa: E402
 from vqvae.quality import ClassifierConfig, features  # noqa: E402
 
-VARIANTS = {  # name -> extra `vqvae train` options
-    "mse": [],
-    "gan (hinge, adaptive weight 0.1)": ["--gan-weight", "0.1"],
-    "gan + LeCAM + DiffAugment": ["--gan-weight", "0.1", "--lecam", "0.001", "--diffaug"],
+GAN = "--gan-weight 0.1"
+VARIANTS = {  # the rows without --variant / --finetune: name -> extra `vqvae train` options
+    "gan (hinge, adaptive weight 0.1)": GAN,
+    "gan + LeCAM + DiffAugment": f"{GAN} --lecam 0.001 --diffaug",
 }
 
 
-def main() -> None:
+class Arm(NamedTuple):
+    """One row: a name, its extra options and how it trains (``mse``, ``scratch``, ``finetune``);
+    ``steps`` is the total step count it reaches."""
+
+    name: str
+    kind: str
+    steps: int
+    options: tuple[str, ...] = ()
+
+
+def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """'NAME=OPTIONS' -> (NAME, the options split as a shell would)."""
+    name, sep, options = spec.partition("=")
+    if not sep or not name.strip():
+        raise SystemExit(f"expected NAME=OPTIONS, got {spec!r}")
+    return name.strip(), tuple(shlex.split(options))
+
+
+def arms(args: argparse.Namespace) -> list[Arm]:
+    """The rows to run: MSE first (the others are judged against ``mse @ steps``), then the
+    fine-tunes (the cheaper GAN rows)."""
+    rows = [Arm(f"mse @ {s}", "mse", s) for s in sorted({args.steps, *args.mse_steps})]
+    scratch = args.variant if args.variant or args.finetune else [
+        f"{name}={options}" for name, options in VARIANTS.items()]
+    rows += [Arm(**_named(spec), kind="finetune", steps=args.steps) for spec in args.finetune]
+    rows += [Arm(**_named(spec), kind="scratch", steps=args.steps) for spec in scratch]
+    return rows
+
+
+def _named(spec: str) -> dict:
+    name, options = parse_spec(spec)
+    return {"name": name, "options": options}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "." else "-" for c in name)
+
+
+def mse_stops(args: argparse.Namespace) -> list[int]:
+    """Steps at which the MSE run must keep a checkpoint (rows and the fine-tunes' start)."""
+    stops = {args.steps, *args.mse_steps}
+    return sorted(stops | ({args.finetune_from} if args.finetune else set()))
+
+
+def train(options: list[str], run: Path, steps: int) -> None:
+    """``vqvae OPTIONS --out RUN`` unless RUN has finished its ``steps`` (a run stopped early
+    also writes eval.json, at the step it reached: resume or delete it)."""
+    if (run / "eval.json").exists():
+        reached = json.loads((run / "eval.json").read_text())["step"]
+        if reached >= steps:
+            return
+        raise SystemExit(f"{run} stopped at step {reached} of {steps}: resume or delete it")
+    options = [*options, "--out", str(run)]
+    print("$ vqvae " + shlex.join(options), file=sys.stderr, flush=True)
+    if vqvae(options) != 0:
+        raise SystemExit(f"{run} failed")
+
+
+def common(args: argparse.Namespace, seed: int, steps: int, every: int) -> list[str]:
+    return ["--data", args.data, "--size", str(args.size), "--steps", str(steps), "--every",
+            str(every), "--batch-size", str(args.batch_size), "--seed", str(seed)]
+
+
+def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, float]:
+    """Train ``arm`` for ``seed`` (if not done) -> (the checkpoint to judge, training seconds)."""
+    root = Path(args.root)
+    base = root / f"mse-seed{seed}"
+    if arm.kind == "mse":
+        stops = mse_stops(args)
+        every = math.gcd(*stops)
+        train(["train", "--preset", args.preset, *common(args, seed, stops[-1], every),
+               "--keep-every", str(every)], base, stops[-1])
+        return base / "checkpoints" / f"step-{arm.steps:07d}", seconds(base, arm.steps)
+    run = root / f"{slug(arm.name)}-seed{seed}"
+    if arm.kind == "scratch":
+        train(["train", "--preset", args.preset, *common(args, seed, arm.steps, args.every),
+               *arm.options, "--gan-start", str(args.gan_start)], run, arm.steps)
+        return run, seconds(run, arm.steps)
+    start, more = args.finetune_from, arm.steps - args.finetune_from
+    train(["finetune-decoder", str(base / "checkpoints" / f"step-{start:07d}"), "--steps",
+           str(more), "--every", str(args.every), *arm.options], run, more)
+    return run, seconds(base, start) + seconds(run, more)
+
+
+def seconds(run: Path, step: int) -> float:
+    """Training-loop seconds of ``run`` up to ``step``, from train.jsonl's logged speeds."""
+    total, last = 0.0, 0
+    for line in (run / "train.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] > step:
+            break
+        total += (record["step"] - last) / record["steps_per_s"]
+        last = record["step"]
+    return total
+
+
+def score(path: Path, held: torch.Tensor, classifier, reference) -> dict[str, float]:
+    """PSNR, SSIM and reconstruction Fréchet distance of one checkpoint on the held images."""
+    metrics = evaluate_autoencoder(ckpt.load_autoencoder(path), held)
+    fd = judged(classifier, [reconstructions(str(path), held)], reference)["frechet"]
+    return {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "fd": fd}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1500, help="steps of every non-MSE row")
     parser.add_argument("--gan-start", type=int, default=500)
+    parser.add_argument("--every", type=int, default=400, help="--every of the GAN runs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--n", type=int, default=2000, help="held-out images judged per run")
     parser.add_argument("--root", default="runs/sharpness")
-    parser.add_argument("--only", nargs="*", default=None, help="variant names to run")
-    args = parser.parse_args()
-    root = Path(args.root)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="a run from scratch with these extra `vqvae train` options")
+    parser.add_argument("--finetune", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="`vqvae finetune-decoder` of the MSE run at --finetune-from")
+    parser.add_argument("--finetune-from", type=int, default=1000)
+    parser.add_argument("--mse-steps", type=int, nargs="*", default=[],
+                        help="more MSE rows (e.g. the GAN rows' training seconds in MSE steps)")
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run")
+    args = parser.parse_args(argv)
+    if args.finetune and not 0 < args.finetune_from < args.steps:
+        parser.error("--finetune-from must lie between 0 and --steps")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     data = DataConfig(source=args.data, size=args.size)
     splits = load_splits(data)
-    cfg = ClassifierConfig()
-    classifier, _ = classifier_for(splits.train, data, cfg, default_cache(data))
+    classifier, _ = classifier_for(splits.train, data, ClassifierConfig(), default_cache(data))
     reference = features(classifier, splits.train.images)
     n = min(args.n, len(splits.test))
     held = splits.test.images[torch.randperm(len(splits.test),
                                              generator=torch.Generator().manual_seed(0))[:n]]
-    rows = {}
-    for name, extra in VARIANTS.items():
-        if args.only and name not in args.only:
+    results: dict[str, list[dict[str, float]]] = {}
+    for arm in arms(args):
+        if args.only and arm.name not in args.only and arm.kind != "mse":
             continue
-        results = []
         for seed in args.seeds:
-            run = root / f"{''.join(c if c.isalnum() else '-' for c in name)}-seed{seed}"
-            if not (run / "eval.json").exists():
-                options = ["train", "--preset", args.preset, "--data", args.data, "--size",
-                           str(args.size), "--steps", str(args.steps), "--every",
-                           str(max(1, args.steps // 3)), "--batch-size", str(args.batch_size),
-                           "--seed", str(seed), "--out", str(run)]
-                if extra:
-                    options += [*extra, "--gan-start", str(args.gan_start)]
-                print("$ vqvae " + shlex.join(options), file=sys.stderr, flush=True)
-                if vqvae(options) != 0:
-                    raise SystemExit(f"{name} failed")
-            metrics = json.loads((run / "eval.json").read_text())
-            fd = judged(classifier, [reconstructions(str(run), held)], reference)["frechet"]
-            results.append((metrics["psnr"], metrics["ssim"], fd))
-        rows[name] = [statistics.mean(column) for column in zip(*results)]
+            path, secs = run_arm(arm, args, seed)
+            results.setdefault(arm.name, []).append(
+                {**score(path, held, classifier, reference), "seconds": secs, "seed": seed})
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/sharpness.py", *sys.argv[1:]]))
-    print(f"\n{args.preset} preset, {args.data} at {args.size}px, {args.steps} steps of "
-          f"{args.batch_size}, discriminator from step {args.gan_start}, seeds {args.seeds}; "
-          f"Fréchet distance of {n} held-out reconstructions (classifier features, "
-          f"benchmarks/sample_quality.py)\n")
-    print("| variant | PSNR (dB) | SSIM | reconstruction Fréchet distance | vs mse |\n"
-          "|---|---:|---:|---:|---:|")
-    base = rows.get("mse")
-    for name, (psnr, ssim, fd) in rows.items():
-        change = (f"{100 * (fd / base[2] - 1):+.0f}% distance, {psnr - base[0]:+.2f} dB"
-                  if base and name != "mse" else "")
-        print(f"| {name} | {psnr:.2f} | {ssim:.4f} | {fd:.2f} | {change} |")
+    print(header(args, n))
+    print(table(results, f"mse @ {args.steps}"))
+    if len(args.seeds) > 1:
+        print("\nper seed:\n")
+        print(per_seed(results))
+
+
+def header(args: argparse.Namespace, n: int) -> str:
+    """What the table's rows are, in one paragraph (only the kinds of rows it has)."""
+    kinds = {arm.kind for arm in arms(args)}
+    how = []
+    if "scratch" in kinds:
+        how.append(f"from scratch: discriminator from step {args.gan_start}")
+    if "finetune" in kinds:
+        how.append(f"fine-tunes: decoder alone from the MSE run's step {args.finetune_from}")
+    return (f"\n{args.preset} preset, {args.data} at {args.size}px, batch {args.batch_size}, "
+            f"seeds {args.seeds}; other rows {args.steps} steps ({'; '.join(how)}); Fréchet "
+            f"distance of {n} held-out reconstructions (classifier features, "
+            f"benchmarks/sample_quality.py); seconds: training loop, shared 2-core CPU, rough\n")
+
+
+def table(results: dict[str, list[dict[str, float]]], control: str) -> str:
+    """Means over seeds; the distance's change against ``control`` per seed, as mean (min..max)."""
+    lines = ["| row | PSNR (dB) | SSIM | reconstruction Fréchet distance | vs " + control
+             + " | seconds |", "|---|---:|---:|---:|---:|---:|"]
+    base = results.get(control)
+    for name, runs in results.items():
+        mean = {k: statistics.mean(r[k] for r in runs) for k in ("psnr", "ssim", "fd", "seconds")}
+        change = ""
+        if base and name != control:
+            pct = [100 * (r["fd"] / b["fd"] - 1) for r, b in zip(runs, base)]
+            db = [r["psnr"] - b["psnr"] for r, b in zip(runs, base)]
+            change = f"{statistics.mean(pct):+.0f}% distance, {statistics.mean(db):+.2f} dB"
+            if len(runs) > 1:
+                change += f" (seeds {min(pct):+.0f}..{max(pct):+.0f}%, " \
+                          f"{min(db):+.2f}..{max(db):+.2f} dB)"
+        lines.append(f"| {name} | {mean['psnr']:.2f} | {mean['ssim']:.4f} | {mean['fd']:.2f} | "
+                     f"{change} | {mean['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def per_seed(results: dict[str, list[dict[str, float]]]) -> str:
+    """Every seed's own figures, for the spread behind the means."""
+    lines = ["| row | seed | PSNR (dB) | SSIM | distance | seconds |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, runs in results.items():
+        lines += [f"| {name} | {r['seed']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['fd']:.2f} | "
+                  f"{r['seconds']:.0f} |" for r in runs]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

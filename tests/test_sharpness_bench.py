@@ -1,0 +1,45 @@
+"""The sharpness benchmarks' own logic: which runs a command line asks for, and that held-out
+natural-image tiles never share a pixel with the training tiles."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from script_module import load_script
+
+sharpness = load_script("benchmarks/sharpness.py")
+natural = load_script("benchmarks/natural_images.py")
+
+
+def test_spec_is_a_name_and_shell_split_options():
+    assert sharpness.parse_spec("gan w0.5=--gan-weight 0.5 --diffaug") == (
+        "gan w0.5", ("--gan-weight", "0.5", "--diffaug"))
+    with pytest.raises(SystemExit):
+        sharpness.parse_spec("--gan-weight 0.5")
+
+
+def test_mse_rows_come_first_and_keep_the_fine_tunes_start():
+    args = sharpness.parse_args(["--steps", "1200", "--finetune-from", "800", "--mse-steps", "2000",
+                                 "--variant", "g=--gan-weight 1", "--finetune", "f=--gan-weight 1"])
+    arms = sharpness.arms(args)
+    assert [(a.name, a.kind) for a in arms] == [("mse @ 1200", "mse"), ("mse @ 2000", "mse"),
+                                                ("f", "finetune"), ("g", "scratch")]
+    assert sharpness.mse_stops(args) == [800, 1200, 2000]
+    with pytest.raises(SystemExit):
+        sharpness.parse_args(["--steps", "800", "--finetune-from", "800", "--finetune", "f="])
+
+
+def test_held_out_tiles_come_from_the_strip_never_trained_on():
+    photo = torch.zeros(3, 200, 400, dtype=torch.uint8)
+    photo[:, :, 280:] = 255  # the held-out strip (holdout 0.3 of 400 px)
+    train = natural.training_tiles(photo, 280, 20, torch.Generator().manual_seed(0))
+    held = natural.held_out_tiles(photo, 280, 64)
+    assert len(train) == 20 and all(t.shape == (3, natural.STORED, natural.STORED) for t in train)
+    assert all(int(t.max()) == 0 for t in train)
+    assert held and all(t.shape == (3, 64, 64) and int(t.min()) == 255 for t in held)
+
+
+def test_gradient_ratio_is_one_for_the_originals_and_lower_when_blurred():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    blurred = F.avg_pool2d(images.float(), 3, 1, 1).to(torch.uint8)
+    assert natural.gradient_ratio(images, images) == pytest.approx(1.0)
+    assert natural.gradient_ratio(blurred, images) < 0.5
