@@ -24,8 +24,9 @@ from .files import FileSet, TarFiles
 from .images import Batch, DataError, ImageSet
 from .shards import epoch_plan, shard_groups
 
-# An in-memory training set up to this size, never augmented, lives on a GPU for the whole run:
-# a step indexes its batch there instead of gathering it on the host and copying it over.
+# Training data up to this size lives on a GPU for the whole run (an in-memory image set that is
+# never augmented; a prior's code grids): a step indexes its batch there instead of gathering it
+# on the host and copying it over.
 RESIDENT_BYTES = 1 << 30
 
 

@@ -104,6 +104,7 @@ class Prior(GridTransformer):
         position advanced; fixed shapes and no host sync, so a CUDA graph can replay it.
         ``extra`` (B, d_model) is added to the token's embedding (the class, on the start
         token)."""
+        cache.begin_step()
         x = self.embed(tokens, cache.position)
         if extra is not None:
             x = x + extra[:, None]

@@ -24,6 +24,7 @@ from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, P
                      SampleConfig, prior_for_data)
 from .data import BatchStream, DataError
 from .distributed import Runtime, data_parallel, main_does, pick_device
+from .loader import RESIDENT_BYTES
 from .metrics import evaluate_prior
 from .plots import plot_curves
 from .precision import autocast, loss_scaler, numerics
@@ -31,9 +32,6 @@ from .prior import Prior, build_prior
 from .sample import draw, samples_grid, save_png
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
-# Training grids up to this size live on a GPU for the whole run (as the smallest integer type
-# that holds the codebook), so a step reads its batch there instead of copying it from the host.
-RESIDENT_BYTES = 1 << 30
 
 
 def load_prior_run_config(path: str | Path) -> PriorRunConfig:

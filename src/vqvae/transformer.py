@@ -49,13 +49,18 @@ class StaticKVCache(KVCache):
         self.v.zero_()
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # the slot written next
         self.slots = torch.arange(max_len, device=device)
+        self.visible = self.slots <= self.position  # (max_len,): refreshed by :meth:`begin_step`
+
+    def begin_step(self) -> None:
+        """Before a step's layers: the slots its position may see (the same for every layer)."""
+        torch.le(self.slots, self.position, out=self.visible)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store one position's (B, H, 1, Dh) key/value; return all (B, H, max_len, Dh) slots and
-        the (1, 1, 1, max_len) mask of those written so far."""
+        the (1, 1, 1, max_len) mask of those written so far (set by :meth:`begin_step`)."""
         self.k[layer].index_copy_(2, self.position, k.to(self.k.dtype))
         self.v[layer].index_copy_(2, self.position, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer], (self.slots <= self.position).view(1, 1, 1, -1)
+        return self.k[layer], self.v[layer], self.visible.view(1, 1, 1, -1)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
