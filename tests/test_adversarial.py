@@ -74,7 +74,8 @@ def test_diff_augment_is_differentiable_and_seeded():
 
 def test_gan_run_resumes_exactly_with_its_discriminator(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["train", *TINY, "--steps", "8", "--out", str(a)]) == 0
+    with pytest.warns(UserWarning, match="--diffaug at 16 px kept the discriminator"):
+        assert main(["train", *TINY, "--steps", "8", "--out", str(a)]) == 0
     assert main(["train", *TINY, "--steps", "4", "--out", str(b)]) == 0
     assert main(["train", "--resume", str(b), "--steps", "8"]) == 0
     for name in ("model.safetensors", "adversary.safetensors"):
@@ -114,6 +115,11 @@ def test_finetune_decoder_keeps_the_codes_and_the_priors_on_them(tmp_path, capsy
     assert main(["train", *BASE, "--steps", "4", "--out", str(base)]) == 0
     assert main(["finetune-decoder", str(base), "--steps", "4", "--gan-weight", "0.5",
                  "--disc-channels", "8", "--out", str(tuned)]) == 0
+    from vqvae.train import finetune_config, load_run_config
+
+    # a tenth of the base run's learning rate unless one is given
+    assert load_run_config(tuned).train.lr == pytest.approx(load_run_config(base).train.lr / 10)
+    assert finetune_config(base, {"lr": 5e-4}).train.lr == 5e-4
     before, after = load_autoencoder(base).state_dict(), load_autoencoder(tuned).state_dict()
     for key in before:
         if not key.startswith("decoder."):  # encoder, codebook, BatchNorm statistics

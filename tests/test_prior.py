@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from vqvae import checkpoint as ckpt
-from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, ConfigError, PriorConfig,
-                          default_prior, prior_for_data, seed_prior, to_dict)
+from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, SMALL_SET_LR, ConfigError,
+                          PriorConfig, default_prior, prior_for_data, seed_prior, to_dict)
 from vqvae.train_prior import RunClock, learning_rate
 from vqvae.prior import Prior
 from vqvae.transformer import SeedBlock, filter_logits, sample_next
@@ -198,7 +198,9 @@ def test_default_prior_regularised_on_small_code_sets_only():
     small = prior_for_data(model, train, train_grids=1617)  # the digits: 26k codes
     large = prior_for_data(replace(model, height=8, width=8), train, 60000)  # Fashion-MNIST
     assert small[0].dropout == 0.1 and small[1].token_dropout == 0.1
+    assert small[1].lr == SMALL_SET_LR < train.lr
     assert large[0].dropout == 0.0 and large[1].token_dropout == 0.0
+    assert large[1].lr == train.lr
     edge = LARGE_CODE_SET // 16
     assert prior_for_data(model, train, edge)[0].dropout == 0.0
     assert prior_for_data(model, train, edge - 1)[0].dropout == 0.1

@@ -9,6 +9,8 @@ LeCAM averages and optimizer are saved in every checkpoint and restored on resum
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from .distributed import Runtime, all_reduce_sum, data_parallel
 from .precision import autocast
 
 ADVERSARY = "adversary"  # file name of its state in a checkpoint folder
+DIFFAUG_MIN_SIZE = 32  # at this size and below DiffAugment was measured to stall the discriminator
 
 
 class Adversary(nn.Module):
@@ -44,6 +47,10 @@ class Sharpener:
             self.perceptual = load_perceptual(tc.perceptual_weights, runtime.device)
         self.adversary = self.opt = self.disc_net = None
         if tc.adversarial:
+            if tc.diffaug and image_size <= DIFFAUG_MIN_SIZE:
+                warnings.warn(f"--diffaug at {image_size} px kept the discriminator from learning "
+                              f"in docs/tokenizer.md's {DIFFAUG_MIN_SIZE}-px runs (its hinge loss "
+                              f"stayed at 1.0): watch disc_loss in train.jsonl, or leave it off")
             self.adversary = Adversary(in_channels, image_size, tc.disc_channels,
                                        tc.disc_layers).to(runtime.device)
             self.opt = torch.optim.Adam(self.adversary.parameters(), lr=tc.disc_lr or tc.lr,

@@ -238,11 +238,12 @@ def make_parser() -> argparse.ArgumentParser:
                  description="Fine-tune the decoder of a trained stage-1 model in a new run, its "
                  "encoder and codebook frozen: codes and priors made with RUN_DIR decode with the "
                  "result (vqvae sample PRIOR --decoder NEW_RUN). Options override RUN_DIR's "
-                 "training options.")
+                 "training options; the learning rate defaults to a tenth of RUN_DIR's.")
     p.add_argument("run", metavar="RUN_DIR", help="a stage-1 run or checkpoint folder")
     p.add_argument("--out", metavar="NEW_RUN", required=True, help="new run folder to write")
     p.set_defaults(resume=None)
-    add_options(p, TrainConfig, "training (defaults: RUN_DIR's)", "train", False)
+    add_options(p, TrainConfig, "training (defaults: RUN_DIR's; --lr: a tenth of it)", "train",
+                False)
 
     p = _command(sub, "reconstruct", cmd_reconstruct,
                  "reconstruction grids with and without quantization", "stage-1", 8)
