@@ -7,7 +7,9 @@ actually used are read from the OS (``os.wait4``) and printed, so an unequal sha
 Test bits/code is the final evaluation on every test grid (``RUN/eval.json``); the codes' unigram
 entropy is the baseline a prior has to beat. With ``--draws`` > 0 each prior's samples are also
 judged as ``sample_quality.py`` does (a classifier-feature Fréchet distance to the training
-images, mean ± sd over draws of ``--n`` samples), after both arms of a budget have finished.
+images, mean ± sd over draws of ``--n`` samples), after both arms of a budget have finished, and
+the share of sampled grids that are copies of a training grid (a memorising prior's distance
+looks good: read the two together).
 
     vqvae encode /path/to/stage1-run --out codes.safetensors
     PYTHONPATH=src python benchmarks/prior_nll.py --codes codes.safetensors --minutes 2 5 10
@@ -94,7 +96,7 @@ class Judge:
     """The sample distance of ``sample_quality.py`` for priors over one stage-1 model's data:
     its cached classifier and the training images' features, built once."""
 
-    def __init__(self, stage1: str, args: argparse.Namespace):
+    def __init__(self, stage1: str, args: argparse.Namespace, train_codes: torch.Tensor):
         import sample_quality as sq  # beside this file
         from vqvae import checkpoint as ckpt
         from vqvae import load_splits
@@ -112,13 +114,19 @@ class Judge:
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:self.n]
         self.held = test.images[pick]
         self.floor = sq.judged(self.classifier, [self.held], self.reference)
-        self.data = data
+        self.data, self.train_codes = data, train_codes
 
     def prior(self, run: Path) -> dict:
-        """judged() over ``--draws`` sets of n samples (seeds 0, 1, ...)."""
-        ns = argparse.Namespace(sample_seed=0, draws=self.args.draws, temperature=1.0, top_k=None)
-        draws = self.sq.prior_samples(str(run), self.n, ns, self.held.shape[1:])
-        return self.sq.judged(self.classifier, draws, self.reference)
+        """judged() over ``--draws`` sets of n samples (seeds 0, 1, ...), with ``copied``: the
+        mean share of sampled grids that are copies of a training grid."""
+        from vqvae import SampleConfig, sample_images
+        from vqvae.quality import copied_share
+
+        draws = [sample_images(str(run), SampleConfig(n=self.n, seed=seed))
+                 for seed in range(self.args.draws)]
+        result = self.sq.judged(self.classifier, [d.images for d in draws], self.reference)
+        copied = [copied_share(d.codes.split("samples").codes, self.train_codes) for d in draws]
+        return {**result, "copied": sum(copied) / len(copied)}
 
 
 def distance(result: dict | None) -> str:
@@ -131,13 +139,14 @@ def distance(result: dict | None) -> str:
 def table_row(minutes: float, trained: Trained, judge: Judge | None, out: Path) -> str:
     if trained.returncode != 0:
         return (f"| {minutes:g} | {trained.arm.name} | failed (exit {trained.returncode}), see "
-                f"{out / (trained.arm.name + '.log')} | | | | | |")
+                f"{out / (trained.arm.name + '.log')} | | | | | | |")
     result = json.loads((trained.run / "eval.json").read_text())
     quality = judge.prior(trained.run) if judge else None
     confident = f"{100 * quality['confident']:.1f}%" if quality else "n/a"
+    copied = f"{100 * quality['copied']:.1f}%" if quality else "n/a"
     return (f"| {minutes:g} | {trained.arm.name} | {_params(trained.run) / 1e6:.2f}M | "
             f"{result['step']} | {trained.cpu_s / 60:.1f} | {result['bits_per_code']:.4f} | "
-            f"{distance(quality)} | {confident} |")
+            f"{distance(quality)} | {confident} | {copied} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -169,14 +178,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncodes: {args.codes} ({codes.grid[0]}x{codes.grid[1]} grids, K={codes.codebook_size},"
           f" {len(codes.split('train'))} train / {len(test)} test); unigram entropy of the test "
           f"codes {unigram_bits(test, codes.codebook_size):.3f} bits/code", flush=True)
-    judge = Judge(codes.stage1, args) if args.draws else None
+    judge = Judge(codes.stage1, args, codes.split("train").codes) if args.draws else None
     if judge:
         print(f"sample distance: {judge.data.source} at {judge.data.size}px, {args.draws} draws "
               f"of {judge.n} samples per prior (mean ± sd); held-out images (the floor): "
               f"{distance(judge.floor)}", flush=True)
     print("\n| minutes (wall) | prior | params | steps | CPU minutes (whole process) | "
-          "test bits/code | sample distance | confident (>= 0.8) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
+          "test bits/code | sample distance | confident (>= 0.8) | copies of training grids |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for minutes in args.minutes:
         out = Path(args.out) / f"{minutes:g}min"
         for trained in train_side_by_side(arms, args.codes, minutes, out, args):

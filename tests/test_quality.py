@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import vqvae
-from vqvae.quality import (Classifier, ClassifierConfig, accuracy, features, frechet_distance,
-                           judge, train_classifier)
+from vqvae.quality import (Classifier, ClassifierConfig, accuracy, copied_share, features,
+                           frechet_distance, judge, train_classifier)
 
 
 def gaussian(n=400, dim=6, shift=0.0, seed=0):
@@ -98,3 +98,15 @@ def test_features_and_judge(digits):
     assert blank["frechet"] > 2 * real["frechet"]
     assert blank["coverage"] <= 1 and real["coverage"] >= 5
     assert "frechet" not in judge(model, splits.test.images[:3])
+
+
+def test_copied_share_counts_exact_copies_of_training_grids():
+    train = torch.randint(0, 5, (50, 3, 4))
+    assert copied_share(train[:10], train) == 1.0
+    fresh = train[:4].clone()
+    fresh[:, 0, 0] = 5  # a code no training grid has
+    assert copied_share(fresh, train) == 0.0
+    assert copied_share(torch.cat([train[:3], fresh]), train) == pytest.approx(3 / 7)
+    assert copied_share(train[:2].int(), train) == 1.0  # dtype does not matter
+    with pytest.raises(ValueError, match="shaped like"):
+        copied_share(torch.zeros(2, 4, 3, dtype=torch.long), train)

@@ -149,6 +149,17 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
+def copied_share(grids: torch.Tensor, train: torch.Tensor) -> float:
+    """Share of code grids (N, h, w) that are exactly one of the training grids (M, h, w): a
+    prior that memorised its data draws copies, which a distance to the training images'
+    features rewards (:func:`judge`'s ``frechet``), so read the two together."""
+    if grids.shape[1:] != train.shape[1:] or grids.shape[0] == 0:
+        raise ValueError(f"need sampled grids (N >= 1, h, w) shaped like the training grids "
+                         f"{tuple(train.shape[1:])}, got {tuple(grids.shape)}")
+    seen = {row.tobytes() for row in train.flatten(1).long().numpy()}
+    return sum(row.tobytes() in seen for row in grids.flatten(1).long().numpy()) / grids.shape[0]
+
+
 def judge(classifier: Classifier, images: torch.Tensor, reference: np.ndarray | None = None,
           threshold: float = 0.8, batch_size: int = 512) -> dict[str, float]:
     """How a classifier sees uint8 images (N, C, S, S): ``confidence`` (mean top-1 probability),
