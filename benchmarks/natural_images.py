@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from sample_quality import reconstructions  # noqa: E402
 from sharpness import seconds, train  # noqa: E402
 
 from vqvae import checkpoint as ckpt  # noqa: E402
 from vqvae.augment import resize  # noqa: E402
-from vqvae.images import to_float, to_uint8  # noqa: E402
 from vqvae.metrics import evaluate_autoencoder  # noqa: E402
 from vqvae.sample import save_png, tile  # noqa: E402
 
@@ -117,12 +117,6 @@ def gradient_ratio(reconstructed: torch.Tensor, original: torch.Tensor) -> float
     return detail(reconstructed) / detail(original)
 
 
-@torch.inference_mode()
-def reconstruct(run: Path, images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> the run's quantized reconstructions, uint8."""
-    return to_uint8(ckpt.load_autoencoder(run).reconstruct(to_float(images)))
-
-
 def arms(args: argparse.Namespace, folder: Path) -> dict[str, tuple[list[str], int]]:
     """name -> (`vqvae` options, the steps of that invocation): MSE, and the GAN from scratch
     (discriminator from ``--gan-start``) or, with ``--finetune-from N``, ``vqvae
@@ -181,11 +175,12 @@ def main() -> None:
     root = Path(args.root)
     folder = write_tiles(root / "tiles", args.per_photo, args.holdout, args.size)
     held = load_folder(root / "tiles" / "heldout")
-    rows, pictures, names = [], [held], list(arms(args, folder))
-    for name, (options, steps) in arms(args, folder).items():
+    runs = arms(args, folder)
+    rows, pictures, names = [], [held], list(runs)
+    for name, (options, steps) in runs.items():
         train(options, root / name, steps)
         metrics = evaluate_autoencoder(ckpt.load_autoencoder(root / name), held)
-        rec = reconstruct(root / name, held)
+        rec = reconstructions(str(root / name), held)
         pictures.append(rec)
         rows.append(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.4f} | "
                     f"{gradient_ratio(rec, held):.3f} | {arm_seconds(args, name):.0f} |")

@@ -119,11 +119,10 @@ class Judge:
     def prior(self, run: Path) -> dict:
         """judged() over ``--draws`` sets of n samples (seeds 0, 1, ...), with ``copied``: the
         mean share of sampled grids that are copies of a training grid."""
-        from vqvae import SampleConfig, sample_images
         from vqvae.quality import copied_share
 
-        draws = [sample_images(str(run), SampleConfig(n=self.n, seed=seed))
-                 for seed in range(self.args.draws)]
+        ns = argparse.Namespace(sample_seed=0, draws=self.args.draws, temperature=1.0, top_k=None)
+        draws = self.sq.prior_samples(str(run), self.n, ns, self.held.shape[1:])
         result = self.sq.judged(self.classifier, [d.images for d in draws], self.reference)
         copied = [copied_share(d.codes.split("samples").codes, self.train_codes) for d in draws]
         return {**result, "copied": sum(copied) / len(copied)}

@@ -30,8 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vqvae import (DataConfig, DataError, ImageSet, SampleConfig, load_samples, load_splits,
-                   sample_images, to_float, to_uint8)
+from vqvae import (DataConfig, DataError, ImageSet, SampleConfig, Samples, load_samples,
+                   load_splits, sample_images, to_float, to_uint8)
 from vqvae import checkpoint as ckpt
 from vqvae.codes import stage1_data
 from vqvae.quality import (Classifier, ClassifierConfig, accuracy, features, judge,
@@ -80,15 +80,16 @@ def reconstructions(run: str, images: torch.Tensor, batch_size: int = 256) -> to
 
 
 def prior_samples(run: str, n: int, args: argparse.Namespace,
-                  shape: torch.Size) -> list[torch.Tensor]:
-    """``args.draws`` sets of n samples, drawn with seeds sample_seed, sample_seed + 1, ..."""
+                  shape: torch.Size) -> list[Samples]:
+    """``args.draws`` sets of n samples (their images uint8 (n, C, S, S) and codes), drawn with
+    seeds sample_seed, sample_seed + 1, ..."""
     draws = []
     for seed in range(args.sample_seed, args.sample_seed + args.draws):
         cfg = SampleConfig(n=n, temperature=args.temperature, top_k=args.top_k, seed=seed)
-        draws.append(sample_images(run, cfg).images)  # (n, C, S, S) uint8
-        if draws[-1].shape[1:] != shape:
-            raise DataError(f"{run} draws images shaped {tuple(draws[-1].shape[1:])}, the "
-                            f"benchmark's are {tuple(shape)}")
+        draws.append(sample_images(run, cfg))
+        if draws[-1].images.shape[1:] != shape:
+            raise DataError(f"{run} draws images shaped {tuple(draws[-1].images.shape[1:])}, "
+                            f"the benchmark's are {tuple(shape)}")
     return draws
 
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         print(row(name, judged(classifier, [reconstructions(run, held)], reference)), flush=True)
     for run in args.prior:
         name = f"prior samples: {run} ({ckpt.resolve(run).name})"
-        draws = prior_samples(run, n, args, held.shape[1:])
+        draws = [d.images for d in prior_samples(run, n, args, held.shape[1:])]
         print(row(name, judged(classifier, draws, reference)), flush=True)
 
 
