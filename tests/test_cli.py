@@ -188,3 +188,17 @@ def test_bf16_training_of_both_stages(tmp_path):
         assert losses and all(math.isfinite(r["loss"]) for r in losses)
     weights = load_autoencoder(run).state_dict()
     assert all(v.dtype in (torch.float32, torch.int64, torch.bool) for v in weights.values())
+
+
+def test_a_data_set_smaller_than_the_grids_trains(tmp_path):
+    """20 images (18 train, 2 held out) for the 32 that the 8x8 reconstruction grids show: the
+    grid repeats them instead of failing at the first checkpoint."""
+    import numpy as np
+
+    data = tmp_path / "few.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
+    options = [*TINY[2:], "--data", str(data), "--batch-size", "4", "--steps", "2", "--every", "2"]
+    assert main(["train", *options, "--out", str(tmp_path / "run")]) == 0
+    grid = Image.open(tmp_path / "run" / "sample_ae_2.png")
+    assert grid.size == Image.open(tmp_path / "run" / "sample_ae_1.png").size

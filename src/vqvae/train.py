@@ -110,12 +110,14 @@ def training_forward(model: VQVAE, tc: TrainConfig,
 
 
 def grid_images(splits: Splits, n: int) -> torch.Tensor:
-    """A fixed selection of held-out images for n x n grids, comparable across steps."""
+    """A fixed selection of held-out images for n x n grids, comparable across steps (topped up
+    with training images, and repeated when the data set has fewer images than the grid)."""
     need = grid_pairs(n)
     test = splits.test.take(torch.arange(min(need, len(splits.test))))
     if test.shape[0] >= need:
         return test
-    return torch.cat([test, splits.train.take(torch.arange(min(need, len(splits.train))))])[:need]
+    images = torch.cat([test, splits.train.take(torch.arange(min(need, len(splits.train))))])
+    return images.repeat(-(-need // images.shape[0]), 1, 1, 1)[:need]
 
 
 def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
