@@ -201,6 +201,8 @@ def test_default_prior_regularised_on_small_code_sets_only():
     assert small[1].lr == SMALL_SET_LR < train.lr
     assert large[0].dropout == 0.0 and large[1].token_dropout == 0.0
     assert large[1].lr == train.lr
+    assert small[0].variant == "gpt" and large[0].variant == "seed"  # width and heads kept
+    assert (large[0].d_model, large[0].heads, large[0].layers) == (128, 8, 4)
     edge = LARGE_CODE_SET // 16
     assert prior_for_data(model, train, edge)[0].dropout == 0.0
     assert prior_for_data(model, train, edge - 1)[0].dropout == 0.1

@@ -66,7 +66,11 @@ def test_train_prior_sample_end_to_end(stage1, tmp_path, capsys):
     run = tmp_path / "prior"
     assert main(["train-prior", "--codes", str(stage1 / "codes.safetensors"), *PRIOR,
                  "--steps", "20", "--out", str(run)]) == 0
-    assert "bits/code" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bits/code" in out
+    # 2x2 grids of the 1,617 training digits: a small code set, so the GPT blocks with dropout
+    assert "prior: default preset: pre-norm GPT blocks, d_model 16, 1 layers x 2 heads, " \
+        "dropout 0.1, token dropout 0.1; lr 0.002 (cosine), batch 16" in out
     for name in ("config.json", "eval.json", "metrics.jsonl", "train.jsonl", "curves.png",
                  "samples.png", "samples/prior_0000010.png",
                  "checkpoints/step-0000020/model.safetensors"):
@@ -190,6 +194,18 @@ def test_stage2_commands_take_checkpoint_folders(stage1, tmp_path, capsys):
     assert (prior / "sample" / "samples.png").exists()  # beside the run, not in the step
     assert main(["sample", str(stage1 / "run"), "--n", "4"]) == 2
     assert "is a vqvae run folder, not a prior one" in capsys.readouterr().err
+
+
+def test_the_seed_blocks_asked_for_on_a_small_code_set(stage1):
+    """The default preset gives a small code set dropout, which the seed's blocks lack: asking
+    for them drops it, and asking for both is a clear error instead of a silent no-op."""
+    codes = vqvae.load_codes(stage1 / "codes.safetensors")
+    assert vqvae.prior_run_config(codes).model.dropout == 0.1
+    cfg = vqvae.prior_run_config(codes, model={"variant": "seed"})
+    assert cfg.model.variant == "seed" and cfg.model.dropout == 0.0
+    assert cfg.train.token_dropout == 0.1  # the inputs' noise is not the blocks'
+    with pytest.raises(vqvae.ConfigError, match="the seed's blocks have no dropout"):
+        vqvae.prior_run_config(codes, model={"variant": "seed", "dropout": 0.1})
 
 
 def test_train_a_prior_and_draw_samples_from_python(stage1, tmp_path):

@@ -34,7 +34,8 @@ from .runs import NonFiniteError, find_run
 from .sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
                      save_png, save_samples)
 from .train import finetune_config, load_run_config, train_autoencoder
-from .train_prior import load_prior_run_config, prior_run_config, train_prior
+from .train_prior import (load_prior_run_config, prior_run_config, prior_summary,
+                          train_prior)
 
 STAGE1, STAGE2 = ("data", "model", "train"), ("prior", "ptrain")  # option groups (dest prefixes)
 
@@ -159,6 +160,8 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
             codes, codes_path = _prior_codes(args, runtime)
             cfg = prior_run_config(codes, codes_path, args.preset, args.conditional,
                                    given(args, "prior"), given(args, "ptrain"))
+            if runtime.is_main:
+                print(f"prior: {prior_summary(cfg)}", flush=True)
             result = train_prior(cfg, _out(args), codes=codes, runtime=runtime)
     return _finish(result, runtime, "train-prior")
 
@@ -285,7 +288,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "checkpoint's) data now")
     p.add_argument("--data", help="with --stage1: another data source (default: the run's own)")
     _training(p, PRIOR_PRESETS, "seed: the blog post's prior and optimiser exactly; default: "
-              "GPT blocks")
+              "the seed's blocks at half the width on >= 1M training codes, GPT blocks with "
+              "dropout below (docs/prior.md)")
     p.add_argument("--conditional", action="store_true",
                    help="condition on the codes' class labels (enables --class and --guidance)")
     add_options(p, PriorConfig, "prior model (defaults come from --preset)", "prior", False)

@@ -55,8 +55,26 @@ def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName
     base_train = chosen.train
     if preset == "default":  # the seed stays the blog post's prior whatever the data
         base, base_train = prior_for_data(base, base_train, len(codes.split("train")))
-    return PriorRunConfig(replace(base, **(model or {})), replace(base_train, **(train or {})),
+    model = dict(model or {})
+    if model.get("variant") == "seed":  # the seed's blocks have no dropout to keep
+        model.setdefault("dropout", 0.0)
+    chosen_model = replace(base, **model)
+    # Checked for new runs only: run configs saved before this check still load.
+    if chosen_model.variant == "seed" and chosen_model.dropout:
+        raise ConfigError(f"the seed's blocks have no dropout, got dropout "
+                          f"{chosen_model.dropout}: pass --variant gpt for dropout")
+    return PriorRunConfig(chosen_model, replace(base_train, **(train or {})),
                           codes_path, codes.stage1, codes.stage1_sha256, preset)
+
+
+def prior_summary(cfg: PriorRunConfig) -> str:
+    """One line on what a run will train: the blocks, size and recipe its preset and data chose."""
+    m, t = cfg.model, cfg.train
+    blocks = {"seed": "the seed's post-norm blocks", "gpt": "pre-norm GPT blocks",
+              "maskgit": "bidirectional GPT blocks (maskgit)"}[m.variant]
+    return (f"{cfg.preset} preset: {blocks}, d_model {m.d_model}, {m.layers} layers x {m.heads} "
+            f"heads, dropout {m.dropout:g}, token dropout {t.token_dropout:g}; lr {t.lr:g} "
+            f"({t.schedule}), batch {t.batch_size}")
 
 
 def check_compatible(model: PriorConfig, codes: Codes) -> None:
