@@ -591,7 +591,7 @@ class PriorConfig:
     variant: PriorVariant = field(default="gpt", metadata=_help(
         "seed: the blog post's post-norm blocks; gpt: pre-norm GPT blocks with an MLP; maskgit: "
         "the same blocks, bidirectional, trained to fill masked codes and sampled in parallel "
-        "(vqvae sample --steps)"))
+        "(vqvae sample --steps); the default preset picks seed or gpt from the codes"))
     d_model: int = field(default=256, metadata=_help("width of the residual stream"))
     layers: int = field(default=4, metadata=_help("Transformer blocks"))
     heads: int = field(default=8, metadata=_help("attention heads (d_model / heads dims each)"))
