@@ -69,7 +69,7 @@ def test_train_prior_sample_end_to_end(stage1, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bits/code" in out
     # 2x2 grids of the 1,617 training digits: a small code set, so the GPT blocks with dropout
-    assert "prior: default preset: pre-norm GPT blocks, d_model 16, 1 layers x 2 heads, " \
+    assert "prior: default preset: pre-norm GPT blocks, d_model 16, layers 1, heads 2, " \
         "dropout 0.1, token dropout 0.1; lr 0.002 (cosine), batch 16" in out
     for name in ("config.json", "eval.json", "metrics.jsonl", "train.jsonl", "curves.png",
                  "samples.png", "samples/prior_0000010.png",

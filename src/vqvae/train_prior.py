@@ -72,8 +72,8 @@ def prior_summary(cfg: PriorRunConfig) -> str:
     m, t = cfg.model, cfg.train
     blocks = {"seed": "the seed's post-norm blocks", "gpt": "pre-norm GPT blocks",
               "maskgit": "bidirectional GPT blocks (maskgit)"}[m.variant]
-    return (f"{cfg.preset} preset: {blocks}, d_model {m.d_model}, {m.layers} layers x {m.heads} "
-            f"heads, dropout {m.dropout:g}, token dropout {t.token_dropout:g}; lr {t.lr:g} "
+    return (f"{cfg.preset} preset: {blocks}, d_model {m.d_model}, layers {m.layers}, heads "
+            f"{m.heads}, dropout {m.dropout:g}, token dropout {t.token_dropout:g}; lr {t.lr:g} "
             f"({t.schedule}), batch {t.batch_size}")
 
 
