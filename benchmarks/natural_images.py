@@ -179,8 +179,9 @@ def main() -> None:
     rows, pictures, names = [], [held], list(runs)
     for name, (options, steps) in runs.items():
         train(options, root / name, steps)
-        metrics = evaluate_autoencoder(ckpt.load_autoencoder(root / name), held)
-        rec = reconstructions(str(root / name), held)
+        model = ckpt.load_autoencoder(root / name)
+        metrics = evaluate_autoencoder(model, held)
+        rec = reconstructions(model, held, str(root / name))
         pictures.append(rec)
         rows.append(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.4f} | "
                     f"{gradient_ratio(rec, held):.3f} | {arm_seconds(args, name):.0f} |")

@@ -121,8 +121,7 @@ class Judge:
         mean share of sampled grids that are copies of a training grid."""
         from vqvae.quality import copied_share
 
-        ns = argparse.Namespace(sample_seed=0, draws=self.args.draws, temperature=1.0, top_k=None)
-        draws = self.sq.prior_samples(str(run), self.n, ns, self.held.shape[1:])
+        draws = self.sq.prior_samples(str(run), self.n, self.held.shape[1:], self.args.draws)
         result = self.sq.judged(self.classifier, [d.images for d in draws], self.reference)
         copied = [copied_share(d.codes.split("samples").codes, self.train_codes) for d in draws]
         return {**result, "copied": sum(copied) / len(copied)}

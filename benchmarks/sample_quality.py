@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vqvae import (DataConfig, DataError, ImageSet, SampleConfig, Samples, load_samples,
+from vqvae import (VQVAE, DataConfig, DataError, ImageSet, SampleConfig, Samples, load_samples,
                    load_splits, sample_images, to_float, to_uint8)
 from vqvae import checkpoint as ckpt
 from vqvae.codes import stage1_data
@@ -69,9 +69,10 @@ def classifier_for(train: ImageSet, data: DataConfig, cfg: ClassifierConfig,
 
 
 @torch.inference_mode()
-def reconstructions(run: str, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """uint8 images (N, C, S, S) -> the stage-1 model's quantized reconstructions, uint8."""
-    model = ckpt.load_autoencoder(run)
+def reconstructions(model: VQVAE, images: torch.Tensor, run: str = "the model",
+                    batch_size: int = 256) -> torch.Tensor:
+    """uint8 images (N, C, S, S) -> the stage-1 model's (loaded from ``run``) quantized
+    reconstructions, uint8."""
     if (model.cfg.in_channels, model.cfg.image_size) != tuple(images.shape[1:3]):
         raise DataError(f"{run} expects {model.cfg.in_channels}x{model.cfg.image_size}px images, "
                         f"the benchmark's are {images.shape[1]}x{images.shape[2]}px")
@@ -79,18 +80,18 @@ def reconstructions(run: str, images: torch.Tensor, batch_size: int = 256) -> to
                       for s in range(0, images.shape[0], batch_size)])
 
 
-def prior_samples(run: str, n: int, args: argparse.Namespace,
-                  shape: torch.Size) -> list[Samples]:
-    """``args.draws`` sets of n samples (their images uint8 (n, C, S, S) and codes), drawn with
-    seeds sample_seed, sample_seed + 1, ..."""
-    draws = []
-    for seed in range(args.sample_seed, args.sample_seed + args.draws):
-        cfg = SampleConfig(n=n, temperature=args.temperature, top_k=args.top_k, seed=seed)
-        draws.append(sample_images(run, cfg))
-        if draws[-1].images.shape[1:] != shape:
-            raise DataError(f"{run} draws images shaped {tuple(draws[-1].images.shape[1:])}, "
+def prior_samples(run: str, n: int, shape: torch.Size, draws: int, first_seed: int = 0,
+                  temperature: float = 1.0, top_k: int | None = None) -> list[Samples]:
+    """``draws`` sets of n samples (their images uint8 (n, C, S, S) and codes), drawn with seeds
+    first_seed, first_seed + 1, ..."""
+    sets = []
+    for seed in range(first_seed, first_seed + draws):
+        cfg = SampleConfig(n=n, temperature=temperature, top_k=top_k, seed=seed)
+        sets.append(sample_images(run, cfg))
+        if sets[-1].images.shape[1:] != shape:
+            raise DataError(f"{run} draws images shaped {tuple(sets[-1].images.shape[1:])}, "
                             f"the benchmark's are {tuple(shape)}")
-    return draws
+    return sets
 
 
 def judged(classifier: Classifier, draws: list[torch.Tensor], reference) -> dict:
@@ -202,10 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     print(row("held-out images (floor)", judged(classifier, [held], reference)), flush=True)
     for run in args.stage1:
         name = f"stage-1 reconstructions: {run} ({ckpt.resolve(run).name})"
-        print(row(name, judged(classifier, [reconstructions(run, held)], reference)), flush=True)
+        rec = reconstructions(ckpt.load_autoencoder(run), held, run)
+        print(row(name, judged(classifier, [rec], reference)), flush=True)
     for run in args.prior:
         name = f"prior samples: {run} ({ckpt.resolve(run).name})"
-        draws = [d.images for d in prior_samples(run, n, args, held.shape[1:])]
+        draws = [d.images for d in prior_samples(run, n, held.shape[1:], args.draws,
+                                                 args.sample_seed, args.temperature, args.top_k)]
         print(row(name, judged(classifier, draws, reference)), flush=True)
 
 

@@ -147,8 +147,9 @@ def seconds(run: Path, step: int) -> float:
 
 def score(path: Path, held: torch.Tensor, classifier, reference) -> dict[str, float]:
     """PSNR, SSIM and reconstruction Fréchet distance of one checkpoint on the held images."""
-    metrics = evaluate_autoencoder(ckpt.load_autoencoder(path), held)
-    fd = judged(classifier, [reconstructions(str(path), held)], reference)["frechet"]
+    model = ckpt.load_autoencoder(path)
+    metrics = evaluate_autoencoder(model, held)
+    fd = judged(classifier, [reconstructions(model, held, str(path))], reference)["frechet"]
     return {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "fd": fd}
 
 
