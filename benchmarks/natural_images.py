@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sample_quality import reconstructions  # noqa: E402
-from sharpness import seconds, train  # noqa: E402
+from sharpness import parse_spec, seconds, slug, train  # noqa: E402
 
 from vqvae import checkpoint as ckpt  # noqa: E402
 from vqvae.augment import resize  # noqa: E402
@@ -41,6 +41,7 @@ from vqvae.sample import save_png, tile  # noqa: E402
 
 SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket")  # PNG/JPEG files inside the wheel
 STORED = 96  # side of the stored tiles, training and held-out alike
+GAN = "--gan-weight 0.5 --disc-channels 32 --lecam 0.001 --diffaug"  # the default GAN arm
 
 
 def photos() -> dict[str, np.ndarray]:
@@ -127,15 +128,30 @@ def arms(args: argparse.Namespace, folder: Path) -> dict[str, tuple[list[str], i
            "--crop", "random", "--flip", "--steps", str(args.steps), "--every", str(every),
            "--keep-every", str(every), "--batch-size", str(args.batch_size), "--seed",
            str(args.seed)]
-    gan = shlex.split(args.gan)
+    gans = gan_arms(args.gan)
     if not n:
-        return {"mse": (mse, args.steps), "gan": ([*mse, *gan, "--gan-start",
-                                                    str(args.gan_start)], args.steps)}
+        return {"mse": (mse, args.steps), **{
+            name: ([*mse, *gan, "--gan-start", str(args.gan_start)], args.steps)
+            for name, gan in gans.items()}}
     start = Path(args.root) / "mse" / "checkpoints" / f"step-{n:07d}"
     tune = ["finetune-decoder", str(start), "--steps", str(args.steps - n), "--every", str(every)]
     control = {"mse-ft": ([*tune, *shlex.split(args.control)], args.steps - n)} if (
         args.control is not None) else {}
-    return {"mse": (mse, args.steps), **control, "gan": ([*tune, *gan], args.steps - n)}
+    return {"mse": (mse, args.steps), **control,
+            **{name: ([*tune, *gan], args.steps - n) for name, gan in gans.items()}}
+
+
+def gan_arms(specs: list[str] | None) -> dict[str, list[str]]:
+    """``--gan`` values -> arm name -> options: 'NAME=OPTIONS', or bare OPTIONS (starting with
+    '-') for the one arm called 'gan'; none given: :data:`GAN` as 'gan'."""
+    found: dict[str, list[str]] = {}
+    for spec in specs or [GAN]:
+        name, options = ("gan", tuple(shlex.split(spec))) if spec.lstrip().startswith("-") \
+            else parse_spec(spec)
+        if slug(name) in {"mse", "mse-ft", "tiles"} or name in found:
+            raise SystemExit(f"--gan: the arm name {name!r} is taken")
+        found[slug(name)] = list(options)
+    return found
 
 
 def arm_seconds(args: argparse.Namespace, name: str) -> float:
@@ -158,8 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gan-start", type=int, default=600)
-    parser.add_argument("--gan", default="--gan-weight 0.5 --disc-channels 32 --lecam 0.001 "
-                        "--diffaug", help="the GAN arm's extra `vqvae train` options")
+    parser.add_argument("--gan", action="append", default=None, help="a GAN arm: its extra "
+                        "`vqvae train` (or finetune-decoder) options, bare for one arm called "
+                        "'gan' or as NAME=OPTIONS; repeat for several (default: '%s')" % GAN)
     parser.add_argument("--finetune-from", type=int, default=0, help="N: the GAN arm is a "
                         "decoder-only fine-tune of the MSE run's step N (0: from scratch)")
     parser.add_argument("--control", default=None, help="with --finetune-from: also a "
@@ -190,8 +207,10 @@ def main() -> None:
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/natural_images.py", *sys.argv[1:]]))
     print(f"\n{len(list(folder.glob('*.png')))} training tiles, {len(held)} held-out tiles at "
           f"{args.size}px; {args.preset} preset, {args.steps} steps of {args.batch_size}, seed "
-          f"{args.seed}; gan: {args.gan} {how}; seconds: training loop, "
-          f"shared 2-core CPU, rough\n")
+          f"{args.seed}; GAN arms {how}; seconds: training loop, "
+          f"shared 2-core CPU, rough")
+    print("".join(f"\n- {name}: {shlex.join(options)}" for name, (options, _) in runs.items()
+                  if name != "mse") + "\n")
     print("| arm | PSNR (dB) | SSIM | gradient ratio | seconds |\n|---|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.png:

@@ -43,3 +43,21 @@ def test_gradient_ratio_is_one_for_the_originals_and_lower_when_blurred():
     blurred = F.avg_pool2d(images.float(), 3, 1, 1).to(torch.uint8)
     assert natural.gradient_ratio(images, images) == pytest.approx(1.0)
     assert natural.gradient_ratio(blurred, images) < 0.5
+
+
+def test_natural_gan_arms_are_named_and_fine_tune_the_same_checkpoint(tmp_path):
+    args = natural.parse_args(["--root", str(tmp_path), "--steps", "30", "--finetune-from", "20",
+                               "--gan", "w0.3=--gan-weight 0.3", "--gan", "w1=--gan-weight 1",
+                               "--control", "--lr 1e-4"])
+    runs = natural.arms(args, tmp_path / "tiles" / "train")
+    assert list(runs) == ["mse", "mse-ft", "w0.3", "w1"]
+    start = str(tmp_path / "mse" / "checkpoints" / "step-0000020")
+    for name in ("mse-ft", "w0.3", "w1"):
+        options, steps = runs[name]
+        assert options[:2] == ["finetune-decoder", start] and steps == 10
+    assert runs["w1"][0][-2:] == ["--gan-weight", "1"]
+    bare = natural.parse_args(["--gan", "--gan-weight 0.2"])  # no name: the arm called 'gan'
+    assert natural.gan_arms(bare.gan) == {"gan": ["--gan-weight", "0.2"]}
+    assert natural.gan_arms(None) == {"gan": natural.GAN.split()}
+    with pytest.raises(SystemExit, match="taken"):
+        natural.gan_arms(["mse=--gan-weight 1"])
