@@ -91,7 +91,7 @@ def test_default_preset_differs_only_where_documented():
 @pytest.mark.parametrize("field,value,words", [
     ("image_size", 30, "not divisible"), ("codebook_size", 1, "codebook_size"),
     ("beta", -1.0, "beta"), ("quantizer", "nope", "quantizer"), ("in_channels", 2, "in_channels"),
-    ("res_blocks", -1, "res_blocks")])
+    ("res_blocks", -1, "res_blocks"), ("upsample", "bilinear", "upsample")])
 def test_bad_config_values_are_named(field, value, words):
     with pytest.raises(ConfigError, match=words):
         replace(VQVAEConfig(), **{field: value})
@@ -135,3 +135,19 @@ def test_loaded_codebook_is_not_initialised_again():
     fresh.train()(torch.randn(4, 1, 16, 16))
     assert bool(fresh.quantizer.initialized) and not torch.equal(fresh.quantizer.codebook,
                                                                  codebook)
+
+
+@pytest.mark.parametrize("upsample,periodic", [("transpose", True), ("nearest", False)])
+def test_nearest_upsampling_has_no_stride_periodic_pattern(upsample, periodic):
+    """A constant latent grid decodes to a constant interior through nearest-neighbour
+    upsampling; a transposed conv's even and odd output pixels use different kernel taps."""
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(image_size=32, in_channels=3, hidden_channels=8, downsamples=2,
+                      res_blocks=1, codebook_size=16, code_dim=8, upsample=upsample)
+    model = VQVAE(cfg).eval()
+    with torch.no_grad():
+        out = model.decode(torch.ones(1, 8, 8, 8))
+    assert out.shape == (1, 3, 32, 32)
+    interior = out[..., 8:-8, 8:-8]  # beyond the reach of the zero padding
+    spread = float(interior.std(dim=(-2, -1)).max())
+    assert (spread > 1e-3) if periodic else (spread < 1e-6)

@@ -64,18 +64,27 @@ def resnet_encoder(cfg: VQVAEConfig) -> nn.Sequential:
 
 def resnet_decoder(cfg: VQVAEConfig) -> nn.Sequential:
     """(B, code_dim, s, s) -> (B, C, s*2^n, s*2^n) in [-1, 1]. Seed: (BN, block) x n, then
-    transposed convs with BN-ReLU between them and tanh at the end."""
+    transposed convs (``cfg.upsample``) with BN-ReLU between them and tanh at the end."""
     layers: list[nn.Module] = []
     if cfg.code_dim != cfg.hidden_channels:
         layers.append(nn.Conv2d(cfg.code_dim, cfg.hidden_channels, 1))
     for _ in range(cfg.res_blocks):
         layers += [_bn(cfg), _block(cfg)]
     for _ in range(cfg.downsamples - 1):
-        layers += [nn.ConvTranspose2d(cfg.hidden_channels, cfg.hidden_channels, 4, stride=2,
-                                      padding=1), _bn(cfg), nn.ReLU()]
-    layers += [nn.ConvTranspose2d(cfg.hidden_channels, cfg.in_channels, 4, stride=2, padding=1),
-               nn.Tanh()]
+        layers += [*_upsample(cfg, cfg.hidden_channels), _bn(cfg), nn.ReLU()]
+    layers += [*_upsample(cfg, cfg.in_channels), nn.Tanh()]
     return nn.Sequential(*layers)
+
+
+def _upsample(cfg: VQVAEConfig, out_channels: int) -> list[nn.Module]:
+    """x2 from ``hidden_channels`` to ``out_channels``: the seed's 4x4 stride-2 transposed conv,
+    or (``upsample="nearest"``) nearest-neighbour x2 and a 3x3 conv, whose output has no
+    stride-periodic pattern (a transposed conv's kernel taps differ between even and odd
+    output pixels)."""
+    if cfg.upsample == "nearest":
+        return [nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(cfg.hidden_channels, out_channels, 3, padding=1)]
+    return [nn.ConvTranspose2d(cfg.hidden_channels, out_channels, 4, stride=2, padding=1)]
 
 
 def _vqgan_encoder(cfg: VQVAEConfig) -> nn.Sequential:

@@ -21,6 +21,7 @@ WeightInit = Literal["keras", "torch"]
 CacheMode = Literal["auto", "memory", "stream"]
 CropMode = Literal["center", "random"]
 Estimator = Literal["ste", "rotation"]
+Upsample = Literal["transpose", "nearest"]
 LRSchedule = Literal["constant", "cosine"]
 GanLoss = Literal["hinge", "ns"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
@@ -141,6 +142,11 @@ class VQVAEConfig:
         architecture="resnet"))
     bn_eps: float = field(default=1e-3, metadata=_help(
         "resnet: BatchNorm epsilon", architecture="resnet"))
+    upsample: Upsample = field(default="transpose", metadata=_help(
+        "resnet: the decoder's x2 upsampling: transpose (4x4 stride-2 transposed convs, the "
+        "seed's) | nearest (nearest-neighbour x2, then a 3x3 conv, as VQGAN's decoder: no "
+        "stride-periodic grid artefacts, which adversarial training otherwise amplifies)",
+        architecture="resnet"))
 
     def __post_init__(self) -> None:
         _check(self.in_channels in (1, 3), f"in_channels must be 1 or 3, got {self.in_channels}")
@@ -178,6 +184,8 @@ class VQVAEConfig:
         _check(0.0 < self.bn_momentum <= 1.0,
                f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         _check(self.bn_eps > 0.0, f"bn_eps must be > 0, got {self.bn_eps}")
+        _check(self.upsample in get_args(Upsample),
+               f"upsample must be one of {get_args(Upsample)}, got {self.upsample!r}")
         other = [f"{f.name} ({f.metadata['architecture']} only)" for f in fields(self)
                  if f.metadata.get("architecture") not in (None, self.architecture)
                  and getattr(self, f.name) != f.default]
