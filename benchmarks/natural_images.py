@@ -7,8 +7,9 @@ flipped again by ``--crop random --flip``) come from its left part, held-out til
 pixel was ever trained on. The arms train the same preset, seed and steps through the CLI;
 the table scores them on the held-out tiles (PSNR, SSIM, and the gradient ratio: the mean
 absolute difference between neighbouring pixels of the reconstructions over the originals';
-blur lowers it, noise and artefacts raise it), and one PNG shows originals and each arm's
-reconstructions in rows. With ``--finetune-from N`` the GAN arm is a decoder-only fine-tune of
+blur lowers it, noise and artefacts raise it; and the grid peak, ``grid_peak``: 1 unless the
+reconstructions carry a pattern periodic in the decoder's upsampling stride, the checkerboard of
+transposed convs), and one PNG shows originals and each arm's reconstructions in rows. With ``--finetune-from N`` the GAN arm is a decoder-only fine-tune of
 the MSE run's step N, and ``--control OPTIONS`` adds the same fine-tune without the GAN (its
 lower learning rate alone can change the figures). Nothing is downloaded: the photos are files
 of the two wheels (``skimage.data`` images fetched through pooch are not used).
@@ -118,6 +119,25 @@ def gradient_ratio(reconstructed: torch.Tensor, original: torch.Tensor) -> float
     return detail(reconstructed) / detail(original)
 
 
+def grid_peak(reconstructed: torch.Tensor, original: torch.Tensor, period: int) -> float:
+    """How much more the reconstructions' spectrum peaks at the harmonics of ``period`` pixels
+    (the decoder's upsampling stride, 2^downsamples) than the originals' does: the power at those
+    frequencies over the mean power of their four neighbouring frequencies, reconstructions'
+    over originals'. 1: no excess periodic pattern; a transposed conv's checkerboard raises it.
+    uint8 (N, C, S, S) batches, S a multiple of ``period``."""
+    def peak(x: torch.Tensor) -> float:
+        x = x.float() / 255
+        power = torch.fft.fft2(x - x.mean((-2, -1), keepdim=True)).abs().square().mean((0, 1))
+        at = torch.arange(0, power.shape[-1], power.shape[-1] // period)
+        def pick(f: torch.Tensor) -> torch.Tensor:
+            grid = f[at][:, at].clone()
+            grid[0, 0] = 0  # the mean, removed above
+            return grid.sum()
+        near = sum(pick(power.roll(shift, dim)) for shift in (1, -1) for dim in (0, 1)) / 4
+        return float(pick(power) / near)
+    return peak(reconstructed) / peak(original)
+
+
 def arms(args: argparse.Namespace, folder: Path) -> dict[str, tuple[list[str], int]]:
     """name -> (`vqvae` options, the steps of that invocation): MSE, and the GAN from scratch
     (discriminator from ``--gan-start``) or, with ``--finetune-from N``, ``vqvae
@@ -204,7 +224,9 @@ def main() -> None:
         rec = reconstructions(model, held, str(root / name))
         pictures.append(rec)
         rows.append(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.4f} | "
-                    f"{gradient_ratio(rec, held):.3f} | {arm_seconds(args, name):.0f} |")
+                    f"{gradient_ratio(rec, held):.3f} | "
+                    f"{grid_peak(rec, held, 2 ** model.cfg.downsamples):.2f} | "
+                    f"{arm_seconds(args, name):.0f} |")
     how = (f"decoder-only fine-tune from the MSE run's step {args.finetune_from}"
            if args.finetune_from else f"from step {args.gan_start}")
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/natural_images.py", *sys.argv[1:]]))
@@ -215,7 +237,8 @@ def main() -> None:
           f"shared 2-core CPU, rough")
     print("".join(f"\n- {name}: {shlex.join(options)}" for name, (options, _) in runs.items()
                   if name != "mse") + "\n")
-    print("| arm | PSNR (dB) | SSIM | gradient ratio | seconds |\n|---|---:|---:|---:|---:|")
+    print("| arm | PSNR (dB) | SSIM | gradient ratio | grid peak | seconds |\n"
+          "|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.png:
         pick = torch.linspace(0, len(held) - 1, args.show).round().long()  # spread over photos

@@ -61,3 +61,16 @@ def test_natural_gan_arms_are_named_and_fine_tune_the_same_checkpoint(tmp_path):
     assert natural.gan_arms(None) == {"gan": natural.GAN.split()}
     with pytest.raises(SystemExit, match="taken"):
         natural.gan_arms(["mse=--gan-weight 1"])
+
+
+def test_grid_peak_is_one_for_the_originals_and_flags_a_stride_periodic_pattern():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), generator=gen).float()
+    images = torch.nn.functional.avg_pool2d(images, 3, 1, 1)  # some spatial correlation
+    assert natural.grid_peak(images.byte(), images.byte(), 4) == pytest.approx(1.0)
+    phase = torch.zeros(32, 32)
+    phase[::4, ::4] = 40.0  # one bright pixel in every 4x4 cell: a stride-4 pattern
+    patterned = (images * 0.8 + phase).clamp(0, 255).byte()
+    assert natural.grid_peak(patterned, images.byte(), 4) > 3
+    shifted = images.roll(5, -1).byte()  # the same content elsewhere: no added periodicity
+    assert natural.grid_peak(shifted, images.byte(), 4) == pytest.approx(1.0)
