@@ -147,7 +147,7 @@ def arms(args: argparse.Namespace, folder: Path) -> dict[str, tuple[list[str], i
     mse = ["train", "--preset", args.preset, "--data", str(folder), "--size", str(args.size),
            "--crop", "random", "--flip", "--steps", str(args.steps), "--every", str(every),
            "--keep-every", str(every), "--batch-size", str(args.batch_size), "--seed",
-           str(args.seed), *shlex.split(args.mse_options)]
+           str(args.seed), *shlex.split(args.model_options)]
     gans = gan_arms(args.gan)
     if not n:
         return {"mse": (mse, args.steps), **{
@@ -190,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-photo", type=int, default=300, help="training tiles per photo")
     parser.add_argument("--holdout", type=float, default=0.3, help="held-out right strip")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--mse-options", default="", help="extra `vqvae train` options of "
+    parser.add_argument("--model-options", default="", help="extra `vqvae train` options of "
                         "the MSE run (every fine-tune inherits its model), e.g. "
                         "'--upsample nearest'")
     parser.add_argument("--steps", type=int, default=2000)
@@ -231,7 +231,7 @@ def main() -> None:
            if args.finetune_from else f"from step {args.gan_start}")
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/natural_images.py", *sys.argv[1:]]))
     print(f"\n{len(list(folder.glob('*.png')))} training tiles, {len(held)} held-out tiles at "
-          f"{args.size}px; {' '.join([args.preset, 'preset', args.mse_options]).strip()}, "
+          f"{args.size}px; {' '.join([args.preset, 'preset', args.model_options]).strip()}, "
           f"{args.steps} steps of {args.batch_size}, seed "
           f"{args.seed}; GAN arms {how}; seconds: training loop, "
           f"shared 2-core CPU, rough")

@@ -109,7 +109,8 @@ def train(options: list[str], run: Path, steps: int) -> None:
 
 def common(args: argparse.Namespace, seed: int, steps: int, every: int) -> list[str]:
     return ["--data", args.data, "--size", str(args.size), "--steps", str(steps), "--every",
-            str(every), "--batch-size", str(args.batch_size), "--seed", str(seed)]
+            str(every), "--batch-size", str(args.batch_size), "--seed", str(seed),
+            *shlex.split(args.model_options)]
 
 
 def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, float]:
@@ -158,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--model-options", default="", help="extra `vqvae train` options of "
+                        "every run trained from scratch (the MSE runs and --variant rows; "
+                        "fine-tunes inherit the model), e.g. '--upsample nearest'")
     parser.add_argument("--steps", type=int, default=1500, help="steps of every non-MSE row")
     parser.add_argument("--gan-start", type=int, default=500)
     parser.add_argument("--every", type=int, default=400, help="--every of the GAN runs")
