@@ -267,6 +267,31 @@ def cli_rows(device: torch.device, steps: int, variants: list[list[str]]) -> lis
     return lines
 
 
+def vqgan_rows(device: torch.device, size: int, steps: int) -> list[str]:
+    """``vqvae train --preset vqgan`` at ``size`` px in bf16 with the discriminator from half-way
+    (the sharper-tokenizer issue's GPU target), on the digits resized to RGB: the loop's steps/s
+    before and after the discriminator starts, and the held-out PSNR it ends with."""
+    lines = [f"### The vqgan preset through `vqvae train` ({size} px, bf16, batch 8, "
+             f"discriminator from step {steps // 2})\n",
+             "| phase | steps/s (loop's log) | final held-out PSNR (dB) |", "|---|---:|---:|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        command = [sys.executable, "-m", "vqvae", "train", "--preset", "vqgan", "--data",
+                   "digits", "--size", str(size), "--channels", "3", "--batch-size", "8",
+                   "--steps", str(steps), "--every", str(steps), "--eval-count", "16",
+                   "--precision", "bf16", "--gan-weight", "0.3", "--gan-start", str(steps // 2),
+                   "--device", device.type, "--out", str(run)]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        logged = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
+        psnr = json.loads((run / "eval.json").read_text())["psnr"]
+    for phase, keep in (("MSE", lambda r: 1 < r["step"] <= steps // 2),
+                        ("MSE + GAN", lambda r: r["step"] > steps // 2 + 1)):
+        rates = [r["steps_per_s"] for r in logged if keep(r)]
+        rate = f"{statistics.median(rates):.1f}" if rates else "-"
+        lines.append(f"| {phase} | {rate} | {psnr:.2f} |")
+    return lines
+
+
 # --- 3. the prior -------------------------------------------------------------------------------
 
 
@@ -349,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the code runs")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None,
-                        help="sections: quantizer stage1 cli prior sampling")
+                        help="sections: quantizer stage1 cli vqgan prior sampling")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is false); "
@@ -357,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     quick = args.quick
-    sections = set(args.only or ["quantizer", "stage1", "cli", "prior", "sampling"])
+    sections = set(args.only or ["quantizer", "stage1", "cli", "vqgan", "prior", "sampling"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"$ python3 benchmarks/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
           f"device: {name}; torch {torch.__version__}"
@@ -377,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     if "quantizer" in sections:
         emit(quantizer_table(QUICK_SHAPES if quick else QUANTIZER_SHAPES, device, args.repeats))
     if "stage1" in sections:
-        cases = ([("default", 16, 1, [8]), ("seed", 16, 3, [4])] if quick else
-                 [("default", 32, 1, [64, 256, 1024]), ("seed", 128, 3, [64, 256])])
+        cases = ([("default", 16, 1, [8]), ("seed", 16, 3, [4]), ("vqgan", 16, 3, [2])]
+                 if quick else [("default", 32, 1, [64, 256, 1024]), ("seed", 128, 3, [64, 256]),
+                                ("vqgan", 256, 3, [8])])
         # one compiled row (compiling costs ~a minute): the launch-bound case
         compiled = {} if quick else {"reduce-overhead": {("default", 32, 64)}}
         emit(stage1_table(cases, precisions, compiled, device, args.repeats,
@@ -388,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                       [[], ["--precision", "bf16"]] if quick else
                       [[], ["--precision", "bf16"],
                        ["--precision", "bf16", "--compile", "--compile-mode", "reduce-overhead"]]))
+    if "vqgan" in sections:
+        emit(vqgan_rows(device, 16 if quick else 256, 8 if quick else 200))
     if "prior" in sections:
         cfg = prior_config(4, 16, layers=1) if quick else prior_config(32, 512)
         emit(prior_table(cfg, 4 if quick else 64, precisions, device, args.repeats,

@@ -27,6 +27,7 @@ def test_every_timed_step_runs_on_the_cpu(gpu):
     for precision in ("fp32", "bf16", "fp16"):
         gpu.stage1_step("seed", 16, 3, 2, precision, None, cpu)()
         gpu.prior_step(gpu.prior_config(2, 8, layers=1), 2, precision, cpu)()
+    gpu.stage1_step("vqgan", 16, 3, 2, "bf16", None, cpu)()
     assert gpu.step_flops(gpu.stage1_step("default", 16, 1, 2, "fp32", None, cpu)) > 0
 
 
