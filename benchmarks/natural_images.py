@@ -14,9 +14,12 @@ the MSE run's step N, and ``--control OPTIONS`` adds the same fine-tune without 
 lower learning rate alone can change the figures). Nothing is downloaded: the photos are files
 of the two wheels (``skimage.data`` images fetched through pooch are not used).
 
-    PYTHONPATH=src python benchmarks/natural_images.py --steps 1000 --finetune-from 700 \
-        --batch-size 16 --gan '--gan-weight 0.5 --disc-channels 32 --lr 1e-4' \
-        --control '--lr 1e-4' --png docs/img/natural-sharpness.png
+    PYTHONPATH=src python benchmarks/natural_images.py --root runs/nat3k --steps 3000 \
+        --finetune-from 2000 --batch-size 16 --control '--lr 1e-4' \
+        --gan 'gan=--gan-weight 0.3 --disc-channels 32 --lr 1e-4' \
+        --gan 'w1=--gan-weight 1 --disc-channels 32 --lr 1e-4' --png runs/nat3k/sharp-all.png
+
+(and again with ``--model-options '--upsample nearest'``: docs/tokenizer.md)
 """
 
 from __future__ import annotations
