@@ -171,9 +171,10 @@ def gan_arms(specs: list[str] | None) -> dict[str, list[str]]:
     for spec in specs or [GAN]:
         name, options = ("gan", tuple(shlex.split(spec))) if spec.lstrip().startswith("-") \
             else parse_spec(spec)
-        if slug(name) in {"mse", "mse-ft", "tiles"} or name in found:
+        folder = slug(name)  # the arm's run folder under --root
+        if folder in {"mse", "mse-ft", "tiles"} or folder in found:
             raise SystemExit(f"--gan: the arm name {name!r} is taken")
-        found[slug(name)] = list(options)
+        found[folder] = list(options)
     return found
 
 

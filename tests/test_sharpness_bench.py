@@ -61,6 +61,8 @@ def test_natural_gan_arms_are_named_and_fine_tune_the_same_checkpoint(tmp_path):
     assert natural.gan_arms(None) == {"gan": natural.GAN.split()}
     with pytest.raises(SystemExit, match="taken"):
         natural.gan_arms(["mse=--gan-weight 1"])
+    with pytest.raises(SystemExit, match="taken"):
+        natural.gan_arms(["w 1=--gan-weight 1", "w-1=--gan-weight 2"])  # one folder
 
 
 def test_grid_peak_is_one_for_the_originals_and_flags_a_stride_periodic_pattern():

@@ -64,7 +64,8 @@ def resnet_encoder(cfg: VQVAEConfig) -> nn.Sequential:
 
 def resnet_decoder(cfg: VQVAEConfig) -> nn.Sequential:
     """(B, code_dim, s, s) -> (B, C, s*2^n, s*2^n) in [-1, 1]. Seed: (BN, block) x n, then
-    transposed convs (``cfg.upsample``) with BN-ReLU between them and tanh at the end."""
+    x2 upsamplings (``cfg.upsample``; the seed's are transposed convs) with BN-ReLU between
+    them and tanh at the end."""
     layers: list[nn.Module] = []
     if cfg.code_dim != cfg.hidden_channels:
         layers.append(nn.Conv2d(cfg.code_dim, cfg.hidden_channels, 1))
