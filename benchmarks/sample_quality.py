@@ -71,8 +71,8 @@ def classifier_for(train: ImageSet, data: DataConfig, cfg: ClassifierConfig,
 @torch.inference_mode()
 def reconstructions(model: VQVAE, images: torch.Tensor, run: str = "the model",
                     batch_size: int = 256) -> torch.Tensor:
-    """uint8 images (N, C, S, S) -> the stage-1 model's (loaded from ``run``) quantized
-    reconstructions, uint8."""
+    """uint8 images (N, C, S, S) -> the stage-1 model's quantized reconstructions, uint8;
+    ``run`` names the model in the error on images of another shape."""
     if (model.cfg.in_channels, model.cfg.image_size) != tuple(images.shape[1:3]):
         raise DataError(f"{run} expects {model.cfg.in_channels}x{model.cfg.image_size}px images, "
                         f"the benchmark's are {images.shape[1]}x{images.shape[2]}px")

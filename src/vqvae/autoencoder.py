@@ -15,7 +15,7 @@ from torch import nn
 from .config import Architecture, QuantizerName, VQVAEConfig
 from .fsq import FiniteScalarQuantizer
 from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
-from .vqgan import vqgan_decoder, vqgan_encoder
+from .vqgan import Upsample, vqgan_decoder, vqgan_encoder
 
 
 class ResidualBlock(nn.Module):
@@ -83,8 +83,7 @@ def _upsample(cfg: VQVAEConfig, out_channels: int) -> list[nn.Module]:
     stride-periodic pattern (a transposed conv's kernel taps differ between even and odd
     output pixels)."""
     if cfg.upsample == "nearest":
-        return [nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(cfg.hidden_channels, out_channels, 3, padding=1)]
+        return [Upsample(cfg.hidden_channels, out_channels)]  # the vqgan decoder's
     return [nn.ConvTranspose2d(cfg.hidden_channels, out_channels, 4, stride=2, padding=1)]
 
 

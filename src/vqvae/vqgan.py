@@ -55,11 +55,12 @@ class SelfAttention(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv (no transposed conv: no checkerboard artefacts)."""
+    """Nearest-neighbour x2, then a 3x3 conv to ``out_channels`` (default: ``channels``); no
+    transposed conv: no checkerboard artefacts."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
