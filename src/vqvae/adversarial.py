@@ -69,16 +69,17 @@ class Sharpener:
         return diff_augment(images) if self.tc.diffaug else images
 
     def autoencoder_terms(self, step: int, x: torch.Tensor, reconstruction: torch.Tensor,
-                          mse: torch.Tensor, last_layer: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Terms added to the autoencoder's loss (``loss``) and what to log about them."""
+                          pixel: torch.Tensor, last_layer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Terms added to the autoencoder's loss (``loss``) and what to log about them;
+        ``pixel`` is the loss's pixel term (mse_x or l1_x)."""
         terms: dict[str, torch.Tensor] = {}
-        added = mse.new_zeros(())  # what the sharper terms add to the seed's loss
+        added = pixel.new_zeros(())  # what the sharper terms add to the seed's loss
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(reconstruction, x).mean()
             added = self.tc.perceptual_weight * terms["perceptual"]
-        rec_loss = mse + added  # the reconstruction loss the adaptive weight balances against
+        rec_loss = pixel + added  # the reconstruction loss the adaptive weight balances against
         if self.adversary is not None:
-            zero = mse.detach() * 0
+            zero = pixel.detach() * 0
             terms |= {"gan_g": zero, "gan_weight": zero}
             if step >= self.tc.gan_start:
                 self.adversary.requires_grad_(False)  # the generator's pass: no D gradients

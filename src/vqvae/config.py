@@ -24,6 +24,7 @@ Estimator = Literal["ste", "rotation"]
 Upsample = Literal["transpose", "nearest"]
 LRSchedule = Literal["constant", "cosine"]
 GanLoss = Literal["hinge", "ns"]
+ReconLoss = Literal["mse", "l1"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
 
@@ -363,6 +364,9 @@ class TrainConfig(LoopConfig):
     compile_mode: CompileMode = field(default="default", metadata=_help(
         "torch.compile's mode with --compile: default | reduce-overhead (CUDA graphs: small "
         "steps that are launch-bound on a GPU) | max-autotune"))
+    recon_loss: ReconLoss = field(default="mse", metadata=_help(
+        "the pixel reconstruction loss: mse (the seed's) | l1 (mean absolute error, VQGAN's; "
+        "docs/tokenizer.md)"))
     gan_weight: float = field(default=0.0, metadata=_help(
         "adversarial loss weight, times the adaptive weight (reconstruction / adversarial "
         "gradient norm at the decoder's last layer); 0: off. VQGAN-style runs use 0.1-0.8"))
@@ -401,6 +405,8 @@ class TrainConfig(LoopConfig):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.compile_mode in get_args(CompileMode),
                f"compile_mode must be one of {get_args(CompileMode)}, got {self.compile_mode!r}")
+        _check(self.recon_loss in get_args(ReconLoss),
+               f"recon_loss must be one of {get_args(ReconLoss)}, got {self.recon_loss!r}")
         _check(self.gan_loss in get_args(GanLoss),
                f"gan_loss must be one of {get_args(GanLoss)}, got {self.gan_loss!r}")
         _check(self.disc_lr is None or self.disc_lr > 0, f"disc_lr must be > 0, got {self.disc_lr}")

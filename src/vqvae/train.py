@@ -1,7 +1,7 @@
 """Stage-1 training: the VQ-VAE loss, its setup, step and save hook over :func:`vqvae.loop.fit`.
 
 Loss (the seed's): mse(x, x_rec) + mse(sg(z), e) + beta * mse(z, sg(e)), straight-through
-estimator inside the quantizer (van den Oord et al. 2017, arXiv:1711.00937). Under torchrun each
+estimator inside the quantizer; ``--recon-loss l1`` puts |x - x_rec| (VQGAN's) in the first term (van den Oord et al. 2017, arXiv:1711.00937). Under torchrun each
 rank trains a DistributedDataParallel copy on its slice of every global batch (a per-rank
 :class:`~vqvae.data.BatchStream`), evaluation is sharded, and I/O happens on rank 0 only.
 """
@@ -21,7 +21,7 @@ from . import loop, runs
 from .adversarial import Sharpener
 from .autoencoder import VQVAE, VQVAEOutput
 from .checkpoint import VQVAE_KIND
-from .config import RunConfig, TrainConfig
+from .config import ReconLoss, RunConfig, TrainConfig
 from .data import Splits, load_splits, to_float
 from .images import Batch
 from .loader import train_batches
@@ -34,12 +34,17 @@ from .sample import grid_pairs, interpolation_grid, reconstruction_grid, save_pn
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
 
 
-def vqvae_losses(x: torch.Tensor, out: VQVAEOutput) -> dict[str, torch.Tensor]:
-    """The seed's loss and its named terms (mse_x, mse_e = codebook, mse_z = commitment)."""
+def vqvae_losses(x: torch.Tensor, out: VQVAEOutput,
+                 recon: ReconLoss = "mse") -> dict[str, torch.Tensor]:
+    """The loss and its named terms: mse_x, mse_e = codebook, mse_z = commitment (the seed's),
+    and l1_x, the mean absolute error, when ``recon`` is "l1" (then the loss's pixel term in
+    place of mse_x, which is still logged so that curves compare across runs)."""
     mse_x = F.mse_loss(out.reconstruction, x)
     q = out.quantized
-    return {"loss": mse_x + q.loss, "mse_x": mse_x, "mse_e": q.codebook_loss,
-            "mse_z": q.commitment_loss}
+    terms = {"mse_x": mse_x, "mse_e": q.codebook_loss, "mse_z": q.commitment_loss}
+    if recon == "l1":
+        terms["l1_x"] = F.l1_loss(out.reconstruction, x)
+    return {"loss": terms[f"{recon}_x"] + q.loss, **terms}
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -180,10 +185,11 @@ class Stage1:
             self.model.quantizer.eval()
         with autocast(tc.precision, self.runtime.device):
             out = self.net(x)
-            losses = vqvae_losses(x, out)
+            losses = vqvae_losses(x, out, tc.recon_loss)
             if self.sharpen.active:
                 extra = self.sharpen.autoencoder_terms(step, x, out.reconstruction,
-                                                       losses["mse_x"], self.model.last_layer())
+                                                       losses[f"{tc.recon_loss}_x"],
+                                                       self.model.last_layer())
                 losses |= {**extra, "loss": losses["loss"] + extra["loss"]}
         self.usage.update(out.quantized.indices)
         self.opt.zero_grad(set_to_none=True)
@@ -201,7 +207,7 @@ class Stage1:
                 | ({"skipped_images": float(self.skipped)} if self.skipped else {}))
 
     def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]:
-        return ({k: f"{record[k]:.4f}" for k in ("mse_x", "mse_e", "mse_z")}
+        return ({k: f"{record[k]:.4f}" for k in ("l1_x", "mse_x", "mse_e", "mse_z") if k in record}
                 | {"use%": f"{record['window_usage']:.0f}",
                    "dead": str(record["window_dead_codes"])}
                 | ({"wait%": f"{100 * record['data_wait']:.0f}"} if record["data_wait"] >= 0.05
