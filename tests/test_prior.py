@@ -8,7 +8,7 @@ from torch import nn
 from vqvae import checkpoint as ckpt
 from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, SMALL_SET_LR, ConfigError,
                           PriorConfig, default_prior, prior_for_data, seed_prior, to_dict)
-from vqvae.train_prior import RunClock, learning_rate
+from vqvae.schedule import RunClock, learning_rate
 from vqvae.prior import Prior
 from vqvae.transformer import SeedBlock, filter_logits, sample_next
 

@@ -293,6 +293,10 @@ class LoopConfig:
     batch_size: int = field(default=64, metadata=_help(
         "examples per step and process: under torchrun the global batch is N x this"))
     lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    warmup: int = field(default=0, metadata=_help("steps of linear learning-rate warm-up"))
+    schedule: LRSchedule = field(default="constant", metadata=_help(
+        "learning rate after the warm-up: constant | cosine (to zero at the end of the run: "
+        "at --steps, or when --minutes runs out first, by the share of the budget spent)"))
     seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
     every: int = field(default=200, metadata=_help(
         "steps between checkpoints, sample grids and held-out metrics"))
@@ -323,6 +327,9 @@ class LoopConfig:
         _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
+        _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        _check(self.schedule in get_args(LRSchedule),
+               f"schedule must be one of {get_args(LRSchedule)}, got {self.schedule!r}")
         _check(self.every >= 1, f"every must be >= 1, got {self.every}")
         _check(self.eval_count >= 0, f"eval_count must be >= 0, got {self.eval_count}")
         _check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
@@ -637,10 +644,6 @@ class PriorTrainConfig(LoopConfig):
 
     steps: int = field(default=5000, metadata=LoopConfig.__dataclass_fields__["steps"].metadata)
     every: int = field(default=500, metadata=LoopConfig.__dataclass_fields__["every"].metadata)
-    warmup: int = field(default=0, metadata=_help("steps of linear learning-rate warm-up"))
-    schedule: LRSchedule = field(default="constant", metadata=_help(
-        "learning rate after the warm-up: constant | cosine (to zero at the end of the run: "
-        "at --steps, or when --minutes runs out first, by the share of the budget spent)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay on matrices"))
     grad_clip: float = field(default=0.0, metadata=_help("gradient-norm clip, 0 = none"))
     p_uncond: float = field(default=0.1, metadata=_help(
@@ -653,9 +656,6 @@ class PriorTrainConfig(LoopConfig):
         super().__post_init__()
         _check(0.0 <= self.token_dropout < 1.0,
                f"token_dropout must be in [0, 1), got {self.token_dropout}")
-        _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
-        _check(self.schedule in get_args(LRSchedule),
-               f"schedule must be one of {get_args(LRSchedule)}, got {self.schedule!r}")
         _check(self.weight_decay >= 0.0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0.0, f"grad_clip must be >= 0, got {self.grad_clip}")
         _check(0.0 <= self.p_uncond < 1.0, f"p_uncond must be in [0, 1), got {self.p_uncond}")

@@ -30,6 +30,7 @@ from .metrics import CodeUsage, Evaluation, score_autoencoder
 from .plots import plot_code_usage, plot_curves
 from .precision import autocast, loss_scaler, numerics
 from .sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
+from .schedule import Schedule
 
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
 
@@ -158,6 +159,7 @@ class Stage1:
         self.usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)
         self.grid = grid_images(splits, tc.grid)
         self.waited, self.window_start, self.skipped = 0.0, perf_counter(), 0
+        self.schedule = Schedule(cfg.train, opt)  # the autoencoder's; the discriminator's is flat
 
     def next_batch(self, step: int) -> torch.Tensor:
         """Step ``step``'s uint8 batch; the time spent waiting for it is counted."""
@@ -192,6 +194,7 @@ class Stage1:
                                                        self.model.last_layer())
                 losses |= {**extra, "loss": losses["loss"] + extra["loss"]}
         self.usage.update(out.quantized.indices)
+        self.schedule.set(step)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         self.scaler.step(self.opt)  # fp16: skipped (and the scale lowered) on inf/nan gradients
@@ -204,6 +207,7 @@ class Stage1:
         wait = self.waited / max(now - self.window_start, 1e-9)
         self.waited, self.window_start = 0.0, now
         return ({f"window_{k}": health[k] for k in HEALTH} | {"data_wait": wait}
+                | {"lr": self.schedule.lr}  # the last step's
                 | ({"skipped_images": float(self.skipped)} if self.skipped else {}))
 
     def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]:

@@ -8,7 +8,6 @@ the shared loop's (:mod:`vqvae.runs`); nothing here comes from stage 1's trainer
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from .plots import plot_curves
 from .precision import autocast, loss_scaler, numerics
 from .prior import Prior, build_prior
 from .sample import draw, samples_grid, save_png
+from .schedule import Schedule
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
 
@@ -127,35 +127,6 @@ def optimizer(prior: Prior, lr: float, weight_decay: float) -> torch.optim.Optim
                              fused=prior.head.weight.is_cuda)
 
 
-def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant",
-                  progress: float = 0.0) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then ``peak`` (constant) or a cosine
-    that reaches zero when ``progress`` (the share of the run done, in [0, 1]) does: a run whose
-    end is known gains from annealing into it, most of all a short one."""
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == "constant":
-        return peak
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-class RunClock:
-    """How far a run is, for the schedule: ``step / steps``, or when a ``minutes`` budget ends
-    the run first, the share of it spent (this invocation's: a resumed --minutes run anneals
-    again over its own budget). Runs bounded by --steps alone depend on the step only, so they
-    resume exactly."""
-
-    def __init__(self, steps: int, minutes: float | None):
-        self.steps, self.seconds = steps, None if minutes is None else 60.0 * minutes
-        self.t0 = time.monotonic()
-
-    def progress(self, step: int) -> float:
-        done = step / self.steps
-        if self.seconds is not None:
-            done = max(done, (time.monotonic() - self.t0) / self.seconds)
-        return min(done, 1.0)
-
-
 def drop_labels(labels: torch.Tensor, p: float, null: int) -> torch.Tensor:
     """Replace each label by the null class with probability ``p`` (classifier-free guidance)."""
     if p == 0.0:
@@ -181,7 +152,7 @@ class Stage2:
         self.stream = BatchStream(len(self.train), tc.batch_size, tc.seed, runtime.rank,
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
-        self.clock, self.lr = RunClock(tc.steps, tc.minutes), tc.lr
+        self.schedule = Schedule(tc, opt)
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc, device = self.cfg.train, self.runtime.device
@@ -190,9 +161,7 @@ class Stage2:
         if self.labels is not None:
             labels = drop_labels(self.labels[index], tc.p_uncond, self.prior.null_class)
             labels = labels.to(device, non_blocking=True)
-        self.lr = learning_rate(step, tc.lr, tc.warmup, tc.schedule, self.clock.progress(step))
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr
+        self.schedule.set(step)
         codes = self.codes[index.to(self.codes.device)].to(device, torch.long, non_blocking=True)
         with autocast(tc.precision, device):
             loss = self.loss(codes, labels)  # over the local batch; DDP averages gradients
@@ -206,7 +175,7 @@ class Stage2:
         return {"loss": loss}
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
-        return {"bits": means["loss"] / math.log(2), "lr": self.lr}  # the last step's
+        return {"bits": means["loss"] / math.log(2), "lr": self.schedule.lr}  # the last step's
 
     def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]:
         return ({"bits": f"{record['bits']:.3f}"}

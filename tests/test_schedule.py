@@ -1,0 +1,31 @@
+"""Stage 1's learning-rate schedule (--warmup, --schedule cosine): what it logs, and a cosine run
+that resumes exactly (the schedule itself: tests/test_prior.py)."""
+
+import pytest
+import torch
+
+from vqvae import load_autoencoder
+from vqvae.cli import main
+from vqvae.runs import read_jsonl
+
+TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
+        "--codebook-size", "16", "--batch-size", "16", "--every", "10", "--eval-count", "64",
+        "--device", "cpu", "--lr", "2e-3"]
+
+
+def test_a_cosine_run_anneals_to_zero_and_resumes_exactly(tmp_path):
+    a, b, flat = tmp_path / "a", tmp_path / "b", tmp_path / "flat"
+    cosine = [*TINY, "--schedule", "cosine", "--warmup", "2"]
+    assert main(["train", *cosine, "--steps", "30", "--out", str(a)]) == 0
+    assert main(["train", *cosine, "--steps", "30", "--minutes", "1e-9", "--out", str(b)]) == 0
+    # the tiny time budget stopped it after step 1, inside the warm-up (which follows the step
+    # alone); resumed with a budget that ends far after step 30, its cosine follows the steps
+    assert (b / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+    assert main(["train", "--resume", str(b), "--minutes", "100"]) == 0
+    wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
+    rates = [r["lr"] for r in read_jsonl(a / "train.jsonl")]
+    assert rates == sorted(rates, reverse=True) and rates[0] < 2e-3 and rates[-1] < 2e-3 * 0.02
+    assert main(["train", *TINY, "--steps", "20", "--out", str(flat)]) == 0
+    assert [r["lr"] for r in read_jsonl(flat / "train.jsonl")] == pytest.approx([2e-3, 2e-3])
