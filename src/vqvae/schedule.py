@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from .config import LoopConfig
+
 
 def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant",
                   progress: float = 0.0) -> float:
@@ -42,7 +44,7 @@ class Schedule:
     """A loop config's schedule (``lr``, ``warmup``, ``schedule``, ``steps``, ``minutes``)
     applied to an optimizer step by step; ``lr`` is the last rate set."""
 
-    def __init__(self, tc, opt: torch.optim.Optimizer):
+    def __init__(self, tc: LoopConfig, opt: torch.optim.Optimizer):
         self.tc, self.opt, self.lr = tc, opt, tc.lr
         self.clock = RunClock(tc.steps, tc.minutes)
 

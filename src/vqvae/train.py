@@ -1,8 +1,9 @@
 """Stage-1 training: the VQ-VAE loss, its setup, step and save hook over :func:`vqvae.loop.fit`.
 
 Loss (the seed's): mse(x, x_rec) + mse(sg(z), e) + beta * mse(z, sg(e)), straight-through
-estimator inside the quantizer; ``--recon-loss l1`` puts |x - x_rec| (VQGAN's) in the first term (van den Oord et al. 2017, arXiv:1711.00937). Under torchrun each
-rank trains a DistributedDataParallel copy on its slice of every global batch (a per-rank
+estimator inside the quantizer (van den Oord et al. 2017, arXiv:1711.00937); ``--recon-loss l1``
+puts mean |x - x_rec| (VQGAN's) in place of the first term. Under torchrun each rank trains a
+DistributedDataParallel copy on its slice of every global batch (a per-rank
 :class:`~vqvae.data.BatchStream`), evaluation is sharded, and I/O happens on rank 0 only.
 """
 
