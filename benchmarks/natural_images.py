@@ -211,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "GAN arm's --lr), so that the GAN's effect is told from the fine-tune's")
     parser.add_argument("--png", default=None, help="where to write the side-by-side PNG")
     parser.add_argument("--show", type=int, default=8, help="held-out tiles in the PNG")
+    parser.add_argument("--score", nargs="+", default=None, metavar="RUN", help="instead of "
+                        "training the arms: score these stage-1 runs or checkpoints (trained on "
+                        "--root's tiles) in the table and the PNG")
     return parser.parse_args(argv)
 
 
@@ -219,28 +222,37 @@ def main() -> None:
     root = Path(args.root)
     folder = write_tiles(root / "tiles", args.per_photo, args.holdout, args.size)
     held = load_folder(root / "tiles" / "heldout")
-    runs = arms(args, folder)
-    rows, pictures, names = [], [held], list(runs)
-    for name, (options, steps) in runs.items():
-        train(options, root / name, steps)
-        model = ckpt.load_autoencoder(root / name)
+    if args.score:  # runs trained elsewhere (same tiles), scored alone: no seconds
+        scored = {run: Path(run) for run in args.score}
+    else:
+        runs = arms(args, folder)
+        for name, (options, steps) in runs.items():
+            train(options, root / name, steps)
+        scored = {name: root / name for name in runs}
+    rows, pictures, names = [], [held], list(scored)
+    for name, run in scored.items():
+        model = ckpt.load_autoencoder(run)
         metrics = evaluate_autoencoder(model, held)
-        rec = reconstructions(model, held, str(root / name))
+        rec = reconstructions(model, held, str(run))
         pictures.append(rec)
         rows.append(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.4f} | "
                     f"{gradient_ratio(rec, held):.3f} | "
                     f"{grid_peak(rec, held, 2 ** model.cfg.downsamples):.2f} | "
-                    f"{arm_seconds(args, name):.0f} |")
+                    + ("|" if args.score else f"{arm_seconds(args, name):.0f} |"))
     how = (f"decoder-only fine-tune from the MSE run's step {args.finetune_from}"
            if args.finetune_from else f"from step {args.gan_start}")
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/natural_images.py", *sys.argv[1:]]))
-    print(f"\n{len(list(folder.glob('*.png')))} training tiles, {len(held)} held-out tiles at "
-          f"{args.size}px; {' '.join([args.preset, 'preset', args.model_options]).strip()}, "
-          f"{args.steps} steps of {args.batch_size}, seed "
-          f"{args.seed}; GAN arms {how}; seconds: training loop, "
-          f"shared 2-core CPU, rough")
-    print("".join(f"\n- {name}: {shlex.join(options)}" for name, (options, _) in runs.items()
-                  if name != "mse") + "\n")
+    tiles = f"{len(list(folder.glob('*.png')))} training tiles, {len(held)} held-out tiles"
+    if args.score:
+        print(f"\n{tiles} at {args.size}px; the runs given, scored (trained elsewhere)\n")
+    else:
+        print(f"\n{tiles} at {args.size}px; "
+              f"{' '.join([args.preset, 'preset', args.model_options]).strip()}, "
+              f"{args.steps} steps of {args.batch_size}, seed "
+              f"{args.seed}; GAN arms {how}; seconds: training loop, "
+              f"shared 2-core CPU, rough")
+        print("".join(f"\n- {name}: {shlex.join(options)}" for name, (options, _) in runs.items()
+                      if name != "mse") + "\n")
     print("| arm | PSNR (dB) | SSIM | gradient ratio | grid peak | seconds |\n"
           "|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
