@@ -131,3 +131,31 @@ def test_code_mask_grows_by_the_ring():
     pixels[5, 6] = True  # one pixel in cell (1, 1) of 4x4 cells
     assert code_mask(pixels, 4, ring=0).nonzero().tolist() == [[1, 1]]
     assert code_mask(pixels, 4, ring=1).sum() == 9 and code_mask(pixels, 4, ring=1)[0, 0]
+
+
+@pytest.mark.parametrize("choice, most_confident_first", [(0.0, True), (1e6, False)])
+def test_the_choice_temperature_sets_the_unmasking_order(choice, most_confident_first):
+    # Fixed logits: position i peaks on code i with margin i, so later positions are more
+    # confident. Without noise the first iteration keeps the most confident codes; with a
+    # huge choice temperature the order is the Gumbel noise's.
+    prior = tiny()
+    seen = []
+
+    def fixed(tokens, labels=None):
+        seen.append(tokens.clone())
+        logits = torch.zeros(*tokens.shape, 16)
+        logits[:, torch.arange(12), torch.arange(12)] = torch.arange(12).float()
+        return logits
+
+    prior.forward = fixed
+    start = torch.full((1, 12), prior.mask_token)
+    out = prior.fill(start, steps=2, generator=torch.Generator().manual_seed(0),
+                     choice_temperature=choice)
+    assert (out != prior.mask_token).all()
+    kept = (seen[1][0] != prior.mask_token).nonzero().flatten().tolist()  # after iteration 1
+    assert len(kept) == 12 - masked_count(12, 0.5)
+    assert (kept == list(range(12 - len(kept), 12))) == most_confident_first
+    with pytest.raises(ValueError, match="choice_temperature must be"):
+        prior.generate(1, choice_temperature=-1.0)
+    with pytest.raises(ValueError, match="choice_temperature must be"):
+        SampleConfig(choice_temperature=float("nan"))

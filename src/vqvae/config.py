@@ -733,14 +733,22 @@ def prior_for_data(model: PriorConfig, train: PriorTrainConfig,
 # --- sampling --------------------------------------------------------------------------------
 
 
+# Parallel decoding: Gumbel noise on the confidences at the first iteration, annealed to 0 at the
+# last. MaskGIT used 4.5 on 16x16 grids; on the 8x8 and 4x4 grids measured here 10 draws better
+# samples (a more random unmasking order; docs/prior.md, "Decoding settings").
+CHOICE_TEMPERATURE = 10.0
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
-                   guidance: float) -> None:
+                   guidance: float, choice_temperature: float = CHOICE_TEMPERATURE) -> None:
     """The sampling knobs' valid ranges, for :class:`SampleConfig` and ``Prior.generate`` alike."""
     _check(math.isfinite(temperature) and temperature >= 0,
            f"temperature must be a finite number >= 0, got {temperature}")
     _check(top_k is None or top_k >= 1, f"top_k must be >= 1, got {top_k}")
     _check(top_p is None or 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")
     _check(math.isfinite(guidance), f"guidance must be a finite number, got {guidance}")
+    _check(math.isfinite(choice_temperature) and choice_temperature >= 0,
+           f"choice_temperature must be a finite number >= 0, got {choice_temperature}")
 
 
 @dataclass(frozen=True)
@@ -764,6 +772,9 @@ class SampleConfig:
     steps: int = field(default=12, metadata=_help(
         "maskgit priors: parallel decoding iterations (autoregressive priors draw one code per "
         "step whatever this says)"))
+    choice_temperature: float = field(default=CHOICE_TEMPERATURE, metadata=_help(
+        "maskgit priors: Gumbel noise on the confidences at the first iteration, annealed to 0 "
+        "(0: most confident codes first; large: a random order; MaskGIT's paper used 4.5)"))
     decoder: str | None = field(default=None, metadata=_help(
         "decode with this stage-1 run or checkpoint instead of the prior's own: one fine-tuned "
         "from it by `vqvae finetune-decoder` (same codes, sharper decoder)"))
@@ -783,7 +794,8 @@ class SampleConfig:
         _check(self.precision in get_args(SamplePrecision),
                f"precision must be one of {get_args(SamplePrecision)}, got {self.precision!r}")
         _check(isinstance(self.graph, bool), f"graph must be true or false, got {self.graph!r}")
-        check_sampling(self.temperature, self.top_k, self.top_p, self.guidance)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.guidance,
+                       self.choice_temperature)
         _check(self.label is None or self.label >= 0, f"--class must be >= 0, got {self.label}")
         _check(self.label is None or not self.all_classes,
                "--class and --all-classes exclude each other")

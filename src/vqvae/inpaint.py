@@ -59,7 +59,8 @@ def inpaint(prior_run: str | Path, image: torch.Tensor, mask: torch.Tensor,
     start = codes.flatten(1).masked_fill(cells.flatten()[None], prior.mask_token)
     labels = None if cfg.label is None else torch.tensor([cfg.label], device=device)
     filled = prior.fill(start, labels, cfg.guidance, cfg.temperature, cfg.top_k, cfg.top_p,
-                        torch.Generator().manual_seed(cfg.seed), cfg.steps).view_as(codes)
+                        torch.Generator().manual_seed(cfg.seed), cfg.steps,
+                        cfg.choice_temperature).view_as(codes)
     result = to_uint8(stage1.decode_indices(filled))[0].cpu()
     return Inpainted(result, cells.cpu(), filled[0].cpu())
 

@@ -14,12 +14,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import PriorConfig, check_sampling
+from .config import CHOICE_TEMPERATURE, PriorConfig, check_sampling
 from .precision import sampling_autocast, sampling_dtype
 from .transformer import (GPTStack, GridTransformer, check_labels, filter_logits,
                           init_gpt_model, sample_next)
 
-CHOICE_TEMPERATURE = 4.5  # Gumbel noise on the confidences at the first iteration (MaskGIT's)
 
 
 def masked_fraction(r: torch.Tensor) -> torch.Tensor:
@@ -93,15 +92,17 @@ class MaskGITPrior(GridTransformer):
                  guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
                  batch_size: int = 64, use_cache: bool = True, steps: int = 12,
-                 precision: str = "fp32", graph: bool = False) -> torch.Tensor:
+                 precision: str = "fp32", graph: bool = False,
+                 choice_temperature: float = CHOICE_TEMPERATURE) -> torch.Tensor:
         """Draw ``n`` code grids (n, h, w) in ``steps`` parallel iterations, ``batch_size`` at a
-        time, the forward passes under ``precision`` (fp32 | bf16 | fp16 autocast).
+        time, the forward passes under ``precision`` (fp32 | bf16 | fp16 autocast);
+        ``choice_temperature``: the Gumbel noise on the confidences (see :meth:`fill`).
         ``use_cache`` and ``graph`` are the autoregressive prior's and do nothing here (each
         iteration is one full pass over the grid: not launch-bound)."""
         if n < 1 or batch_size < 1 or steps < 1:
             raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, "
                              f"{steps}")
-        check_sampling(temperature, top_k, top_p, guidance)
+        check_sampling(temperature, top_k, top_p, guidance, choice_temperature)
         labels = check_labels(labels, n, self.cfg.num_classes, guidance, self.head.weight.device)
         device = self.head.weight.device
         dtype = sampling_dtype(precision, device)
@@ -114,17 +115,21 @@ class MaskGITPrior(GridTransformer):
                                device=device)
             with sampling_autocast(dtype, device):
                 grids.append(self.fill(start, None if labels is None else labels[s:s + b],
-                                       guidance, temperature, top_k, top_p, generator, steps))
+                                       guidance, temperature, top_k, top_p, generator, steps,
+                                       choice_temperature))
         self.train(was_training)
         return torch.cat(grids).view(n, self.cfg.height, self.cfg.width)
 
     @torch.inference_mode()
     def fill(self, codes: torch.Tensor, labels: torch.Tensor | None = None, guidance: float = 1.0,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, steps: int = 12) -> torch.Tensor:
+             generator: torch.Generator | None = None, steps: int = 12,
+             choice_temperature: float = CHOICE_TEMPERATURE) -> torch.Tensor:
         """Fill the mask tokens of (B, N) codes in ``steps`` iterations; the other codes are kept
         as they are. Each iteration draws a code for every masked position, keeps the most
-        confident ones (cosine schedule) and masks the rest again."""
+        confident ones (cosine schedule) and masks the rest again. A confidence is the drawn
+        code's log-probability plus Gumbel noise scaled by ``choice_temperature`` at the first
+        iteration, annealed linearly to 0 (0: most confident first; large: a random order)."""
         b, n = codes.shape
         device = codes.device
         masked = codes == self.mask_token
@@ -144,7 +149,7 @@ class MaskGITPrior(GridTransformer):
                                  top_p).log_softmax(-1)
             confidence = logp.gather(1, drawn.view(-1, 1)).view(b, n)
             noise = _gumbel((b, n), generator).to(device)
-            confidence = confidence + CHOICE_TEMPERATURE * (1 - (t + 1) / steps) * noise
+            confidence = confidence + choice_temperature * (1 - (t + 1) / steps) * noise
             confidence = confidence.masked_fill(~masked, float("inf"))  # kept codes stay
             drawn = torch.where(masked, drawn, codes)
             # Codes still masked after this iteration: the schedule's count, and at least one

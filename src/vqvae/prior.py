@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PriorConfig, PriorVariant, check_sampling
+from .config import CHOICE_TEMPERATURE, PriorConfig, PriorVariant, check_sampling
 from .graphs import WARMUP, CapturedStep
 from .maskgit import MaskGITPrior
 from .precision import sampling_autocast, sampling_dtype
@@ -117,9 +117,11 @@ class Prior(GridTransformer):
                  guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
                  batch_size: int = 64, use_cache: bool = True, steps: int = 0,
-                 precision: str = "fp32", graph: bool = False) -> torch.Tensor:
+                 precision: str = "fp32", graph: bool = False,
+                 choice_temperature: float = CHOICE_TEMPERATURE) -> torch.Tensor:
         """Draw ``n`` code grids (n, h, w), ``batch_size`` at a time, one code per step
-        (``steps`` is the parallel-decoding prior's and does nothing here).
+        (``steps`` and ``choice_temperature`` are the parallel-decoding prior's and do nothing
+        here).
 
         ``labels`` (an int or (n,) ids) conditions a conditional prior; ``guidance`` g != 1 mixes
         the logits as uncond + g * (cond - uncond) (classifier-free guidance), both passes batched

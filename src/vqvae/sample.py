@@ -148,7 +148,8 @@ def draw(prior: Prior, stage1: VQVAE, cfg: SampleConfig,
                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                            generator=torch.Generator().manual_seed(cfg.seed),
                            batch_size=cfg.batch_size, use_cache=not cfg.no_cache,
-                           steps=cfg.steps, precision=cfg.precision, graph=cfg.graph)
+                           steps=cfg.steps, precision=cfg.precision, graph=cfg.graph,
+                           choice_temperature=cfg.choice_temperature)
     return decode_codes(stage1, codes), codes
 
 
