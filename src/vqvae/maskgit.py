@@ -20,7 +20,6 @@ from .transformer import (GPTStack, GridTransformer, check_labels, filter_logits
                           init_gpt_model, sample_next)
 
 
-
 def masked_fraction(r: torch.Tensor) -> torch.Tensor:
     """The cosine schedule: the fraction of codes masked at progress r in [0, 1] (1 -> 0)."""
     return torch.cos(math.pi / 2 * r).clamp_min(0.0)
