@@ -74,9 +74,10 @@ def test_diff_augment_is_differentiable_and_seeded():
 
 def test_gan_run_resumes_exactly_with_its_discriminator(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
+    flat = [*TINY, "--schedule", "constant"]  # see tests/test_cli.py's resume test
     with pytest.warns(UserWarning, match="--diffaug at 16 px kept the discriminator"):
-        assert main(["train", *TINY, "--steps", "8", "--out", str(a)]) == 0
-    assert main(["train", *TINY, "--steps", "4", "--out", str(b)]) == 0
+        assert main(["train", *flat, "--steps", "8", "--out", str(a)]) == 0
+    assert main(["train", *flat, "--steps", "4", "--out", str(b)]) == 0
     assert main(["train", "--resume", str(b), "--steps", "8"]) == 0
     for name in ("model.safetensors", "adversary.safetensors"):
         wa = load_file(a / "checkpoints" / "step-0000008" / name)

@@ -32,11 +32,14 @@ LIMIT_S = 120  # per group of processes; a healthy run takes a few seconds
 # cluster sums), so the per-step loss terms agree to a relative EARLY_TOL over the first EARLY
 # steps (measured: 5e-5; with unsynchronised BatchNorm they differ by 1-3% from step 1). Later, a
 # near-tie in a nearest-code search may flip one assignment and the runs drift apart slowly:
-# RUN_TOL over the whole run (measured: 0.4%).
+# RUN_TOL over the whole run (measured: 0.4%). Those figures are the seed's MSE at a constant rate:
+# with the default preset's L1 + cosine the ema runs drifted 4.5% apart by step 20 (measured), so
+# these runs keep MSE; the data-parallel machinery tested is the same.
 EARLY, EARLY_TOL, RUN_TOL = 5, 2e-4, 1e-2
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
         "--codebook-size", "32", "--every", "10", "--eval-count", "64", "--steps", str(STEPS),
-        "--kmeans-init", "true", "--restart-after", "3", "--device", "cpu"]
+        "--kmeans-init", "true", "--restart-after", "3", "--device", "cpu",
+        "--recon-loss", "mse", "--schedule", "constant"]
 QUANTIZERS = ("vq", "ema")
 RUNS, RESUMED = (*QUANTIZERS, "vq-resume"), 5  # vq-resume: the vq run resumed by 2 ranks
 # In this configuration 1-6 codes are restarted at every step from step 4 on (counted by hand),

@@ -72,7 +72,7 @@ def test_fp16_stage1_resumes_exactly_with_its_loss_scale(tmp_path):
     the scale); its scale is saved with every checkpoint, so a resumed run equals the
     uninterrupted one."""
     a, b = tmp_path / "a", tmp_path / "b"
-    fp16 = [*TINY, "--precision", "fp16"]
+    fp16 = [*TINY, "--precision", "fp16", "--schedule", "constant"]  # see test_cli's resume test
     assert main(["train", *fp16, "--steps", "30", "--out", str(a)]) == 0
     assert main(["train", *fp16, "--steps", "15", "--out", str(b)]) == 0
     state = json.loads((b / "checkpoints" / "step-0000015" / STATE_META).read_text())
@@ -117,7 +117,8 @@ def test_deterministic_resume_is_exact_on_cuda(tmp_path, precision):
     """With --deterministic a run resumed on CUDA ends with the uninterrupted run's weights, bit
     for bit (without it, atomics in convolution backward and index_add make them drift)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    options = [*TINY, "--device", "cuda", "--deterministic", "--precision", precision]
+    options = [*TINY, "--device", "cuda", "--deterministic", "--precision", precision,
+               "--schedule", "constant"]  # see tests/test_cli.py's resume test
     assert main(["train", *options, "--steps", "30", "--out", str(a)]) == 0
     assert main(["train", *options, "--steps", "15", "--out", str(b)]) == 0
     assert main(["train", "--resume", str(b), "--steps", "30"]) == 0

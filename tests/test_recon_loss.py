@@ -10,7 +10,7 @@ import vqvae.adversarial
 import vqvae.train
 from vqvae import VQVAE
 from vqvae.cli import main
-from vqvae.config import ConfigError, TrainConfig
+from vqvae.config import ConfigError, TrainConfig, run_config
 from vqvae.train import vqvae_losses
 
 TINY = ["--data", "digits", "--size", "16", "--hidden-channels", "8", "--code-dim", "4",
@@ -34,6 +34,14 @@ def test_the_pixel_term_is_the_chosen_loss_and_mse_is_still_logged(tiny_cfg):
     rec = out.reconstruction.detach().requires_grad_(True)
     torch.nn.functional.l1_loss(rec, x).backward()
     assert torch.allclose(rec.grad, error.detach().sign() / x.numel())
+
+
+def test_the_default_preset_trains_with_l1_and_cosine_and_the_seed_stays_faithful():
+    default = run_config("default").train
+    assert (default.recon_loss, default.schedule) == ("l1", "cosine")
+    assert run_config("seed").train == TrainConfig()  # MSE at a constant rate, as the seed
+    mse = run_config("default", train={"recon_loss": "mse", "schedule": "constant"}).train
+    assert (mse.recon_loss, mse.schedule) == ("mse", "constant")
 
 
 def test_a_bad_recon_loss_is_named():

@@ -27,5 +27,6 @@ def test_a_cosine_run_anneals_to_zero_and_resumes_exactly(tmp_path):
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
     rates = [r["lr"] for r in read_jsonl(a / "train.jsonl")]
     assert rates == sorted(rates, reverse=True) and rates[0] < 2e-3 and rates[-1] < 2e-3 * 0.02
-    assert main(["train", *TINY, "--steps", "20", "--out", str(flat)]) == 0
+    constant = [*TINY, "--schedule", "constant"]  # the default preset's is cosine
+    assert main(["train", *constant, "--steps", "20", "--out", str(flat)]) == 0
     assert [r["lr"] for r in read_jsonl(flat / "train.jsonl")] == pytest.approx([2e-3, 2e-3])

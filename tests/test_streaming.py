@@ -250,7 +250,8 @@ def test_cli_resume_of_a_streamed_augmented_run_is_exact(tmp_path):
     folder = _folder(tmp_path / "img", noise=True)
     tiny = ["--data", str(folder), "--size", "8", "--hidden-channels", "8", "--code-dim", "4",
             "--codebook-size", "16", "--every", "4", "--batch-size", "4", "--cache", "stream",
-            "--workers", "2", "--crop", "random", "--flip", "--device", "cpu"]
+            "--workers", "2", "--crop", "random", "--flip", "--device", "cpu",
+            "--schedule", "constant"]  # see tests/test_cli.py's resume test
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train", *tiny, "--steps", "8", "--out", str(a)]) == 0
     assert main(["train", *tiny, "--steps", "4", "--out", str(b)]) == 0  # mid-epoch (36 / 4)

@@ -373,7 +373,7 @@ class TrainConfig(LoopConfig):
         "steps that are launch-bound on a GPU) | max-autotune"))
     recon_loss: ReconLoss = field(default="mse", metadata=_help(
         "the pixel reconstruction loss: mse (the seed's) | l1 (mean absolute error, VQGAN's; "
-        "docs/tokenizer.md)"))
+        "the default preset's; docs/tokenizer.md)"))
     gan_weight: float = field(default=0.0, metadata=_help(
         "adversarial loss weight, times the adaptive weight (reconstruction / adversarial "
         "gradient norm at the decoder's last layer); 0: off. VQGAN-style runs use 0.1-0.8"))
@@ -494,8 +494,12 @@ class Preset:
 
 # VQGAN-class tokenizers train with Adam around 1e-4 (LlamaGen: 1e-4) on small per-device batches.
 VQGAN_TRAIN = TrainConfig(batch_size=16, lr=1e-4)
+# The default recipe: the L1 pixel loss and a cosine schedule. Against the seed's MSE at a constant
+# rate: +1.5 dB on 64-px photo tiles, -36% reconstruction distance on Fashion-MNIST at 1200 steps
+# and a tie at 3000 (docs/tokenizer.md, "Stage 1's pixel loss and schedule").
+DEFAULT_TRAIN = TrainConfig(recon_loss="l1", schedule="cosine")
 PRESETS = {"seed": Preset(seed_model, TrainConfig()),
-           "default": Preset(default_model, TrainConfig()),
+           "default": Preset(default_model, DEFAULT_TRAIN),
            "vqgan": Preset(vqgan_model, VQGAN_TRAIN)}
 
 
