@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sample_quality import reconstructions  # noqa: E402
-from sharpness import parse_spec, seconds, slug, train  # noqa: E402
+from sharpness import MSE_RECIPE, parse_spec, seconds, slug, train  # noqa: E402
 
 from vqvae import checkpoint as ckpt  # noqa: E402
 from vqvae.augment import resize  # noqa: E402
@@ -150,7 +150,7 @@ def arms(args: argparse.Namespace, folder: Path) -> dict[str, tuple[list[str], i
     mse = ["train", "--preset", args.preset, "--data", str(folder), "--size", str(args.size),
            "--crop", "random", "--flip", "--steps", str(args.steps), "--every", str(every),
            "--keep-every", str(every), "--batch-size", str(args.batch_size), "--seed",
-           str(args.seed), *shlex.split(args.model_options)]
+           str(args.seed), *MSE_RECIPE, *shlex.split(args.model_options)]
     gans = gan_arms(args.gan)
     if not n:
         return {"mse": (mse, args.steps), **{
