@@ -1,11 +1,15 @@
 """Stage 1's learning-rate schedule (--warmup, --schedule cosine): what it logs, and a cosine run
 that resumes exactly (the schedule itself: tests/test_prior.py)."""
 
+import warnings
+from dataclasses import replace
+
 import pytest
 import torch
 
 from vqvae import load_autoencoder
 from vqvae.cli import main
+from vqvae.config import resumed, run_config
 from vqvae.runs import read_jsonl
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
@@ -30,3 +34,13 @@ def test_a_cosine_run_anneals_to_zero_and_resumes_exactly(tmp_path):
     constant = [*TINY, "--schedule", "constant"]  # the default preset's is cosine
     assert main(["train", *constant, "--steps", "20", "--out", str(flat)]) == 0
     assert [r["lr"] for r in read_jsonl(flat / "train.jsonl")] == pytest.approx([2e-3, 2e-3])
+
+
+def test_resuming_a_cosine_run_with_other_steps_says_so():
+    cfg = run_config("default", train={"steps": 30, "schedule": "cosine"})
+    with pytest.warns(UserWarning, match="changes this run's cosine schedule"):
+        assert resumed(cfg, steps=60).train.steps == 60
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed(cfg, steps=30)  # the same schedule: an interrupted run goes on exactly
+        resumed(replace(cfg, train=replace(cfg.train, schedule="constant")), steps=60)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -355,6 +356,12 @@ def resumed(cfg: Any, **changes: Any) -> Any:
     fixed = sorted(set(changes) - RESUMABLE)
     _check(not fixed, f"with --resume only {', '.join(sorted(RESUMABLE))} may be given, not "
            f"{', '.join(fixed)}: the rest is the run's own config")
+    steps = changes.get("steps", cfg.train.steps)
+    if cfg.train.schedule == "cosine" and steps != cfg.train.steps:
+        warnings.warn(f"--steps {steps} changes this run's cosine schedule (it anneals to zero at "
+                      f"step {cfg.train.steps}): from here the rate follows a cosine over "
+                      f"{steps} steps, not the one an uninterrupted run of {steps} would have "
+                      f"had", UserWarning, stacklevel=2)
     return replace(cfg, train=replace(cfg.train, **changes))
 
 
