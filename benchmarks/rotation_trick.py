@@ -34,19 +34,23 @@ def held_out(splits: Splits, limit: int) -> Splits:
         min(limit, len(splits.test)))))
 
 
+# The stage-1 recipes a run can train with: the seed's pixel loss and rate (what
+# docs/quantizers.md's first table was measured with), or the default preset's own (L1 + cosine).
+RECIPES = {"mse": {"recon_loss": "mse", "schedule": "constant"}, "preset": {}}
+
+
 def run(data: DataConfig, splits: Splits, estimator: str, seed: int, steps: int,
-        batch_size: int, run_dir: Path) -> dict:
-    """Train the default preset with ``estimator`` for ``steps`` steps; its held-out metrics.
-    MSE at a constant rate, the recipe docs/quantizers.md's table was measured with (the preset's
-    is now L1 + cosine)."""
+        batch_size: int, run_dir: Path, recipe: str = "mse") -> dict:
+    """Train the default preset with ``estimator`` for ``steps`` steps under ``recipe`` (a key of
+    :data:`RECIPES`); its held-out metrics."""
     cfg = run_config("default", data, model={"estimator": estimator},
                      train={"steps": steps, "every": steps, "eval_count": 64, "seed": seed,
-                            "batch_size": batch_size, "device": "cpu", "recon_loss": "mse",
-                            "schedule": "constant"})
+                            "batch_size": batch_size, "device": "cpu", **RECIPES[recipe]})
     start = time.perf_counter()
     result = train_autoencoder(cfg, run_dir, progress=False, splits=splits)
     m = result.metrics
-    return {"estimator": estimator, "seed": seed, "steps": result.step, "psnr": m["psnr"],
+    return {"estimator": estimator, "seed": seed, "steps": result.step, "recipe": recipe,
+            "batch_size": batch_size, "psnr": m["psnr"],
             "ssim": m["ssim"], "usage": m["usage"], "perplexity": m["perplexity"],
             "images": m["images"], "seconds": time.perf_counter() - start}
 
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="training seeds; each trains both estimators (default: 0 1 2)")
     p.add_argument("--digits-steps", type=int, default=250,
-                   help="training steps per digits run (default: 250)")
+                   help="training steps per digits run, 0 = skip them (default: 250)")
     p.add_argument("--fashion-steps", type=int, default=120,
                    help="training steps per Fashion-MNIST run, 0 = skip it (default: 120)")
     p.add_argument("--fashion-eval", type=int, default=1000,
@@ -99,12 +103,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", type=Path,
                    help="keep the run folders here (default: a temporary folder, deleted)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="mse",
+                   help="mse: MSE at a constant rate (the first table's recipe); preset: the "
+                        "default preset's own, L1 + cosine (default: mse)")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="print the tables of rows written by --json (runs split over "
+                        "processes, e.g. one per seed) and train nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        print(merged(args.merge))
+        return
     torch.set_num_threads(1)
-    sets = [("digits", DataConfig(source="digits", size=16), args.digits_steps, 0)]
+    sets = [("digits", DataConfig(source="digits", size=SIZES["digits"]), args.digits_steps, 0)
+            ] if args.digits_steps else []
     if args.fashion_steps and Path(NAMED_IDX["fashion-mnist"][0]).is_dir():
-        sets.append(("fashion-mnist", DataConfig(source="fashion-mnist", size=32),
+        sets.append(("fashion-mnist", DataConfig(source="fashion-mnist", size=SIZES["fashion-mnist"]),
                      args.fashion_steps, args.fashion_eval))
     elif args.fashion_steps:
         print(f"{NAMED_IDX['fashion-mnist'][0]} not found: digits only", file=sys.stderr)
@@ -117,20 +131,48 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 for estimator in ESTIMATORS:
                     row = run(data, splits, estimator, seed, steps, args.batch_size,
-                              root / f"{name}-{estimator}-{seed}")
+                              root / f"{name}-{estimator}-{seed}", args.recipe)
                     rows.append({"data": name, **row})
                     print(f"  {name} seed {seed} {estimator}: PSNR {row['psnr']:.2f}, SSIM "
                           f"{row['ssim']:.4f}, usage {row['usage']:.1f}% "
                           f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
             all_rows += rows
-            tables.append(f"## {name} {data.size}px, default preset, {steps} steps, batch "
-                          f"{args.batch_size}, {rows[0]['images']} held-out images\n\n"
-                          + table(rows))
+            tables.append(section(name, data.size, rows))
     if args.json:
         args.json.write_text(json.dumps(all_rows, indent=2) + "\n")
     print(f"# rotation trick vs ste, seeds {args.seeds}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)\n")
     print("\n\n".join(tables))
+
+
+SIZES = {"digits": 16, "fashion-mnist": 32}  # the image size each data set trains at here
+
+
+def section(name: str, size: int, rows: list[dict]) -> str:
+    """One data set's heading and table."""
+    recipe = rows[0].get("recipe", "mse")
+    how = "MSE, constant rate" if recipe == "mse" else "the preset's L1 + cosine"
+    return (f"## {name} {size}px, default preset ({how}), {rows[0]['steps']} steps, batch "
+            f"{rows[0].get('batch_size', 64)}, {rows[0]['images']} held-out images\n\n"
+            + table(rows))
+
+
+def merged(paths: list[Path]) -> str:
+    """The tables of the rows in ``paths`` (written by ``--json``), one per data set; a seed
+    needs both estimators' rows, and a data set's rows one step count and recipe."""
+    rows = [r for path in paths for r in json.loads(path.read_text())]
+    out = []
+    for name in dict.fromkeys(r["data"] for r in rows):
+        mine = [r for r in rows if r["data"] == name]
+        if len({(r["steps"], r.get("recipe", "mse")) for r in mine}) > 1:
+            raise SystemExit(f"{name}: rows of different step counts or recipes; merge like "
+                             "with like")
+        done = {r["seed"] for r in mine if r["estimator"] == "ste"} & {
+            r["seed"] for r in mine if r["estimator"] == "rotation"}
+        out.append(section(name, SIZES[name], [r for r in mine if r["seed"] in done]))
+    seeds = sorted({r["seed"] for r in rows})
+    return (f"# rotation trick vs ste, seeds {seeds}, merged from {len(paths)} file(s)\n\n"
+            + "\n\n".join(out))
 
 
 if __name__ == "__main__":
