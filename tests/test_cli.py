@@ -118,9 +118,18 @@ def test_minutes_budget_stops_early_with_a_checkpoint(tmp_path, capsys):
     step = int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert 1 <= step < 100000
     assert f"step {step}" in capsys.readouterr().out
-    # and resumes (the budget is per invocation and kept by the run unless given again)
+    # the budget is the run's, over all its invocations (saved in the checkpoint): spent, so a
+    # plain resume says so and changes nothing; a larger budget trains on
+    state = run / "checkpoints" / f"step-{step:07d}" / "state.json"
+    spent = json.loads(state.read_text())["seconds"]
+    assert spent >= 0.006
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "spent its --minutes 0.0001 budget" in capsys.readouterr().err
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:07d}"
     assert main(["train", "--resume", str(run), "--steps", str(step + 2), "--minutes", "10"]) == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step + 2:07d}"
+    later = run / "checkpoints" / f"step-{step + 2:07d}" / "state.json"
+    assert json.loads(later.read_text())["seconds"] > spent
 
 
 def test_commands_take_a_checkpoint_folder(tmp_path, capsys):

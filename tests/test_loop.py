@@ -87,6 +87,28 @@ def test_a_non_finite_loss_stops_before_the_save():
     assert stage.saves == []
 
 
+def test_a_minutes_budget_counts_the_seconds_spent_before_a_resume(monkeypatch):
+    """A resumed run's clock starts at the seconds its checkpoint saved: it stops when the run's
+    budget is spent, not another whole budget later, and its saves record the run's total."""
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+
+    class Ticking(CountingStage):  # each step takes one second
+        def step(self, step):
+            now[0] += 1.0
+            return super().step(step)
+
+    clock = loop.RunClock(10**6, 1.0, spent=55.0)  # 55 of its 60 seconds spent
+    stage = Ticking()
+    cfg = LoopConfig(steps=10**6, every=1000, minutes=1.0)
+    step, _ = loop.fit(stage, cfg, CPU, 500, Recorder(), "t", False, clock)
+    assert step == 505 and stage.saves == [505] and clock.seconds == pytest.approx(60.0)
+    assert clock.progress(step) == 1.0
+    with pytest.raises(ValueError, match="spent its --minutes 1 budget"):
+        runs.check_steps(step, 10**6, clock.seconds, 1.0)
+    runs.check_steps(step, 10**6, clock.seconds, 2.0)  # a larger budget trains on
+
+
 def test_projected_total_is_the_binding_budget():
     assert loop.projected_total(0, 100, 0, 0.0, 60.0) == 100  # no rate yet: the step budget
     assert loop.projected_total(10, 10**6, 10, 1.0, 60.0) == 610  # 10 steps/s for 60 s more

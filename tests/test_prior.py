@@ -223,10 +223,23 @@ def test_run_clock_progress_by_steps_or_by_the_time_budget(monkeypatch):
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     by_steps, by_time = RunClock(200, None), RunClock(10**9, 2.0)
     now[0] += 60.0  # half of the 2-minute budget
+    assert by_time.progress(0) == 0.0  # the schedule reads the seconds of the last tick
+    by_steps.tick()
+    by_time.tick()
     assert by_steps.progress(50) == 0.25
     assert by_time.progress(50) == pytest.approx(0.5)
+    assert by_time.remaining() == pytest.approx(60.0) and not by_time.out_of_time()
+    by_time.tick(90.0)  # the seconds the ranks agreed on
+    assert by_time.progress(50) == pytest.approx(0.75)
     now[0] += 600.0
-    assert by_time.progress(60) == 1.0
+    by_time.tick()
+    assert by_time.progress(60) == 1.0 and by_time.out_of_time()
+    # a resumed run: 90 of its 120 seconds spent before, so it goes on from there
+    resumed = RunClock(10**9, 2.0, spent=90.0)
+    assert resumed.progress(0) == pytest.approx(0.75)
+    assert resumed.remaining() == pytest.approx(30.0)
+    now[0] += 30.0
+    assert resumed.out_of_time()
 
 
 def test_save_load_identical_logits(tmp_path):

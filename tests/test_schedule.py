@@ -44,3 +44,9 @@ def test_resuming_a_cosine_run_with_other_steps_says_so():
         warnings.simplefilter("error")
         resumed(cfg, steps=30)  # the same schedule: an interrupted run goes on exactly
         resumed(replace(cfg, train=replace(cfg.train, schedule="constant")), steps=60)
+    timed = replace(cfg, train=replace(cfg.train, minutes=10.0))
+    with pytest.warns(UserWarning, match="when its 10 minutes are spent"):
+        assert resumed(timed, minutes=20.0).train.minutes == 20.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed(timed, minutes=10.0)  # the run's own budget, what is left of it: no change

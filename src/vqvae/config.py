@@ -290,7 +290,8 @@ class LoopConfig:
 
     steps: int = field(default=2000, metadata=_help("total optimisation steps"))
     minutes: float | None = field(default=None, metadata=_help(
-        "wall-clock budget of this invocation in minutes (stops early, saving a checkpoint)"))
+        "wall-clock training budget of the run in minutes, counted over all its invocations "
+        "like --steps (stops early, saving a checkpoint)"))
     batch_size: int = field(default=64, metadata=_help(
         "examples per step and process: under torchrun the global batch is N x this"))
     lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
@@ -362,6 +363,13 @@ def resumed(cfg: Any, **changes: Any) -> Any:
                       f"step {cfg.train.steps}): from here the rate follows a cosine over "
                       f"{steps} steps, not the one an uninterrupted run of {steps} would have "
                       f"had", UserWarning, stacklevel=2)
+    minutes = changes.get("minutes", cfg.train.minutes)
+    if cfg.train.schedule == "cosine" and minutes != cfg.train.minutes:
+        was = ("no time budget" if cfg.train.minutes is None
+               else f"it anneals to zero when its {cfg.train.minutes:g} minutes are spent")
+        warnings.warn(f"--minutes {minutes:g} changes this run's cosine schedule ({was}): from "
+                      f"here the rate follows the share of {minutes:g} minutes spent",
+                      UserWarning, stacklevel=2)
     return replace(cfg, train=replace(cfg.train, **changes))
 
 

@@ -123,6 +123,17 @@ def any_rank(flag: bool, runtime: Runtime) -> bool:
     return bool(t.item())
 
 
+def stop_and_seconds(flag: bool, seconds: float, runtime: Runtime) -> tuple[bool, float]:
+    """:func:`any_rank` of ``flag`` and the largest ``seconds`` (a run's clock, which each rank
+    reads a little apart) in one collective: what every rank's schedule then reads."""
+    if runtime.world_size == 1:
+        return flag, seconds
+    t = torch.tensor([float(flag), seconds], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    stop, agreed = t.tolist()
+    return stop > 0, agreed
+
+
 def mean_over_ranks(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
     """Per-rank numbers (e.g. window means of the loss terms) -> their mean over ranks, the same
     on every rank. With equal local batches, the mean of the global batch."""

@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from .config import LoopConfig
-from .distributed import Runtime, any_rank, mean_over_ranks
+from .distributed import Runtime, any_rank, mean_over_ranks, stop_and_seconds
 from .runs import Logger, NonFiniteError
+from .schedule import RunClock
 
 LOG_EVERY = 10  # steps averaged into one train.jsonl line
 
@@ -71,19 +72,22 @@ class Progress:
 
 class Budget:
     """When a training loop saves and stops: every ``every`` steps and at ``steps``, and early when
-    the wall-clock ``minutes`` run out or SIGINT/SIGTERM arrives (a checkpoint first; a second
-    SIGINT aborts). All ranks take the stop decision together, so they stop at the same step."""
+    the run's wall-clock ``minutes`` (``clock``'s, counted over its invocations) run out or
+    SIGINT/SIGTERM arrives (a checkpoint first; a second SIGINT aborts). All ranks take the stop
+    decision together, so they stop at the same step, and tick the clock with the same seconds."""
 
-    def __init__(self, steps: int, every: int, minutes: float | None, runtime: Runtime):
-        self.steps, self.every, self.runtime = steps, every, runtime
-        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+    def __init__(self, steps: int, every: int, clock: RunClock, runtime: Runtime):
+        self.steps, self.every, self.runtime, self.clock = steps, every, runtime, clock
+        left = clock.remaining()
+        self.deadline = None if left is None else time.monotonic() + left
         self.signum: int | None = None  # the first SIGINT/SIGTERM received
         self._previous: dict[int, Any] = {}
 
     def check(self, step: int) -> tuple[bool, bool]:
         """(save, stop) after ``step`` steps."""
-        out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
-        stop = any_rank(out_of_time or self.signum is not None, self.runtime)
+        stop, seconds = stop_and_seconds(self.clock.out_of_time() or self.signum is not None,
+                                         self.clock.elapsed(), self.runtime)
+        self.clock.tick(seconds)
         return step % self.every == 0 or step == self.steps or stop, stop
 
     def progress(self, start: int, desc: str, enabled: bool = True) -> Progress:
@@ -139,15 +143,17 @@ class Finished(NamedTuple):
 
 
 def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Logger,
-        desc: str, progress: bool = True) -> Finished:
-    """Run ``stage`` from step ``start`` until ``loop.steps``, the ``loop.minutes`` budget or a
-    signal: a log line every :data:`LOG_EVERY` steps, a save every ``loop.every`` steps and at
-    the end. A non-finite loss term raises :class:`NonFiniteError` before anything after the
-    last good checkpoint is saved (checked at every save and log line, one host sync each)."""
+        desc: str, progress: bool = True, clock: RunClock | None = None) -> Finished:
+    """Run ``stage`` from step ``start`` until ``loop.steps``, the ``loop.minutes`` budget (of
+    ``clock``: the one the stage's schedule reads and its checkpoints save) or a signal: a log
+    line every :data:`LOG_EVERY` steps, a save every ``loop.every`` steps and at the end. A
+    non-finite loss term raises :class:`NonFiniteError` before anything after the last good
+    checkpoint is saved (checked at every save and log line, one host sync each)."""
+    clock = clock or RunClock(loop.steps, loop.minutes)
     step, metrics, saved = start, {}, start
     window: dict[str, torch.Tensor] = {}
     window_steps, t_window = 0, time.perf_counter()
-    with (Budget(loop.steps, loop.every, loop.minutes, runtime) as budget,
+    with (Budget(loop.steps, loop.every, clock, runtime) as budget,
           budget.progress(start, desc, progress) as bar):
         while step < loop.steps:
             for name, value in stage.step(step).items():  # summed on the device: no host sync

@@ -9,6 +9,7 @@ checkpoint folder. The training loop itself is :func:`vqvae.loop.fit`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -185,11 +186,17 @@ def opened(run_dir: Path, resume: bool, runtime: Runtime) -> Iterator[None]:
         lock.release()
 
 
-def check_steps(start: int, steps: int) -> None:
-    """A resume must have steps left to train."""
+def check_steps(start: int, steps: int, seconds: float = 0.0,
+                minutes: float | None = None) -> None:
+    """A resume must have steps left to train, and time left of a --minutes budget (the run's
+    training ``seconds`` so far count against it)."""
     if start >= steps:
         raise ConfigError(f"the run is already at step {start}: give --steps above {start} to "
                           f"train on")
+    if minutes is not None and seconds >= 60 * minutes:
+        raise ConfigError(f"the run has spent its --minutes {minutes:g} budget (it trained "
+                          f"{seconds / 60:.2f} minutes): give --minutes above {seconds / 60:.2f} "
+                          f"to train on")
 
 
 def prepare_run(run_dir: Path, stage: str, cfg: Any, start: int) -> None:
@@ -209,9 +216,10 @@ class NonFiniteError(FloatingPointError):
 def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, model_cfg: Any,
                     opt: torch.optim.Optimizer, loop: LoopConfig, runtime: Runtime,
                     companions: ckpt.Companions | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+                    scaler: torch.amp.GradScaler | None = None, seconds: float = 0.0) -> Path:
     """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, fp16's loss scale,
-    and the batch layout, so a resume with another process count can say what changed.
+    the run's training ``seconds`` so far (its --minutes budget spans invocations) and the batch
+    layout, so a resume with another process count can say what changed.
     Non-finite weights are never written: :class:`NonFiniteError`, and ``latest`` stays on the
     last good checkpoint."""
     finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
@@ -221,6 +229,7 @@ def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, mod
                              f"the last good checkpoint as latest")
     return ckpt.write_checkpoint(run_dir, step, module, stage, to_dict(model_cfg), opt, extra={
         "world_size": runtime.world_size, "global_batch": loop.batch_size * runtime.world_size,
+        "seconds": round(seconds, 3),
         **({"loss_scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled()
            else {})},
         keep=loop.keep, keep_every=loop.keep_every, companions=companions)
@@ -229,10 +238,11 @@ def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, mod
 def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage: str,
             model_cfg: Any, batch_size: int, runtime: Runtime,
             companions: ckpt.Companions | None = None,
-            scaler: torch.amp.GradScaler | None = None) -> int:
+            scaler: torch.amp.GradScaler | None = None) -> tuple[int, float]:
     """Every rank loads the latest checkpoint (weights, optimizer, rank 0's RNG state, fp16's loss
-    scale); returns its step. Warns when the global batch changes (another process count). A run
-    killed before its first checkpoint starts again from step 0."""
+    scale); returns its step and the run's training seconds by then (0 from a checkpoint that
+    predates them). Warns when the global batch changes (another process count). A run killed
+    before its first checkpoint starts again from step 0."""
     try:
         directory = ckpt.resolve(run_dir)  # once: a bad `latest` warns once
     except ckpt.CheckpointError:
@@ -240,7 +250,7 @@ def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage:
             raise
         if runtime.is_main:
             warnings.warn(f"{run_dir} has no checkpoint yet: starting it from step 0")
-        return 0
+        return 0, 0.0
     meta = ckpt.restore(directory, module, opt, stage, model_cfg, companions)
     if scaler is not None and scaler.is_enabled() and isinstance(meta.get("loss_scaler"), dict):
         scaler.load_state_dict(meta["loss_scaler"])
@@ -251,7 +261,12 @@ def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage:
         warnings.warn(f"the global batch changes from {before} ({meta.get('world_size', 1)} "
                       f"process(es)) to {now} ({runtime.world_size} x --batch-size {batch_size}); "
                       f"the data order continues from another point{keep}")
-    return int(meta["step"])
+    seconds = meta.get("seconds", 0.0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not (
+            math.isfinite(seconds) and seconds >= 0):
+        raise ckpt.CheckpointError(f"{directory / ckpt.STATE_META}: seconds must be a number "
+                                   f">= 0, got {seconds!r}")
+    return int(meta["step"]), float(seconds)
 
 
 def write_eval(run_dir: Path, step: int, metrics: dict[str, float]) -> None:

@@ -1,5 +1,6 @@
 """The learning-rate schedule both stages' loops follow: linear warm-up, then constant or a
-cosine to zero at the end of the run (by steps, or by the share of a --minutes budget spent)."""
+cosine to zero at the end of the run (by steps, or by the share of a --minutes budget spent), and
+the clock that says how far a run is."""
 
 from __future__ import annotations
 
@@ -24,19 +25,38 @@ def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant
 
 
 class RunClock:
-    """How far a run is, for the schedule: ``step / steps``, or when a ``minutes`` budget ends
-    the run first, the share of it spent (this invocation's: a resumed --minutes run anneals
-    again over its own budget). Runs bounded by --steps alone depend on the step only, so they
-    resume exactly."""
+    """How far a run is: its step out of ``steps`` and, with a ``minutes`` budget, its training
+    seconds out of it (counted over all the run's invocations: ``spent`` before this one, saved
+    in its checkpoints), whichever is further. The schedule reads the seconds recorded at the
+    last :meth:`tick` (which the loop makes after every step, with the value all ranks agreed
+    on), so every rank sets the same rate, and a resumed run goes on from where its time share
+    stopped. Runs bounded by --steps alone depend on the step only: they resume exactly."""
 
-    def __init__(self, steps: int, minutes: float | None):
-        self.steps, self.seconds = steps, None if minutes is None else 60.0 * minutes
+    def __init__(self, steps: int, minutes: float | None, spent: float = 0.0):
+        self.steps, self.budget = steps, None if minutes is None else 60.0 * minutes
+        self.spent = spent  # the run's training seconds before this invocation
         self.t0 = time.monotonic()
+        self.seconds = spent  # the run's training seconds at the last tick
+
+    def elapsed(self) -> float:
+        """The run's training seconds now, by this process's clock."""
+        return self.spent + time.monotonic() - self.t0
+
+    def out_of_time(self) -> bool:
+        return self.budget is not None and self.elapsed() >= self.budget
+
+    def remaining(self) -> float | None:
+        """Seconds left of the budget (None: no time budget)."""
+        return None if self.budget is None else self.budget - self.elapsed()
+
+    def tick(self, seconds: float | None = None) -> None:
+        """Record the run's seconds now (``seconds``: the value the ranks agreed on)."""
+        self.seconds = self.elapsed() if seconds is None else seconds
 
     def progress(self, step: int) -> float:
         done = step / self.steps
-        if self.seconds is not None:
-            done = max(done, (time.monotonic() - self.t0) / self.seconds)
+        if self.budget is not None:
+            done = max(done, self.seconds / self.budget)
         return min(done, 1.0)
 
 
@@ -44,9 +64,10 @@ class Schedule:
     """A loop config's schedule (``lr``, ``warmup``, ``schedule``, ``steps``, ``minutes``)
     applied to an optimizer step by step; ``lr`` is the last rate set."""
 
-    def __init__(self, tc: LoopConfig, opt: torch.optim.Optimizer):
+    def __init__(self, tc: LoopConfig, opt: torch.optim.Optimizer,
+                 clock: RunClock | None = None):
         self.tc, self.opt, self.lr = tc, opt, tc.lr
-        self.clock = RunClock(tc.steps, tc.minutes)
+        self.clock = clock or RunClock(tc.steps, tc.minutes)
 
     def set(self, step: int) -> float:
         tc = self.tc

@@ -31,7 +31,7 @@ from .metrics import CodeUsage, Evaluation, score_autoencoder
 from .plots import plot_code_usage, plot_curves
 from .precision import autocast, loss_scaler, numerics
 from .sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
-from .schedule import Schedule
+from .schedule import RunClock, Schedule
 
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
 
@@ -150,7 +150,7 @@ class Stage1:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer,
                  splits: Splits, runtime: Runtime, sharpen: Sharpener,
-                 scaler: torch.amp.GradScaler):
+                 scaler: torch.amp.GradScaler, clock: RunClock | None = None):
         tc = cfg.train
         self.cfg, self.run_dir, self.model, self.opt = cfg, run_dir, model, opt
         self.sharpen = sharpen  # perceptual and adversarial terms, when asked for
@@ -160,7 +160,8 @@ class Stage1:
         self.usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)
         self.grid = grid_images(splits, tc.grid)
         self.waited, self.window_start, self.skipped = 0.0, perf_counter(), 0
-        self.schedule = Schedule(cfg.train, opt)  # the autoencoder's; the discriminator's is flat
+        # the autoencoder's; the discriminator's is flat. Its clock's seconds go in checkpoints.
+        self.schedule = Schedule(cfg.train, opt, clock)
 
     def next_batch(self, step: int) -> torch.Tensor:
         """Step ``step``'s uint8 batch; the time spent waiting for it is counted."""
@@ -238,7 +239,7 @@ class Stage1:
         if self.runtime.is_main:
             runs.save_checkpoint(self.run_dir, step, self.model, VQVAE_KIND, self.cfg.model,
                                  self.opt, tc, self.runtime, self.sharpen.companions(),
-                                 self.scaler)
+                                 self.scaler, self.schedule.clock.seconds)
             pictures = write_pictures(self.model, self.grid, tc.grid, self.run_dir / "samples",
                                       f"_{step:07d}")
         metrics, counts = self.evaluate(tc.eval_count)
@@ -267,16 +268,19 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     scaler = loss_scaler(tc.precision, runtime.device)
     with (numerics(tc.precision, runtime.device, tc.deterministic),
           runs.opened(run_dir, resume, runtime)):
-        start = (runs.restore(run_dir, model, opt, VQVAE_KIND, cfg.model, tc.batch_size,
-                              runtime, sharpen.companions(), scaler) if resume else 0)
-        runs.check_steps(start, tc.steps)
+        start, seconds = (runs.restore(run_dir, model, opt, VQVAE_KIND, cfg.model,
+                                       tc.batch_size, runtime, sharpen.companions(), scaler)
+                          if resume else (0, 0.0))
+        runs.check_steps(start, tc.steps, seconds, tc.minutes)
         main_does(lambda: runs.prepare_run(run_dir, VQVAE_KIND, cfg, start), runtime,
                   "prepare the run folder")
-        stage = Stage1(cfg, run_dir, model, opt, splits, runtime, sharpen, scaler)
+        clock = RunClock(tc.steps, tc.minutes, seconds)
+        stage = Stage1(cfg, run_dir, model, opt, splits, runtime, sharpen, scaler, clock)
         model.train()
         with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
                 train, evals, run_dir / "curves.png")) as logger:
-            step, signum = loop.fit(stage, tc, runtime, start, logger, "train vqvae", progress)
+            step, signum = loop.fit(stage, tc, runtime, start, logger, "train vqvae", progress,
+                                    clock)
         pictures = write_pictures(model, stage.grid, tc.grid, run_dir) if runtime.is_main else {}
         final, counts = stage.evaluate(0)
         if runtime.is_main:

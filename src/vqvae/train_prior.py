@@ -29,7 +29,7 @@ from .plots import plot_curves
 from .precision import autocast, loss_scaler, numerics
 from .prior import Prior, build_prior
 from .sample import draw, samples_grid, save_png
-from .schedule import Schedule
+from .schedule import RunClock, Schedule
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
 
@@ -140,7 +140,7 @@ class Stage2:
 
     def __init__(self, cfg: PriorRunConfig, run_dir: Path, prior: Prior,
                  opt: torch.optim.Optimizer, codes: Codes, stage1: VQVAE, runtime: Runtime,
-                 scaler: torch.amp.GradScaler):
+                 scaler: torch.amp.GradScaler, clock: RunClock | None = None):
         tc = cfg.train
         self.cfg, self.run_dir, self.prior, self.opt = cfg, run_dir, prior, opt
         self.runtime, self.scaler = runtime, scaler
@@ -152,7 +152,7 @@ class Stage2:
         self.stream = BatchStream(len(self.train), tc.batch_size, tc.seed, runtime.rank,
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
-        self.schedule = Schedule(tc, opt)
+        self.schedule = Schedule(tc, opt, clock)  # its clock's seconds go in checkpoints
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc, device = self.cfg.train, self.runtime.device
@@ -195,7 +195,8 @@ class Stage2:
         tc, pictures = self.cfg.train, {}
         if self.runtime.is_main:
             runs.save_checkpoint(self.run_dir, step, self.prior, PRIOR_KIND, self.cfg.model,
-                                 self.opt, tc, self.runtime, scaler=self.scaler)
+                                 self.opt, tc, self.runtime, scaler=self.scaler,
+                                 seconds=self.schedule.clock.seconds)
             images, _ = draw(self.prior, self.stage1, SampleConfig(n=tc.grid**2, seed=tc.seed),
                              self._row_labels(tc.grid))
             grid = samples_grid(images, tc.grid)
@@ -237,16 +238,19 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     scaler = loss_scaler(tc.precision, runtime.device)
     with (numerics(tc.precision, runtime.device, tc.deterministic),
           runs.opened(run_dir, resume, runtime)):
-        start = (runs.restore(run_dir, prior, opt, PRIOR_KIND, cfg.model, tc.batch_size,
-                              runtime, scaler=scaler) if resume else 0)
-        runs.check_steps(start, tc.steps)
+        start, seconds = (runs.restore(run_dir, prior, opt, PRIOR_KIND, cfg.model,
+                                       tc.batch_size, runtime, scaler=scaler)
+                          if resume else (0, 0.0))
+        runs.check_steps(start, tc.steps, seconds, tc.minutes)
         main_does(lambda: _prepare(run_dir, cfg, start, codes), runtime, "prepare the run folder")
-        stage = Stage2(cfg, run_dir, prior, opt, codes, stage1, runtime, scaler)
+        clock = RunClock(tc.steps, tc.minutes, seconds)
+        stage = Stage2(cfg, run_dir, prior, opt, codes, stage1, runtime, scaler, clock)
         prior.train()
         with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
                 train, evals, run_dir / "curves.png", losses=("bits",),
                 metrics=(("bits_per_code", "test bits/code"),))) as logger:
-            step, signum = loop.fit(stage, tc, runtime, start, logger, "train prior", progress)
+            step, signum = loop.fit(stage, tc, runtime, start, logger, "train prior", progress,
+                                    clock)
         final = stage.evaluate(0)
         if runtime.is_main:
             runs.write_eval(run_dir, step, final)
