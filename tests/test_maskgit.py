@@ -6,14 +6,15 @@ import torch
 from PIL import Image
 
 from vqvae import DataConfig, SampleConfig, load_autoencoder, load_splits, to_float
-from vqvae.checkpoint import load_prior
+from vqvae.checkpoint import PRIOR_KIND, load_prior, write_checkpoint
 from vqvae.inpaint import code_mask, inpaint
 from vqvae.cli import main
 from vqvae.codes import load_codes
-from vqvae.config import PriorConfig, default_prior
+from vqvae.config import ConfigError, PriorConfig, default_prior, to_dict
 from vqvae.maskgit import MaskGITPrior, masked_count, masked_fraction
 from vqvae.prior import build_prior
 from vqvae.runs import read_jsonl
+from vqvae.transformer import SeedStack
 
 
 def tiny(num_classes: int = 0, k: int = 16, h: int = 3, w: int = 4) -> MaskGITPrior:
@@ -81,6 +82,29 @@ def test_the_ar_priors_are_untouched_by_the_variant_registry():
     codes = torch.randint(0, 16, (2, 3, 4))
     nats, weights = ar.loss_terms(codes)
     assert type(ar).__name__ == "Prior" and weights is None and torch.equal(nats, ar.nll(codes))
+
+
+def test_maskgit_on_the_seeds_blocks_is_bidirectional_and_round_trips(tmp_path):
+    gpt = tiny()
+    cfg = PriorConfig(codebook_size=16, height=3, width=4, variant="maskgit", d_model=32,
+                      layers=2, heads=4, dropout=0.0, maskgit_blocks="seed")
+    prior = build_prior(cfg).eval()
+    assert isinstance(prior.stack, SeedStack) and not hasattr(prior.stack.blocks[0], "mlp")
+    assert sum(p.numel() for p in prior.parameters()) < sum(p.numel() for p in gpt.parameters())
+    tokens = torch.randint(0, 16, (2, 12))
+    later = tokens.clone()
+    later[:, -1] = (later[:, -1] + 1) % 16  # only the last code differs
+    first, first_later = prior(tokens)[:, 0], prior(later)[:, 0]
+    assert not torch.allclose(first, first_later)  # the first position sees the last one
+    nats, weights = prior.loss_terms(tokens.view(2, 3, 4), generator=torch.Generator().manual_seed(0))
+    assert nats.shape == weights.shape == (2, 12) and torch.all(nats[weights == 0] == 0)
+    grids = prior.generate(3, steps=4, generator=torch.Generator().manual_seed(0))
+    assert grids.shape == (3, 3, 4) and int(grids.max()) < 16
+    write_checkpoint(tmp_path, 1, prior, PRIOR_KIND, to_dict(cfg))
+    loaded = load_prior(tmp_path)
+    assert loaded.cfg.maskgit_blocks == "seed" and torch.equal(loaded(tokens), prior(tokens))
+    with pytest.raises(ConfigError, match="maskgit_blocks must be one of"):
+        PriorConfig(variant="maskgit", maskgit_blocks="mlp")
 
 
 def test_maskgit_through_the_cli(tmp_path, capsys):

@@ -206,6 +206,11 @@ def test_the_seed_blocks_asked_for_on_a_small_code_set(stage1):
     assert cfg.train.token_dropout == 0.1  # the inputs' noise is not the blocks'
     with pytest.raises(vqvae.ConfigError, match="the seed's blocks have no dropout"):
         vqvae.prior_run_config(codes, model={"variant": "seed", "dropout": 0.1})
+    blocks = {"variant": "maskgit", "maskgit_blocks": "seed"}  # maskgit on them: the same
+    assert vqvae.prior_run_config(codes, model={"variant": "maskgit"}).model.dropout == 0.1
+    assert vqvae.prior_run_config(codes, model=blocks).model.dropout == 0.0
+    with pytest.raises(vqvae.ConfigError, match="the seed's blocks have no dropout"):
+        vqvae.prior_run_config(codes, model={**blocks, "dropout": 0.1})
 
 
 def test_train_a_prior_and_draw_samples_from_python(stage1, tmp_path):

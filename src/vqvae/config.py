@@ -617,6 +617,7 @@ def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
 # --- stage 2: the prior ----------------------------------------------------------------------
 
 PriorVariant = Literal["seed", "gpt", "maskgit"]
+MaskGITBlocks = Literal["gpt", "seed"]
 
 
 @dataclass(frozen=True)
@@ -638,6 +639,10 @@ class PriorConfig:
     mlp_ratio: int = field(default=4, metadata=_help("gpt: MLP hidden width / d_model"))
     dropout: float = field(default=0.1, metadata=_help(
         "gpt, maskgit: dropout on attention and MLP (the seed's blocks have none)"))
+    maskgit_blocks: MaskGITBlocks = field(default="gpt", metadata=_help(
+        "maskgit's blocks: gpt | seed (the seed's post-norm blocks, bidirectional: half a GPT "
+        "block's step; the default preset's on a large code set); the autoregressive variants "
+        "are named by their blocks"))
 
     def __post_init__(self) -> None:
         _check(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
@@ -651,6 +656,9 @@ class PriorConfig:
                f"d_model {self.d_model} must be a positive multiple of heads {self.heads}")
         _check(self.mlp_ratio >= 1, f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.maskgit_blocks in get_args(MaskGITBlocks),
+               f"maskgit_blocks must be one of {get_args(MaskGITBlocks)}, got "
+               f"{self.maskgit_blocks!r}")
 
     @property
     def seq_len(self) -> int:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .config import CHOICE_TEMPERATURE, PriorConfig, check_sampling
 from .precision import sampling_autocast, sampling_dtype
-from .transformer import (GPTStack, GridTransformer, check_labels, filter_logits,
-                          init_gpt_model, sample_next)
+from .transformer import (GPTStack, GridTransformer, SeedStack, check_labels, filter_logits,
+                          init_gpt_model, init_keras, sample_next)
 
 
 def masked_fraction(r: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,8 @@ def masked_count(n: int, r: float) -> int:
 
 
 class MaskGITPrior(GridTransformer):
-    """p(masked codes | visible codes [, class]) over a (height, width) grid, bidirectional.
+    """p(masked codes | visible codes [, class]) over a (height, width) grid, bidirectional:
+    GPT blocks, or the seed's post-norm blocks (``cfg.maskgit_blocks``; half a GPT block's step).
 
     Token ids 0..K-1 are codes and K is the mask token; position p is grid cell (p // w, p % w),
     with the autoregressive prior's row and column embeddings. A conditional prior adds a class
@@ -41,8 +42,11 @@ class MaskGITPrior(GridTransformer):
     def __init__(self, cfg: PriorConfig):
         if cfg.variant != "maskgit":
             raise ValueError(f"MaskGITPrior needs variant 'maskgit', got {cfg.variant!r}")
-        super().__init__(cfg, GPTStack)
-        init_gpt_model(self, cfg.layers)
+        super().__init__(cfg, SeedStack if cfg.maskgit_blocks == "seed" else GPTStack)
+        if cfg.maskgit_blocks == "seed":
+            self.apply(init_keras)
+        else:
+            init_gpt_model(self, cfg.layers)
 
     @property
     def mask_token(self) -> int:

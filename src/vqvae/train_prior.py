@@ -56,22 +56,30 @@ def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName
     if preset == "default":  # the seed stays the blog post's prior whatever the data
         base, base_train = prior_for_data(base, base_train, len(codes.split("train")))
     model = dict(model or {})
-    if model.get("variant") == "seed":  # the seed's blocks have no dropout to keep
-        model.setdefault("dropout", 0.0)
+    if model.get("variant") == "seed" or model.get("maskgit_blocks") == "seed":
+        model.setdefault("dropout", 0.0)  # the seed's blocks have no dropout to keep
     chosen_model = replace(base, **model)
     # Checked for new runs only: run configs saved before this check still load.
-    if chosen_model.variant == "seed" and chosen_model.dropout:
+    if seed_blocks(chosen_model) and chosen_model.dropout:
         raise ConfigError(f"the seed's blocks have no dropout, got dropout "
-                          f"{chosen_model.dropout}: pass --variant gpt for dropout")
+                          f"{chosen_model.dropout}: pass --variant gpt (--maskgit-blocks gpt) "
+                          f"for dropout")
     return PriorRunConfig(chosen_model, replace(base_train, **(train or {})),
                           codes_path, codes.stage1, codes.stage1_sha256, preset)
+
+
+def seed_blocks(model: PriorConfig) -> bool:
+    """Whether a prior is built of the seed's blocks (autoregressive or maskgit)."""
+    return model.variant == "seed" or (model.variant == "maskgit"
+                                       and model.maskgit_blocks == "seed")
 
 
 def prior_summary(cfg: PriorRunConfig) -> str:
     """One line on what a run will train: the blocks, size and recipe its preset and data chose."""
     m, t = cfg.model, cfg.train
     blocks = {"seed": "the seed's post-norm blocks", "gpt": "pre-norm GPT blocks",
-              "maskgit": "bidirectional GPT blocks (maskgit)"}[m.variant]
+              "maskgit": f"bidirectional {'seed' if m.maskgit_blocks == 'seed' else 'GPT'} "
+                         f"blocks (maskgit)"}[m.variant]
     return (f"{cfg.preset} preset: {blocks}, d_model {m.d_model}, layers {m.layers}, heads "
             f"{m.heads}, dropout {m.dropout:g}, token dropout {t.token_dropout:g}; lr {t.lr:g} "
             f"({t.schedule}), batch {t.batch_size}")

@@ -99,26 +99,28 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class SeedAttention(nn.Module):
-    """The Keras ``Attention`` layer: bias-free q/k/v projections and no output projection."""
+    """The Keras ``Attention`` layer: bias-free q/k/v projections and no output projection;
+    causal (with an optional KV cache) or bidirectional."""
 
-    def __init__(self, d_model: int, heads: int):
+    def __init__(self, d_model: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.k = nn.Linear(d_model, d_model, bias=False)
         self.v = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         q, k, v = (_split_heads(proj(x), self.heads) for proj in (self.q, self.k, self.v))
-        return _merge_heads(causal_attention(q, k, v, cache, layer))
+        return _merge_heads(causal_attention(q, k, v, cache, layer) if self.causal
+                            else F.scaled_dot_product_attention(q, k, v))
 
 
 class SeedBlock(nn.Module):
     """LayerNorm(x + Dense_relu(Attention(x))): the seed's ``build_att`` and the norm after it."""
 
-    def __init__(self, d_model: int, heads: int):
+    def __init__(self, d_model: int, heads: int, causal: bool = True):
         super().__init__()
-        self.attn = SeedAttention(d_model, heads)
+        self.attn = SeedAttention(d_model, heads, causal)
         self.dense = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
 
@@ -127,12 +129,14 @@ class SeedBlock(nn.Module):
 
 
 class SeedStack(nn.Module):
-    """LayerNorm on the summed embeddings, then post-norm seed blocks."""
+    """LayerNorm on the summed embeddings, then post-norm seed blocks; bidirectional for the
+    parallel-decoding (maskgit) variant."""
 
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.blocks = nn.ModuleList(SeedBlock(cfg.d_model, cfg.heads) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(SeedBlock(cfg.d_model, cfg.heads, cfg.variant != "maskgit")
+                                    for _ in range(cfg.layers))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = self.norm(x)
