@@ -202,6 +202,7 @@ def test_default_prior_regularised_on_small_code_sets_only():
     assert large[0].dropout == 0.0 and large[1].token_dropout == 0.0
     assert large[1].lr == train.lr
     assert small[0].variant == "gpt" and large[0].variant == "seed"  # width and heads kept
+    assert small[0].maskgit_blocks == "gpt" and large[0].maskgit_blocks == "seed"  # maskgit's
     assert (large[0].d_model, large[0].heads, large[0].layers) == (128, 8, 4)
     edge = LARGE_CODE_SET // 16
     assert prior_for_data(model, train, edge)[0].dropout == 0.0
