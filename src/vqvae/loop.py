@@ -78,6 +78,7 @@ class Budget:
 
     def __init__(self, steps: int, every: int, clock: RunClock, runtime: Runtime):
         self.steps, self.every, self.runtime, self.clock = steps, every, runtime, clock
+        clock.start()
         left = clock.remaining()
         self.deadline = None if left is None else time.monotonic() + left
         self.signum: int | None = None  # the first SIGINT/SIGTERM received

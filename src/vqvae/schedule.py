@@ -38,6 +38,10 @@ class RunClock:
         self.t0 = time.monotonic()
         self.seconds = spent  # the run's training seconds at the last tick
 
+    def start(self) -> None:
+        """This invocation's training starts now (the loop's; setup before it does not count)."""
+        self.t0 = time.monotonic()
+
     def elapsed(self) -> float:
         """The run's training seconds now, by this process's clock."""
         return self.spent + time.monotonic() - self.t0
