@@ -232,10 +232,14 @@ def test_state_json_with_a_wrong_type_names_the_field(tmp_path, stage1, capsys):
     shutil.copytree(stage1, run)
     state = run / "checkpoints" / latest(run) / "state.json"
     meta = json.loads(state.read_text())
+    good = dict(meta)
     meta["step"] = "ten"
     state.write_text(json.dumps(meta))
     assert main(["train", "--resume", str(run), "--steps", "40"]) == 2
     assert "step must be an integer" in one_line(capsys)
+    state.write_text(json.dumps({**good, "seconds": "ten"}))  # the run's --minutes spent
+    assert main(["train", "--resume", str(run), "--steps", "40"]) == 2
+    assert "seconds must be a number >= 0, got 'ten'" in one_line(capsys)
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
