@@ -56,10 +56,13 @@ def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName
     if preset == "default":  # the seed stays the blog post's prior whatever the data
         base, base_train = prior_for_data(base, base_train, len(codes.split("train")))
     model = dict(model or {})
-    if model.get("variant") == "seed" or model.get("maskgit_blocks") == "seed":
-        model.setdefault("dropout", 0.0)  # the seed's blocks have no dropout to keep
+    if "dropout" not in model and seed_blocks(replace(base, **model)):
+        model["dropout"] = 0.0  # the seed's blocks have no dropout to keep
     chosen_model = replace(base, **model)
     # Checked for new runs only: run configs saved before this check still load.
+    if "maskgit_blocks" in model and chosen_model.variant != "maskgit":
+        raise ConfigError(f"--maskgit-blocks is for --variant maskgit; the "
+                          f"{chosen_model.variant!r} prior is named by its blocks")
     if seed_blocks(chosen_model) and chosen_model.dropout:
         raise ConfigError(f"the seed's blocks have no dropout, got dropout "
                           f"{chosen_model.dropout}: pass --variant gpt (--maskgit-blocks gpt) "
