@@ -5,6 +5,7 @@ The processes are started here (torch.multiprocessing / torchrun) with a time li
 any failure.
 """
 
+import importlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import vqvae.loop
+import vqvae.schedule
 import vqvae.train
 from vqvae import load_autoencoder
 from vqvae.cli import main
@@ -203,3 +205,79 @@ def test_torchrun_trains_the_prior(two_ranks, tmp_path):
     result = json.loads((prior / "eval.json").read_text())
     assert result["grids"] == 180 and result["bits_per_code"] > 0
     assert (prior / "checkpoints/step-0000006/model.safetensors").exists()
+    # Resuming with another --steps changes the cosine schedule: one warning, from rank 0 (the
+    # config is read before the process group exists, on every rank).
+    out = _torchrun("train-prior", "--resume", str(prior), "--steps", "8")
+    assert out.count("--steps 8 changes this run's cosine schedule") == 1, out[-3000:]
+    assert out.count("trained the prior to step 8") == 1
+
+
+
+BUDGET = 0.02  # minutes of a timed prior run: 1.2 s of training
+SKEW = 3.0  # rank 1's clock runs this many times as fast as rank 0's
+
+
+def _timed_worker(rank: int, ports: list[int], stage1: str, out: str) -> None:
+    """One rank of a ``train-prior --minutes`` run whose rank 1 reads its clock SKEW x fast, then
+    of its resume with twice the budget; after each, this rank's weights to a file."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    if rank == 1:
+        elapsed = vqvae.schedule.RunClock.elapsed
+        vqvae.schedule.RunClock.elapsed = lambda self: (
+            self.spent + SKEW * (elapsed(self) - self.spent))
+    trained = {}
+    stage2 = importlib.import_module("vqvae.train_prior")  # the package exports a function
+    real = stage2.data_parallel                              # of the same name
+
+    def keep(module, runtime):  # PriorLoss, whose .prior this rank trains
+        trained["prior"] = module.prior
+        return real(module, runtime)
+
+    stage2.data_parallel = keep
+    run = str(Path(out) / "prior")
+    first = ["--stage1", stage1, "--out", run, "--d-model", "32", "--layers", "1", "--heads",
+             "2", "--batch-size", "8", "--steps", "1000000", "--every", "100000", "--grid", "2",
+             "--schedule", "cosine", "--device", "cpu"]
+    for name, port, argv in (("first", ports[0], first),
+                             ("resumed", ports[1], ["--resume", run])):
+        os.environ["MASTER_PORT"] = str(port)
+        code = main(["train-prior", *argv, "--minutes", str(BUDGET if name == "first" else
+                                                              2 * BUDGET)])
+        assert code == 0, f"rank {rank}: train-prior {name} exited with {code}"
+        state = {k: v.detach().contiguous() for k, v in trained["prior"].state_dict().items()}
+        save_file(state, str(Path(out) / f"{name}-rank{rank}.safetensors"))
+        if rank == 0:
+            last = sorted((Path(run) / "checkpoints").glob("step-*"))[-1]
+            shutil.copy(last / "state.json", Path(out) / f"{name}-state.json")
+
+
+def test_a_minutes_budget_stops_all_ranks_together_on_the_fastest_clock(two_ranks, tmp_path):
+    """--minutes with 2 ranks whose clocks disagree (rank 1's runs SKEW x fast): each rank
+    must stop at the step the others stop at (one that stopped alone would leave the other
+    waiting in a collective until the time limit) and set the same cosine rate from the same
+    agreed seconds, so their weights stay bit-identical; the checkpoint records the run's
+    seconds, and the resumed run goes on from them to its new budget."""
+    ctx = mp.start_processes(_timed_worker, args=([_free_port(), _free_port()],
+                                                  str(two_ranks / "vq"), str(tmp_path)),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + LIMIT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{WORLD} ranks did not finish in {LIMIT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    states = []
+    for name in ("first", "resumed"):
+        ranks = [load_file(str(tmp_path / f"{name}-rank{r}.safetensors")) for r in range(WORLD)]
+        for key in ranks[0]:
+            assert torch.equal(ranks[0][key], ranks[1][key]), (name, key)
+        states.append(json.loads((tmp_path / f"{name}-state.json").read_text()))
+    first, second = states  # the seconds are the fast clock's: the budget ends by it
+    assert first["step"] > 1 and 60 * BUDGET <= first["seconds"] < 60 * BUDGET + LIMIT_S / 2
+    assert second["step"] > first["step"] and second["seconds"] >= 2 * 60 * BUDGET

@@ -24,7 +24,7 @@ from .data import DataError, ImageSet
 from .files import FileSet
 from .perceptual import PerceptualWeightsError
 from .shards import pack
-from .distributed import PeerError, Runtime, launch, pick_device
+from .distributed import PeerError, Runtime, launch, pick_device, torchrun_env
 from .metrics import score_autoencoder
 from .options import add_options, given
 from .plots import plot_code_usage
@@ -325,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"vqvae: warning: {msg}\n"  # one line
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # Under torchrun rank 0 alone warns: every rank reads the same run and options
+            # (some, such as a resumed config's, before the process group exists).
+            warnings.simplefilter("default" if torchrun_env()[0] == 0 else "ignore")
             return args.func(args) or 0
     except (ConfigError, DataError, CheckpointError, FileExistsError, PeerError,
             PerceptualWeightsError) as e:
