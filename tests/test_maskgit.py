@@ -10,7 +10,7 @@ from vqvae.checkpoint import PRIOR_KIND, load_prior, write_checkpoint
 from vqvae.inpaint import code_mask, inpaint
 from vqvae.cli import main
 from vqvae.codes import load_codes
-from vqvae.config import ConfigError, PriorConfig, default_prior, to_dict
+from vqvae.config import ConfigError, PriorConfig, default_prior, from_dict, to_dict
 from vqvae.maskgit import MaskGITPrior, masked_count, masked_fraction
 from vqvae.prior import build_prior
 from vqvae.runs import read_jsonl
@@ -30,6 +30,24 @@ def test_schedule_endpoints():
     counts = [masked_count(64, t / 8) for t in range(9)]
     assert counts == sorted(counts, reverse=True)  # decoding only ever unmasks
     assert masked_count(64, 0.5) == math.floor(64 * math.cos(math.pi / 4))
+
+
+@pytest.mark.parametrize("schedule, mean", [("cosine", 2 / math.pi), ("linear", 0.5)])
+def test_training_masks_follow_the_mask_schedule(schedule, mean):
+    assert masked_fraction(torch.tensor(0.0), schedule) == pytest.approx(1.0)
+    assert masked_fraction(torch.tensor(1.0), schedule) == pytest.approx(0.0, abs=1e-7)
+    assert masked_fraction(torch.tensor(0.5), schedule) == pytest.approx(
+        0.5 if schedule == "linear" else math.cos(math.pi / 4))
+    cfg = PriorConfig(codebook_size=16, height=8, width=8, variant="maskgit", d_model=32,
+                      layers=1, heads=4, dropout=0.0, mask_schedule=schedule)
+    mask = build_prior(cfg).random_mask((20000, 64), torch.device("cpu"),
+                                        torch.Generator().manual_seed(0))
+    # the share of codes masked over many grids: E[ceil(64 f(r)) / 64], r ~ U(0, 1)
+    assert float(mask.float().mean()) == pytest.approx(mean + 0.5 / 64, abs=0.01)
+    with pytest.raises(ConfigError, match="mask_schedule must be one of"):
+        PriorConfig(variant="maskgit", mask_schedule="uniform")
+    saved_before = {k: v for k, v in to_dict(cfg).items() if k != "mask_schedule"}
+    assert from_dict(PriorConfig, saved_before, "prior").mask_schedule == "cosine"
 
 
 def test_the_loss_counts_only_masked_codes():

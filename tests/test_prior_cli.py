@@ -213,6 +213,8 @@ def test_the_seed_blocks_asked_for_on_a_small_code_set(stage1):
         vqvae.prior_run_config(codes, model={**blocks, "dropout": 0.1})
     with pytest.raises(vqvae.ConfigError, match="--maskgit-blocks is for --variant maskgit"):
         vqvae.prior_run_config(codes, model={"maskgit_blocks": "seed"})  # not a silent no-op
+    with pytest.raises(vqvae.ConfigError, match="--mask-schedule is for --variant maskgit"):
+        vqvae.prior_run_config(codes, model={"mask_schedule": "linear"})
 
 
 def test_train_a_prior_and_draw_samples_from_python(stage1, tmp_path):

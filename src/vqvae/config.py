@@ -618,6 +618,7 @@ def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
 
 PriorVariant = Literal["seed", "gpt", "maskgit"]
 MaskGITBlocks = Literal["gpt", "seed"]
+MaskSchedule = Literal["cosine", "linear"]
 
 
 @dataclass(frozen=True)
@@ -643,6 +644,10 @@ class PriorConfig:
         "maskgit's blocks: gpt | seed (the seed's post-norm blocks, bidirectional: half a GPT "
         "block's step; the default preset's on a large code set); the autoregressive variants "
         "are named by their blocks"))
+    mask_schedule: MaskSchedule = field(default="cosine", metadata=_help(
+        "maskgit's training masks: the share of a grid's codes masked, at r ~ U(0, 1): cosine "
+        "cos(pi r / 2) (MaskGIT's, 64%% on average) | linear 1 - r (50%%); decoding unmasks at "
+        "the cosine schedule either way"))
 
     def __post_init__(self) -> None:
         _check(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
@@ -659,6 +664,9 @@ class PriorConfig:
         _check(self.maskgit_blocks in get_args(MaskGITBlocks),
                f"maskgit_blocks must be one of {get_args(MaskGITBlocks)}, got "
                f"{self.maskgit_blocks!r}")
+        _check(self.mask_schedule in get_args(MaskSchedule),
+               f"mask_schedule must be one of {get_args(MaskSchedule)}, got "
+               f"{self.mask_schedule!r}")
 
     @property
     def seq_len(self) -> int:

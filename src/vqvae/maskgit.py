@@ -20,8 +20,11 @@ from .transformer import (GPTStack, GridTransformer, SeedStack, check_labels, fi
                           init_gpt_model, init_keras, sample_next)
 
 
-def masked_fraction(r: torch.Tensor) -> torch.Tensor:
-    """The cosine schedule: the fraction of codes masked at progress r in [0, 1] (1 -> 0)."""
+def masked_fraction(r: torch.Tensor, schedule: str = "cosine") -> torch.Tensor:
+    """The fraction of codes masked at progress r in [0, 1] (1 -> 0): cos(pi r / 2) (the
+    cosine schedule) or 1 - r (linear)."""
+    if schedule == "linear":
+        return (1.0 - r).clamp(0.0, 1.0)
     return torch.cos(math.pi / 2 * r).clamp_min(0.0)
 
 
@@ -66,10 +69,11 @@ class MaskGITPrior(GridTransformer):
 
     def random_mask(self, shape: tuple[int, int], device: torch.device,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, N) bool: per row ceil(cos(pi/2 r) N) random positions (at least 1), r ~ U(0, 1)."""
+        """(B, N) bool: per row ceil(f(r) N) random positions (at least 1), r ~ U(0, 1), f the
+        config's ``mask_schedule`` (:func:`masked_fraction`)."""
         b, n = shape
         r = torch.rand(b, 1, generator=generator)
-        count = torch.ceil(masked_fraction(r) * n).clamp(1, n)  # (B, 1)
+        count = torch.ceil(masked_fraction(r, self.cfg.mask_schedule) * n).clamp(1, n)  # (B, 1)
         ranks = torch.rand(b, n, generator=generator).argsort(1).argsort(1)  # a random order
         return (ranks < count).to(device)
 
@@ -77,7 +81,7 @@ class MaskGITPrior(GridTransformer):
                    generator: torch.Generator | None = None, noise: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (nats) of predicting the masked codes of (B, h, w) grids, masked at the
-        cosine schedule -> (nats (B, h*w), weights (B, h*w): 1 where masked, 0 elsewhere).
+        config's ``mask_schedule`` -> (nats (B, h*w), weights (B, h*w): 1 where masked, 0 elsewhere).
         ``noise``: token dropout on the visible codes (replaced by random ones)."""
         flat = codes.flatten(1).long()
         mask = self.random_mask(tuple(flat.shape), flat.device, generator)

@@ -63,6 +63,9 @@ def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName
     if "maskgit_blocks" in model and chosen_model.variant != "maskgit":
         raise ConfigError(f"--maskgit-blocks is for --variant maskgit; the "
                           f"{chosen_model.variant!r} prior is named by its blocks")
+    if "mask_schedule" in model and chosen_model.variant != "maskgit":
+        raise ConfigError(f"--mask-schedule is for --variant maskgit; the "
+                          f"{chosen_model.variant!r} prior predicts every code")
     if seed_blocks(chosen_model) and chosen_model.dropout:
         raise ConfigError(f"the seed's blocks have no dropout, got dropout "
                           f"{chosen_model.dropout}: pass --variant gpt (--maskgit-blocks gpt) "
