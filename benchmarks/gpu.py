@@ -1,6 +1,7 @@
 """GPU speed of both stages: the quantizer's train step against the floor and
 vector-quantize-pytorch, stage-1 steps per precision (and CUDA graphs), prior training per
-precision, and sampling with a CUDA-graph step against the eager cached sampler.
+precision, sampling with a CUDA-graph step against the eager cached sampler, and maskgit's
+parallel decoding against the cached sampler (the stage-2 issue's >= 20x target at 32x32).
 
 Every figure is a median over ``--repeats`` timings (CUDA synchronised) and every ratio is to a
 baseline measured in the same run: the quantizer's to the floor (one distance matmul + argmin,
@@ -42,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quantizer_speed import OURS, anchor, have_anchor  # noqa: E402
 
 from vqvae.autoencoder import VQVAE  # noqa: E402
-from vqvae.config import PRESETS, PRIOR_PRESETS, TrainConfig  # noqa: E402
+from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, PRESETS, PRIOR_PRESETS,  # noqa: E402
+                          TrainConfig, prior_for_data)
 from vqvae.data import to_float  # noqa: E402
 from vqvae.distributed import Runtime  # noqa: E402
 from vqvae.precision import autocast, loss_scaler, numerics  # noqa: E402
@@ -365,6 +367,44 @@ def sampling_table(cfg, batches: list[int], device: torch.device) -> list[str]:
     return lines
 
 
+def parallel_table(grid: int, codes: int, batches: list[int], steps: int,
+                   device: torch.device) -> list[str]:
+    """The stage-2 issue's speed target: maskgit's ``steps`` parallel iterations against the
+    cached autoregressive sampler, both as the default preset builds them for a large code set
+    (the seed's blocks at the same width; ``prior_for_data``), fresh weights (speed does not
+    depend on them); ratios to the fastest autoregressive row of the same batch."""
+    base = prior_for_data(prior_config(grid, codes), DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET)[0]
+    priors = {v: build_prior(replace(base, variant=v)).to(device).eval()
+              for v in (base.variant, "maskgit")}
+    lines = [f"### Parallel decoding: maskgit ({steps} iterations) against the cached "
+             f"autoregressive sampler, {grid}x{grid} grids of {codes}; ratios to the fastest "
+             f"autoregressive row of each batch\n",
+             "| batch | sampler | seconds | tokens/s | vs fastest autoregressive |",
+             "|---:|---|---:|---:|---:|"]
+    for batch in batches:
+        rows = []
+        for variant, graph, precision in ((base.variant, False, "fp32"),
+                                          (base.variant, False, "bf16"),
+                                          (base.variant, True, "bf16"),
+                                          ("maskgit", False, "fp32"), ("maskgit", False, "bf16")):
+            def draw() -> torch.Tensor:
+                torch.manual_seed(0)
+                return priors[variant].generate(
+                    batch, batch_size=batch, graph=graph, precision=precision, steps=steps,
+                    generator=torch.Generator().manual_seed(0))
+            seconds = median_seconds(draw, device, repeats=1, warmup=1)
+            kind = ("CUDA graph" if graph and device.type == "cuda" else "static cache" if graph
+                    else "eager")
+            name = (f"maskgit, {precision}" if variant == "maskgit" else
+                    f"autoregressive {kind}, {precision}")
+            rows.append((variant, name, seconds))
+        fastest = min(sec for variant, _, sec in rows if variant != "maskgit")
+        lines += [f"| {batch} | {name} | {sec:.3f} | {batch * base.seq_len / sec:,.0f} | "
+                  f"{fastest / sec:.2f}x |" for _, name, sec in rows]
+        _free(device)
+    return lines
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -374,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the code runs")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None,
-                        help="sections: quantizer stage1 cli prior sampling vqgan")
+                        help="sections: quantizer stage1 cli prior sampling maskgit vqgan")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is false); "
@@ -382,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     quick = args.quick
-    sections = set(args.only or ["quantizer", "stage1", "cli", "prior", "sampling", "vqgan"])
+    sections = set(args.only or ["quantizer", "stage1", "cli", "prior", "sampling", "maskgit",
+                                 "vqgan"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"$ python3 benchmarks/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
           f"device: {name}; torch {torch.__version__}"
@@ -421,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     if "sampling" in sections:
         cfg = prior_config(4, 16, layers=1) if quick else prior_config(32, 512)
         emit(sampling_table(cfg, [2, 4] if quick else [64, 512], device))
+    if "maskgit" in sections:
+        emit(parallel_table(4, 16, [2], 4, device) if quick else
+             parallel_table(32, 512, [1, 64], 12, device))
     if "vqgan" in sections:  # last: a timeout cuts it, not the GPU issue's tables
         emit(vqgan_rows(device, 16 if quick else 256, 8 if quick else 200))
     print(f"({time.perf_counter() - started:.0f} s)")

@@ -38,3 +38,7 @@ def test_tables_are_markdown(gpu):
     assert all(line.count("|") == lines[1].count("|") for line in lines[1:])
     lines = gpu.prior_table(gpu.prior_config(2, 8, layers=1), 2, ["fp32", "tf32"], cpu, 1, 1)
     assert lines[-1].startswith("| tf32 |") and "1.00x" in lines[-1]
+    lines = gpu.parallel_table(2, 8, [2], 3, cpu)
+    assert lines[1].startswith("| batch |") and len(lines) == 3 + 5
+    assert all(line.count("|") == lines[1].count("|") for line in lines[1:])
+    assert "maskgit, bf16" in lines[-1] and "autoregressive eager, fp32" in lines[3]
