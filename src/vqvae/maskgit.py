@@ -81,8 +81,8 @@ class MaskGITPrior(GridTransformer):
                    generator: torch.Generator | None = None, noise: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (nats) of predicting the masked codes of (B, h, w) grids, masked at the
-        config's ``mask_schedule`` -> (nats (B, h*w), weights (B, h*w): 1 where masked, 0 elsewhere).
-        ``noise``: token dropout on the visible codes (replaced by random ones)."""
+        config's ``mask_schedule`` -> (nats (B, h*w), weights (B, h*w): 1 where masked, 0
+        elsewhere). ``noise``: token dropout on the visible codes (replaced by random ones)."""
         flat = codes.flatten(1).long()
         mask = self.random_mask(tuple(flat.shape), flat.device, generator)
         visible = flat
