@@ -91,9 +91,9 @@ def _worker(rank: int, ports: list[int], out: str) -> None:
         save_file(state, str(out / f"{name}-rank{rank}.safetensors"))
 
 
-def _spawn(out: Path) -> None:
-    ctx = mp.start_processes(_worker, args=([_free_port() for _ in RUNS], str(out)),
-                             nprocs=WORLD, join=False, start_method="spawn")
+def _spawn(worker, *args) -> None:
+    """``worker(rank, *args)`` in WORLD processes, killed on a failure or after LIMIT_S."""
+    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + LIMIT_S
     try:
         while not ctx.join(timeout=1):  # raises if a rank failed
@@ -110,7 +110,7 @@ def _spawn(out: Path) -> None:
 def two_ranks(tmp_path_factory) -> Path:
     """Both quantizers trained by 2 ranks of batch BATCH (started once for the module)."""
     out = tmp_path_factory.mktemp("ddp")
-    _spawn(out)
+    _spawn(_worker, [_free_port() for _ in RUNS], str(out))
     return out
 
 
@@ -259,19 +259,7 @@ def test_a_minutes_budget_stops_all_ranks_together_on_the_fastest_clock(two_rank
     waiting in a collective until the time limit) and set the same cosine rate from the same
     agreed seconds, so their weights stay bit-identical; the checkpoint records the run's
     seconds, and the resumed run goes on from them to its new budget."""
-    ctx = mp.start_processes(_timed_worker, args=([_free_port(), _free_port()],
-                                                  str(two_ranks / "vq"), str(tmp_path)),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + LIMIT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{WORLD} ranks did not finish in {LIMIT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
+    _spawn(_timed_worker, [_free_port(), _free_port()], str(two_ranks / "vq"), str(tmp_path))
     states = []
     for name in ("first", "resumed"):
         ranks = [load_file(str(tmp_path / f"{name}-rank{r}.safetensors")) for r in range(WORLD)]
