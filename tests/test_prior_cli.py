@@ -308,3 +308,37 @@ def test_all_classes_errors(stage1, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", str(run), "--n", "4", "--all-classes"]) == 2
     assert "--all-classes needs a class-conditional prior" in capsys.readouterr().err
+
+
+def test_overfit_note_names_the_best_step():
+    from vqvae.train_prior import overfit_note
+
+    falling = [{"step": 10 * i, "bits_per_code": 5.0 - 0.1 * i} for i in range(1, 5)]
+    assert overfit_note(falling) == "" and overfit_note(falling[:1]) == ""
+    plateau = [*falling, {"step": 50, "bits_per_code": 4.6 * 1.015}]  # within OVERFIT_RISE
+    assert overfit_note(plateau) == ""
+    rising = [*falling, {"step": 50, "bits_per_code": 4.8}, {"step": 60, "bits_per_code": 5.2}]
+    note = overfit_note([{"step": 5, "loss": 1.0}, *rising])  # records without the metric skipped
+    assert "lowest at step 40 (4.6000)" in note and "5.2000 at step 60" in note
+    assert "about 40 steps" in note
+
+
+def test_a_prior_that_overfits_says_so(stage1, tmp_path):
+    """Four training grids, a high rate: held-out bits/code bottom out early and climb as the
+    prior learns those grids by heart; the run ends with a warning naming the best step."""
+    codes = load_codes(stage1 / "codes.safetensors")
+    few = {"train": CodeSplit(codes.split("train").codes[:4]),
+           "test": CodeSplit(codes.split("test").codes)}
+    path = tmp_path / "few.safetensors"
+    save_codes(replace(codes, splits=few, classes=None), path)
+    run = tmp_path / "prior"
+    with pytest.warns(UserWarning, match="the prior overfits its training codes") as caught:
+        assert main(["train-prior", "--codes", str(path), "--d-model", "32", "--layers", "1",
+                     "--heads", "2", "--batch-size", "4", "--every", "10", "--eval-count",
+                     "180", "--grid", "2", "--lr", "1e-2", "--schedule", "constant", "--steps",
+                     "150", "--device", "cpu", "--out", str(run)]) == 0
+    bits = [r["bits_per_code"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert bits[-1] > min(bits) * 1.02  # the setup overfits
+    best = read_jsonl(run / "metrics.jsonl")[bits.index(min(bits))]["step"]
+    notes = [str(w.message) for w in caught if "overfits" in str(w.message)]
+    assert len(notes) == 1 and f"held-out bits/code was lowest at step {best} " in notes[0]

@@ -8,6 +8,7 @@ the shared loop's (:mod:`vqvae.runs`); nothing here comes from stage 1's trainer
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,9 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
         final = stage.evaluate(0)
         if runtime.is_main:
             runs.write_eval(run_dir, step, final)
+            note = overfit_note(runs.read_jsonl(run_dir / "metrics.jsonl"))
+            if note:
+                warnings.warn(note)
     uncond = (f" ({final['bits_per_code_uncond']:.4f} with the null class)"
               if "bits_per_code_uncond" in final else "")
     return loop.RunResult(run_dir, step, final,
@@ -275,6 +279,29 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
                           f"trained the prior to step {step}; run folder: {run_dir}\n"
                           f"held-out ({final['grids']} grids): {final['bits_per_code']:.4f} "
                           f"bits/code{uncond}", signum)
+
+
+# How far above its lowest a run's held-out bits/code may end before it is called overfitting:
+# the checkpoints score the same held-out grids, so a rise is no sampling noise; 2% leaves room
+# for a plateau's wobble (a 15-minute default prior on the digits rose 60%: docs/prior.md).
+OVERFIT_RISE = 0.02
+
+
+def overfit_note(records: list[dict[str, Any]]) -> str:
+    """A one-line warning when the held-out bits/code of a run's checkpoints (``metrics.jsonl``
+    records) ended more than OVERFIT_RISE above their lowest; "" otherwise. A warning, not a
+    stop: the run's checkpoints and figures are still what was asked for."""
+    scored = [r for r in records if isinstance(r.get("bits_per_code"), (int, float))]
+    if len(scored) < 2:
+        return ""
+    best, last = min(scored, key=lambda r: r["bits_per_code"]), scored[-1]
+    if last["bits_per_code"] <= best["bits_per_code"] * (1 + OVERFIT_RISE):
+        return ""
+    return (f"held-out bits/code was lowest at step {best['step']} "
+            f"({best['bits_per_code']:.4f}) and is {last['bits_per_code']:.4f} at step "
+            f"{last['step']}: the prior overfits its training codes (trained on, its samples "
+            f"turn into copies of training grids); train it for about {best['step']} steps "
+            f"(--steps)")
 
 
 def _prepare(run_dir: Path, cfg: PriorRunConfig, start: int, codes: Codes) -> None:
