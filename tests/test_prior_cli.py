@@ -342,3 +342,18 @@ def test_a_prior_that_overfits_says_so(stage1, tmp_path):
     best = read_jsonl(run / "metrics.jsonl")[bits.index(min(bits))]["step"]
     notes = [str(w.message) for w in caught if "overfits" in str(w.message)]
     assert len(notes) == 1 and f"held-out bits/code was lowest at step {best} " in notes[0]
+    # That checkpoint is kept from pruning (keep 2: the last two, and it), the ones kept for
+    # earlier lows were released and pruned, and it can be sampled.
+    kept = run / "checkpoints" / f"step-{best:07d}"
+    assert notes[0].endswith(f"vqvae sample {kept}")
+    marked = [c.name for c in (run / "checkpoints").glob("step-*") if (c / "keep.json").exists()]
+    assert marked == [kept.name]
+    steps = sorted(c.name for c in (run / "checkpoints").glob("step-*"))
+    assert steps == sorted({kept.name, "step-0000140", "step-0000150"})
+    assert main(["sample", str(kept), "--n", "4", "--out", str(tmp_path / "best")]) == 0
+    assert (tmp_path / "best" / "samples.png").exists()
+    # A resumed run knows which checkpoint it keeps (from its marker) and goes on keeping it.
+    with pytest.warns(UserWarning, match=f"lowest at step {best} "):
+        assert main(["train-prior", "--resume", str(run), "--steps", "170"]) == 0
+    marked = [c.name for c in (run / "checkpoints").glob("step-*") if (c / "keep.json").exists()]
+    assert marked == [kept.name] and not (run / "checkpoints" / "step-0000140").exists()

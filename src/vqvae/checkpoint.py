@@ -314,6 +314,33 @@ def protect(checkpoint_dir: Path, by: str) -> None:
                       f"yourself, {by} depends on it")
 
 
+def unprotect(checkpoint_dir: Path, by: str) -> None:
+    """Undo :func:`protect` for ``by``: once nothing needs the checkpoint, pruning may delete it."""
+    path = Path(checkpoint_dir) / KEEP
+    try:
+        users = json.loads(path.read_text()).get("needed_by", [])
+    except (OSError, ValueError, AttributeError):
+        return  # no marker, or one this cannot read: leave it as it is
+    if by not in users:
+        return
+    rest = [u for u in users if u != by]
+    try:
+        if rest:
+            write_json(path, {"needed_by": rest})
+        else:
+            path.unlink()
+    except OSError:
+        pass  # a read-only checkpoint stays kept: nothing is lost
+
+
+def needs(checkpoint_dir: Path, by: str) -> bool:
+    """Whether :func:`protect` marked the checkpoint as needed by ``by``."""
+    try:
+        return by in json.loads((Path(checkpoint_dir) / KEEP).read_text()).get("needed_by", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _prune(root: Path, keep: int, keep_every: int, current: str) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
     for old in steps[:-keep]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import loop, runs
-from .checkpoint import PRIOR_KIND, protect
+from .checkpoint import CHECKPOINTS, PRIOR_KIND, needs, protect, unprotect
 from .autoencoder import VQVAE
 from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
@@ -168,6 +168,7 @@ class Stage2:
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
         self.schedule = Schedule(tc, opt, clock)  # its clock's seconds go in checkpoints
+        self.best = kept_best(run_dir)  # (held-out bits/code, its checkpoint), kept from pruning
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc, device = self.cfg.train, self.runtime.device
@@ -208,17 +209,31 @@ class Stage2:
         """Checkpoint and a sample grid on the main process; held-out bits/code sharded over all
         ranks (the others wait there while rank 0 samples: no collective in it)."""
         tc, pictures = self.cfg.train, {}
+        saved = None
         if self.runtime.is_main:
-            runs.save_checkpoint(self.run_dir, step, self.prior, PRIOR_KIND, self.cfg.model,
-                                 self.opt, tc, self.runtime, scaler=self.scaler,
-                                 seconds=self.schedule.clock.seconds)
+            saved = runs.save_checkpoint(self.run_dir, step, self.prior, PRIOR_KIND,
+                                         self.cfg.model, self.opt, tc, self.runtime,
+                                         scaler=self.scaler, seconds=self.schedule.clock.seconds)
             images, _ = draw(self.prior, self.stage1, SampleConfig(n=tc.grid**2, seed=tc.seed),
                              self._row_labels(tc.grid))
             grid = samples_grid(images, tc.grid)
             pictures["samples"] = save_png(grid,
                                            self.run_dir / "samples" / f"prior_{step:07d}.png")
             save_png(grid, self.run_dir / "samples.png")
-        return loop.Saved(self.evaluate(tc.eval_count), pictures)
+        metrics = self.evaluate(tc.eval_count)
+        if saved is not None:
+            self._keep_if_best(metrics["bits_per_code"], saved)
+        return loop.Saved(metrics, pictures)
+
+    def _keep_if_best(self, bits: float, checkpoint: Path) -> None:
+        """Keep the checkpoint with the lowest held-out bits/code from pruning (the one to sample
+        when the run overfits), and release the one kept before it."""
+        if self.best is not None and bits >= self.best[0]:
+            return
+        protect(checkpoint, BEST)
+        if self.best is not None and self.best[1] != checkpoint:
+            unprotect(self.best[1], BEST)
+        self.best = (bits, checkpoint)
 
     def _row_labels(self, n: int) -> torch.Tensor | None:
         """A conditional prior draws one class per row of an n x n grid."""
@@ -269,7 +284,8 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
         final = stage.evaluate(0)
         if runtime.is_main:
             runs.write_eval(run_dir, step, final)
-            note = overfit_note(runs.read_jsonl(run_dir / "metrics.jsonl"))
+            note = overfit_note(runs.read_jsonl(run_dir / "metrics.jsonl"),
+                                stage.best[1] if stage.best else None)
             if note:
                 warnings.warn(note)
     uncond = (f" ({final['bits_per_code_uncond']:.4f} with the null class)"
@@ -281,16 +297,32 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
                           f"bits/code{uncond}", signum)
 
 
+BEST = "the lowest held-out bits/code of its run"  # who needs the best checkpoint (keep.json)
+
+
+def kept_best(run_dir: Path) -> tuple[float, Path] | None:
+    """The checkpoint a run keeps for its lowest held-out bits/code, with them (from
+    ``metrics.jsonl``); None for a new run or one saved before runs kept it."""
+    kept = [c for c in sorted((run_dir / CHECKPOINTS).glob("step-*")) if needs(c, BEST)]
+    if not kept:
+        return None
+    step = int(kept[-1].name.split("-")[1])
+    bits = [r["bits_per_code"] for r in runs.read_jsonl(run_dir / "metrics.jsonl")
+            if r.get("step") == step and isinstance(r.get("bits_per_code"), (int, float))]
+    return (bits[0], kept[-1]) if bits else None
+
+
 # How far above its lowest a run's held-out bits/code may end before it is called overfitting:
 # the checkpoints score the same held-out grids, so a rise is no sampling noise; 2% leaves room
 # for a plateau's wobble (a 15-minute default prior on the digits rose 60%: docs/prior.md).
 OVERFIT_RISE = 0.02
 
 
-def overfit_note(records: list[dict[str, Any]]) -> str:
+def overfit_note(records: list[dict[str, Any]], kept: Path | None = None) -> str:
     """A one-line warning when the held-out bits/code of a run's checkpoints (``metrics.jsonl``
     records) ended more than OVERFIT_RISE above their lowest; "" otherwise. A warning, not a
-    stop: the run's checkpoints and figures are still what was asked for."""
+    stop: the run's checkpoints and figures are still what was asked for. ``kept``: the best
+    checkpoint, which the run keeps from pruning (named, to sample it)."""
     scored = [r for r in records if isinstance(r.get("bits_per_code"), (int, float))]
     if len(scored) < 2:
         return ""
@@ -301,7 +333,8 @@ def overfit_note(records: list[dict[str, Any]]) -> str:
             f"({best['bits_per_code']:.4f}) and is {last['bits_per_code']:.4f} at step "
             f"{last['step']}: the prior overfits its training codes (trained on, its samples "
             f"turn into copies of training grids); train it for about {best['step']} steps "
-            f"(--steps)")
+            f"(--steps)" + (f", or sample the checkpoint kept from then: vqvae sample {kept}"
+                            if kept is not None else ""))
 
 
 def _prepare(run_dir: Path, cfg: PriorRunConfig, start: int, codes: Codes) -> None:
