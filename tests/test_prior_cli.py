@@ -1,13 +1,15 @@
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 import vqvae
-from vqvae.checkpoint import load_prior
+from vqvae.checkpoint import load_prior, needs, protect
 from vqvae.cli import main
 from vqvae.codes import CodeSplit, load_codes, save_codes
 from vqvae.runs import read_jsonl
+from vqvae.train_prior import BEST, overfit_note
 from script_module import load_script
 
 STAGE1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
@@ -311,8 +313,6 @@ def test_all_classes_errors(stage1, tmp_path, capsys):
 
 
 def test_overfit_note_names_the_best_step():
-    from vqvae.train_prior import overfit_note
-
     falling = [{"step": 10 * i, "bits_per_code": 5.0 - 0.1 * i} for i in range(1, 5)]
     assert overfit_note(falling) == "" and overfit_note(falling[:1]) == ""
     plateau = [*falling, {"step": 50, "bits_per_code": 4.6 * 1.015}]  # within OVERFIT_RISE
@@ -320,7 +320,10 @@ def test_overfit_note_names_the_best_step():
     rising = [*falling, {"step": 50, "bits_per_code": 4.8}, {"step": 60, "bits_per_code": 5.2}]
     note = overfit_note([{"step": 5, "loss": 1.0}, *rising])  # records without the metric skipped
     assert "lowest at step 40 (4.6000)" in note and "5.2000 at step 60" in note
-    assert "about 40 steps" in note
+    assert "about 40 steps" in note and "vqvae sample" not in note
+    kept = Path("run/checkpoints/step-0000040")
+    assert overfit_note(rising, kept).endswith(f"vqvae sample {kept}")
+    assert "vqvae sample" not in overfit_note(rising, kept.with_name("step-0000050"))
 
 
 def test_a_prior_that_overfits_says_so(stage1, tmp_path):
@@ -352,8 +355,15 @@ def test_a_prior_that_overfits_says_so(stage1, tmp_path):
     assert steps == sorted({kept.name, "step-0000140", "step-0000150"})
     assert main(["sample", str(kept), "--n", "4", "--out", str(tmp_path / "best")]) == 0
     assert (tmp_path / "best" / "samples.png").exists()
-    # A resumed run knows which checkpoint it keeps (from its marker) and goes on keeping it.
+    # A resumed run knows which checkpoint it keeps (from its marker) and goes on keeping it;
+    # a stale mark (a kill between marking the new best and releasing the old) is released.
+    stale = run / "checkpoints" / "step-0000001"  # older than the best: marks only move on
+    stale.mkdir()
+    protect(stale, BEST)
+    protect(kept, "a codes file")  # another user of the same checkpoint is left alone
     with pytest.warns(UserWarning, match=f"lowest at step {best} "):
         assert main(["train-prior", "--resume", str(run), "--steps", "170"]) == 0
-    marked = [c.name for c in (run / "checkpoints").glob("step-*") if (c / "keep.json").exists()]
+    marked = [c.name for c in (run / "checkpoints").glob("step-*") if needs(c, BEST)]
     assert marked == [kept.name] and not (run / "checkpoints" / "step-0000140").exists()
+    assert not stale.exists()  # released, then pruned
+    assert needs(kept, "a codes file")

@@ -168,7 +168,8 @@ class Stage2:
                                   runtime.world_size)
         self.stage1 = stage1  # decodes the sample grids
         self.schedule = Schedule(tc, opt, clock)  # its clock's seconds go in checkpoints
-        self.best = kept_best(run_dir)  # (held-out bits/code, its checkpoint), kept from pruning
+        # (held-out bits/code, checkpoint): the run's best, kept from pruning (rank 0's files)
+        self.best = kept_best(run_dir) if runtime.is_main else None
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc, device = self.cfg.train, self.runtime.device
@@ -302,14 +303,19 @@ BEST = "the lowest held-out bits/code of its run"  # who needs the best checkpoi
 
 def kept_best(run_dir: Path) -> tuple[float, Path] | None:
     """The checkpoint a run keeps for its lowest held-out bits/code, with them (from
-    ``metrics.jsonl``); None for a new run or one saved before runs kept it."""
+    ``metrics.jsonl``; infinite if the log lost them, so the next checkpoint takes over); None
+    for a new run or one saved before runs kept it. The mark only moves to lower figures, so
+    the newest marked checkpoint is the best: older marks (a process killed between marking
+    the new one and releasing the old) are released."""
     kept = [c for c in sorted((run_dir / CHECKPOINTS).glob("step-*")) if needs(c, BEST)]
     if not kept:
         return None
+    for stale in kept[:-1]:
+        unprotect(stale, BEST)
     step = int(kept[-1].name.split("-")[1])
     bits = [r["bits_per_code"] for r in runs.read_jsonl(run_dir / "metrics.jsonl")
             if r.get("step") == step and isinstance(r.get("bits_per_code"), (int, float))]
-    return (bits[0], kept[-1]) if bits else None
+    return (bits[0] if bits else math.inf), kept[-1]
 
 
 # How far above its lowest a run's held-out bits/code may end before it is called overfitting:
@@ -329,6 +335,8 @@ def overfit_note(records: list[dict[str, Any]], kept: Path | None = None) -> str
     best, last = min(scored, key=lambda r: r["bits_per_code"]), scored[-1]
     if last["bits_per_code"] <= best["bits_per_code"] * (1 + OVERFIT_RISE):
         return ""
+    if kept is not None and kept.name != f"step-{best['step']:07d}":
+        kept = None  # the lowest figure is older than the mark (a run from before it)
     return (f"held-out bits/code was lowest at step {best['step']} "
             f"({best['bits_per_code']:.4f}) and is {last['bits_per_code']:.4f} at step "
             f"{last['step']}: the prior overfits its training codes (trained on, its samples "
