@@ -272,7 +272,7 @@ def write_checkpoint(run_dir: Path, step: int, module: nn.Module, kind: str,
     write (a full disk) leaves no partial folder and ``latest`` on the previous checkpoint."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
+    name = step_name(step)
     final, tmp = root / name, root / f".tmp-{name}-{os.getpid()}"
     try:
         save(tmp, module, kind, config)
@@ -298,13 +298,28 @@ def write_checkpoint(run_dir: Path, step: int, module: nn.Module, kind: str,
     return final
 
 
+def step_name(step: int) -> str:
+    """A checkpoint folder's name: ``step-0000123``."""
+    return f"step-{step:07d}"
+
+
+def step_of(checkpoint_dir: Path) -> int:
+    """The step a checkpoint folder named by :func:`step_name` holds."""
+    return int(Path(checkpoint_dir).name.split("-")[1])
+
+
+def _needed_by(checkpoint_dir: Path) -> list[str]:
+    """Who :func:`protect` marked a checkpoint as needed by (none when unmarked or unreadable)."""
+    try:
+        return json.loads((Path(checkpoint_dir) / KEEP).read_text()).get("needed_by", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def protect(checkpoint_dir: Path, by: str) -> None:
     """Mark a checkpoint as needed (by a codes file, a prior): pruning never deletes it."""
     path = Path(checkpoint_dir) / KEEP
-    try:
-        users = json.loads(path.read_text()).get("needed_by", []) if path.exists() else []
-    except (OSError, ValueError, AttributeError):
-        users = []
+    users = _needed_by(checkpoint_dir)
     if by in users:
         return
     try:
@@ -317,11 +332,8 @@ def protect(checkpoint_dir: Path, by: str) -> None:
 def unprotect(checkpoint_dir: Path, by: str) -> None:
     """Undo :func:`protect` for ``by``: once nothing needs the checkpoint, pruning may delete it."""
     path = Path(checkpoint_dir) / KEEP
-    try:
-        users = json.loads(path.read_text()).get("needed_by", [])
-    except (OSError, ValueError, AttributeError):
-        return  # no marker, or one this cannot read: leave it as it is
-    if by not in users:
+    users = _needed_by(checkpoint_dir)
+    if by not in users:  # also no marker, or one this cannot read: left as it is
         return
     rest = [u for u in users if u != by]
     try:
@@ -335,16 +347,13 @@ def unprotect(checkpoint_dir: Path, by: str) -> None:
 
 def needs(checkpoint_dir: Path, by: str) -> bool:
     """Whether :func:`protect` marked the checkpoint as needed by ``by``."""
-    try:
-        return by in json.loads((Path(checkpoint_dir) / KEEP).read_text()).get("needed_by", [])
-    except (OSError, ValueError, AttributeError):
-        return False
+    return by in _needed_by(checkpoint_dir)
 
 
 def _prune(root: Path, keep: int, keep_every: int, current: str) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
     for old in steps[:-keep]:
-        every = keep_every and int(old.name.split("-")[1]) % keep_every == 0
+        every = keep_every and step_of(old) % keep_every == 0
         if old.name != current and not every and not (old / KEEP).exists():
             shutil.rmtree(old, ignore_errors=True)
 

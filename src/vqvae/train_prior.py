@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import loop, runs
-from .checkpoint import CHECKPOINTS, PRIOR_KIND, needs, protect, unprotect
+from .checkpoint import (CHECKPOINTS, PRIOR_KIND, STEP_NAME, needs, protect, step_name, step_of,
+                         unprotect)
 from .autoencoder import VQVAE
 from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
@@ -307,12 +308,13 @@ def kept_best(run_dir: Path) -> tuple[float, Path] | None:
     for a new run or one saved before runs kept it. The mark only moves to lower figures, so
     the newest marked checkpoint is the best: older marks (a process killed between marking
     the new one and releasing the old) are released."""
-    kept = [c for c in sorted((run_dir / CHECKPOINTS).glob("step-*")) if needs(c, BEST)]
+    kept = [c for c in sorted((run_dir / CHECKPOINTS).glob("step-*"))
+            if STEP_NAME.fullmatch(c.name) and needs(c, BEST)]
     if not kept:
         return None
     for stale in kept[:-1]:
         unprotect(stale, BEST)
-    step = int(kept[-1].name.split("-")[1])
+    step = step_of(kept[-1])
     bits = [r["bits_per_code"] for r in runs.read_jsonl(run_dir / "metrics.jsonl")
             if r.get("step") == step and isinstance(r.get("bits_per_code"), (int, float))]
     return (bits[0] if bits else math.inf), kept[-1]
@@ -335,7 +337,7 @@ def overfit_note(records: list[dict[str, Any]], kept: Path | None = None) -> str
     best, last = min(scored, key=lambda r: r["bits_per_code"]), scored[-1]
     if last["bits_per_code"] <= best["bits_per_code"] * (1 + OVERFIT_RISE):
         return ""
-    if kept is not None and kept.name != f"step-{best['step']:07d}":
+    if kept is not None and kept.name != step_name(best["step"]):
         kept = None  # the lowest figure is older than the mark (a run from before it)
     return (f"held-out bits/code was lowest at step {best['step']} "
             f"({best['bits_per_code']:.4f}) and is {last['bits_per_code']:.4f} at step "
