@@ -60,8 +60,8 @@ def test_an_l1_run_saves_logs_and_balances_the_gan_against_it(tmp_path, monkeypa
     pixel_terms, balanced = [], []
     real_losses, real_weight = vqvae.train.vqvae_losses, vqvae.adversarial.adaptive_weight
 
-    def losses(x, out, recon="mse"):
-        terms = real_losses(x, out, recon)
+    def losses(x, out, recon="mse", *frequency):
+        terms = real_losses(x, out, recon, *frequency)
         pixel_terms.append(terms[f"{recon}_x"].item())
         return terms
 

@@ -389,6 +389,13 @@ class TrainConfig(LoopConfig):
     recon_loss: ReconLoss = field(default="mse", metadata=_help(
         "the pixel reconstruction loss: mse (the seed's) | l1 (mean absolute error, VQGAN's; "
         "the default preset's; docs/tokenizer.md)"))
+    freq_weight: float = field(default=0.0, metadata=_help(
+        "focal frequency loss weight (Jiang et al. 2021): the error in the Fourier domain, "
+        "each frequency weighted by its own error, added to the pixel loss; needs no weights "
+        "(docs/tokenizer.md); 0: off"))
+    freq_alpha: float = field(default=1.0, metadata=_help(
+        "the focal frequency loss's focusing exponent: 0 weighs every frequency alike (then "
+        "the loss is the MSE), larger puts more on the worst ones"))
     gan_weight: float = field(default=0.0, metadata=_help(
         "adversarial loss weight, times the adaptive weight (reconstruction / adversarial "
         "gradient norm at the decoder's last layer); 0: off. VQGAN-style runs use 0.1-0.8"))
@@ -423,7 +430,8 @@ class TrainConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
-        for name in ("gan_weight", "gan_start", "lecam", "perceptual_weight"):
+        for name in ("gan_weight", "gan_start", "lecam", "perceptual_weight", "freq_weight",
+                     "freq_alpha"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.compile_mode in get_args(CompileMode),
                f"compile_mode must be one of {get_args(CompileMode)}, got {self.compile_mode!r}")

@@ -2,7 +2,8 @@
 
 Loss (the seed's): mse(x, x_rec) + mse(sg(z), e) + beta * mse(z, sg(e)), straight-through
 estimator inside the quantizer (van den Oord et al. 2017, arXiv:1711.00937); ``--recon-loss l1``
-puts mean |x - x_rec| (VQGAN's) in place of the first term. Under torchrun each rank trains a
+puts mean |x - x_rec| (VQGAN's) in place of the first term, ``--freq-weight`` adds the focal
+frequency loss (:mod:`vqvae.frequency`). Under torchrun each rank trains a
 DistributedDataParallel copy on its slice of every global batch (a per-rank
 :class:`~vqvae.data.BatchStream`), evaluation is sharded, and I/O happens on rank 0 only.
 """
@@ -24,6 +25,7 @@ from .autoencoder import VQVAE, VQVAEOutput
 from .checkpoint import VQVAE_KIND
 from .config import ReconLoss, RunConfig, TrainConfig
 from .data import Splits, load_splits, to_float
+from .frequency import focal_frequency_loss
 from .images import Batch
 from .loader import train_batches
 from .distributed import Runtime, data_parallel, main_does, pick_device
@@ -36,17 +38,22 @@ from .schedule import RunClock, Schedule
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
 
 
-def vqvae_losses(x: torch.Tensor, out: VQVAEOutput,
-                 recon: ReconLoss = "mse") -> dict[str, torch.Tensor]:
+def vqvae_losses(x: torch.Tensor, out: VQVAEOutput, recon: ReconLoss = "mse",
+                 freq_weight: float = 0.0, freq_alpha: float = 1.0) -> dict[str, torch.Tensor]:
     """The loss and its named terms: mse_x, mse_e = codebook, mse_z = commitment (the seed's),
     and l1_x, the mean absolute error, when ``recon`` is "l1" (then the loss's pixel term in
-    place of mse_x, which is still logged so that curves compare across runs)."""
+    place of mse_x, which is still logged so that curves compare across runs); with
+    ``freq_weight`` > 0, freq_x, the focal frequency loss, added times that weight."""
     mse_x = F.mse_loss(out.reconstruction, x)
     q = out.quantized
     terms = {"mse_x": mse_x, "mse_e": q.codebook_loss, "mse_z": q.commitment_loss}
     if recon == "l1":
         terms["l1_x"] = F.l1_loss(out.reconstruction, x)
-    return {"loss": terms[f"{recon}_x"] + q.loss, **terms}
+    loss = terms[f"{recon}_x"] + q.loss
+    if freq_weight > 0:
+        terms["freq_x"] = focal_frequency_loss(out.reconstruction, x, freq_alpha)
+        loss = loss + freq_weight * terms["freq_x"]
+    return {"loss": loss, **terms}
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -189,7 +196,7 @@ class Stage1:
             self.model.quantizer.eval()
         with autocast(tc.precision, self.runtime.device):
             out = self.net(x)
-            losses = vqvae_losses(x, out, tc.recon_loss)
+            losses = vqvae_losses(x, out, tc.recon_loss, tc.freq_weight, tc.freq_alpha)
             if self.sharpen.active:
                 extra = self.sharpen.autoencoder_terms(step, x, out.reconstruction,
                                                        losses[f"{tc.recon_loss}_x"],
@@ -213,7 +220,8 @@ class Stage1:
                 | ({"skipped_images": float(self.skipped)} if self.skipped else {}))
 
     def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]:
-        return ({k: f"{record[k]:.4f}" for k in ("l1_x", "mse_x", "mse_e", "mse_z") if k in record}
+        return ({k: f"{record[k]:.4f}" for k in ("l1_x", "mse_x", "freq_x", "mse_e", "mse_z")
+                 if k in record}
                 | {"use%": f"{record['window_usage']:.0f}",
                    "dead": str(record["window_dead_codes"])}
                 | ({"wait%": f"{100 * record['data_wait']:.0f}"} if record["data_wait"] >= 0.05
