@@ -76,3 +76,20 @@ def test_grid_peak_is_one_for_the_originals_and_flags_a_stride_periodic_pattern(
     assert natural.grid_peak(patterned, images.byte(), 4) > 3
     shifted = images.roll(5, -1).byte()  # the same content elsewhere: no added periodicity
     assert natural.grid_peak(shifted, images.byte(), 4) == pytest.approx(1.0)
+
+
+def test_a_presets_row_reads_the_last_checkpoint(tmp_path):
+    import json
+
+    from vqvae.cli import main
+
+    presets = load_script("benchmarks/presets.py")
+    run = tmp_path / "seed"
+    assert main(["train", "--preset", "seed", "--data", "digits", "--size", "16", "--steps", "3",
+                 "--every", "3", "--batch-size", "8", "--device", "cpu", "--out", str(run)]) == 0
+    state = json.loads((run / "checkpoints" / "step-0000003" / "state.json").read_text())
+    cells = [c.strip() for c in presets.row("seed", run, {"psnr": 20.0, "ssim": 0.5, "fd": 3.0})
+             .strip("|").split("|")]
+    assert cells[:2] == ["seed", "resnet"] and cells[2].endswith("M")
+    assert cells[3:6] == ["4x4 x 64", "3", f"{state['seconds']:.0f}"]
+    assert cells[6:] == ["20.00", "0.5000", "3.00"]
