@@ -3,7 +3,7 @@ weighted by its own error, so the hard (mostly high) frequencies a pixel loss le
 
 Jiang et al., "Focal Frequency Loss for Image Reconstruction and Synthesis" (ICCV 2021),
 arXiv:2012.12821. Needs no weights: the option for sharper reconstructions when no perceptual
-network is at hand.
+network is at hand (measured no sharper at CPU budgets: docs/tokenizer.md).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ def focal_frequency_loss(reconstruction: torch.Tensor, target: torch.Tensor,
     """Mean over images, channels and frequencies of w * |F(rec) - F(target)|^2, where F is the
     orthonormal 2-D DFT per channel and w = (|F(rec) - F(target)| / its per-image-and-channel
     maximum)^alpha, a constant (no gradient flows through it). By Parseval's theorem, with every
-    w = 1 it is the mean squared pixel error; w < 1 leaves out part of the frequencies already
-    right. Computed in fp32 (the DFT of bf16 is not supported everywhere)."""
+    w = 1 it is the mean squared pixel error; w < 1 discounts the frequencies whose error is
+    already small. Computed in fp32 (the DFT of bf16 is not supported everywhere)."""
     if reconstruction.shape != target.shape or reconstruction.dim() != 4:
         raise ValueError(f"focal_frequency_loss needs two (B, C, H, W) tensors of one shape, got "
                          f"{tuple(reconstruction.shape)} and {tuple(target.shape)}")
