@@ -21,12 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sample_quality import classifier_for, default_cache  # noqa: E402
-from sharpness import score, train  # noqa: E402
+from sharpness import judging, score, train  # noqa: E402
 
-from vqvae import DataConfig, load_splits  # noqa: E402
 from vqvae import checkpoint as ckpt  # noqa: E402
-from vqvae.quality import ClassifierConfig, features  # noqa: E402
 
 NO_STEP_LIMIT = 10**7  # the minutes end the run
 
@@ -57,13 +54,7 @@ def row(preset: str, run: Path, judged: dict[str, float]) -> str:
 
 def main() -> None:
     args = parse_args()
-    data = DataConfig(source=args.data, size=args.size)
-    splits = load_splits(data)
-    classifier, _ = classifier_for(splits.train, data, ClassifierConfig(), default_cache(data))
-    reference = features(classifier, splits.train.images)
-    n = min(args.n, len(splits.test))
-    held = splits.test.images[torch.randperm(len(splits.test),
-                                             generator=torch.Generator().manual_seed(0))[:n]]
+    classifier, reference, held = judging(args.data, args.size, args.n)
     rows = []
     for preset in args.presets:
         run = Path(args.root) / preset
@@ -75,7 +66,7 @@ def main() -> None:
     print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/presets.py", *sys.argv[1:]]))
     print(f"\n{args.data} at {args.size}px, {args.minutes:g} wall minutes per preset, seed "
           f"{args.seed}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"{n} held-out images\n")
+          f"{len(held)} held-out images\n")
     print("| preset | architecture | parameters | codes | steps | training seconds | PSNR (dB) "
           "| SSIM | reconstruction Fréchet distance |\n|---|---|---:|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))

@@ -189,15 +189,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    data = DataConfig(source=args.data, size=args.size)
+def judging(source: str, size: int, n: int):
+    """(the cached classifier, its features of the training images, the held-out images judged:
+    at most ``n``, the same seeded pick every time) for data ``source`` at ``size`` px."""
+    data = DataConfig(source=source, size=size)
     splits = load_splits(data)
     classifier, _ = classifier_for(splits.train, data, ClassifierConfig(), default_cache(data))
     reference = features(classifier, splits.train.images)
-    n = min(args.n, len(splits.test))
-    held = splits.test.images[torch.randperm(len(splits.test),
-                                             generator=torch.Generator().manual_seed(0))[:n]]
+    pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(0))
+    return classifier, reference, splits.test.images[pick[:min(n, len(splits.test))]]
+
+
+def main() -> None:
+    args = parse_args()
+    classifier, reference, held = judging(args.data, args.size, args.n)
+    n = len(held)
     results: dict[str, list[dict[str, float]]] = {}
     for arm in arms(args):
         if args.only and arm.name not in args.only and arm.kind != "mse":
