@@ -308,6 +308,11 @@ def step_of(checkpoint_dir: Path) -> int:
     return int(Path(checkpoint_dir).name.split("-")[1])
 
 
+def step_folders(root: Path) -> list[Path]:
+    """The checkpoint folders (named by :func:`step_name`) in ``root``, oldest first."""
+    return sorted(p for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name) and p.is_dir())
+
+
 def _needed_by(checkpoint_dir: Path) -> list[str]:
     """Who :func:`protect` marked a checkpoint as needed by (none when unmarked or unreadable)."""
     try:
@@ -351,8 +356,7 @@ def needs(checkpoint_dir: Path, by: str) -> bool:
 
 
 def _prune(root: Path, keep: int, keep_every: int, current: str) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
-    for old in steps[:-keep]:
+    for old in step_folders(root)[:-keep]:
         every = keep_every and step_of(old) % keep_every == 0
         if old.name != current and not every and not (old / KEEP).exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -377,7 +381,7 @@ def _latest(root: Path) -> Path | None:
     """The checkpoint ``latest`` names, if it names a complete step folder of this run; else
     (empty, garbage, outside the run) the newest complete step folder, with a warning."""
     pointer = root / LATEST
-    steps = sorted(p for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name) and _complete(p))
+    steps = [p for p in step_folders(root) if _complete(p)]
     if not pointer.exists():
         return steps[-1] if steps else None
     try:

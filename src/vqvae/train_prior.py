@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from . import loop, runs
-from .checkpoint import (CHECKPOINTS, PRIOR_KIND, STEP_NAME, needs, protect, step_name, step_of,
-                         unprotect)
+from .checkpoint import (CHECKPOINTS, PRIOR_KIND, needs, protect, step_folders, step_name,
+                         step_of, unprotect)
 from .autoencoder import VQVAE
 from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
@@ -308,8 +308,7 @@ def kept_best(run_dir: Path) -> tuple[float, Path] | None:
     for a new run or one saved before runs kept it. The mark only moves to lower figures, so
     the newest marked checkpoint is the best: older marks (a process killed between marking
     the new one and releasing the old) are released."""
-    kept = [c for c in sorted((run_dir / CHECKPOINTS).glob("step-*"))
-            if STEP_NAME.fullmatch(c.name) and needs(c, BEST)]
+    kept = [c for c in step_folders(run_dir / CHECKPOINTS) if needs(c, BEST)]
     if not kept:
         return None
     for stale in kept[:-1]:
