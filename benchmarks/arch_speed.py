@@ -24,7 +24,7 @@ import torch
 from vqvae import PRESETS, VQVAE
 from vqvae.config import TrainConfig
 from vqvae.distributed import Runtime
-from vqvae.train import training_forward, vqvae_losses
+from vqvae.training.stage1 import training_forward, vqvae_losses
 
 
 class Subject:

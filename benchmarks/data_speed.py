@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from vqvae import DataConfig, load_splits
-from vqvae.loader import train_batches
+from vqvae.data.loader import train_batches
 
 CLASSES = 10
 

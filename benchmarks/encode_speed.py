@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqvae import checkpoint as ckpt
+from vqvae.store import checkpoint as ckpt
 from vqvae import VQVAE, DataConfig, load_splits, to_float
-from vqvae.codes import encode_dataset
+from vqvae.generation.codes import encode_dataset
 from vqvae.config import RunConfig, TrainConfig, seed_model, to_dict
-from vqvae.runs import prepare_run
+from vqvae.store.runs import prepare_run
 
 
 def make_run(root: Path, n: int) -> tuple[Path, Path]:

@@ -42,16 +42,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from quantizer_speed import OURS, anchor, have_anchor  # noqa: E402
 
-from vqvae.autoencoder import VQVAE  # noqa: E402
+from vqvae.models.autoencoder import VQVAE  # noqa: E402
 from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, PRESETS, PRIOR_PRESETS,  # noqa: E402
                           TrainConfig, prior_for_data)
-from vqvae.data import to_float  # noqa: E402
+from vqvae.data.sources import to_float  # noqa: E402
 from vqvae.distributed import Runtime  # noqa: E402
 from vqvae.precision import autocast, loss_scaler, numerics  # noqa: E402
-from vqvae.prior import build_prior  # noqa: E402
-from vqvae.quantize import nearest_code  # noqa: E402
-from vqvae.train import training_forward, vqvae_losses  # noqa: E402
-from vqvae.train_prior import PriorLoss, optimizer  # noqa: E402
+from vqvae.models.prior import build_prior  # noqa: E402
+from vqvae.models.quantizers.vq import nearest_code  # noqa: E402
+from vqvae.training.stage1 import training_forward, vqvae_losses  # noqa: E402
+from vqvae.training.stage2 import PriorLoss, optimizer  # noqa: E402
 
 QUANTIZER_SHAPES = [(16384, 64, 512), (65536, 64, 512), (65536, 64, 8192), (262144, 32, 16384)]
 QUICK_SHAPES = [(1024, 16, 64), (4096, 8, 256)]

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sharpness import judging, score, train  # noqa: E402
 
-from vqvae import checkpoint as ckpt  # noqa: E402
+from vqvae.store import checkpoint as ckpt  # noqa: E402
 
 NO_STEP_LIMIT = 10**7  # the minutes end the run
 

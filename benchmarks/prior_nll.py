@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from vqvae.codes import load_codes
+from vqvae.generation.codes import load_codes
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,10 @@ class Judge:
 
     def __init__(self, stage1: str, args: argparse.Namespace, train_codes: torch.Tensor):
         import sample_quality as sq  # beside this file
-        from vqvae import checkpoint as ckpt
+        from vqvae.store import checkpoint as ckpt
         from vqvae import load_splits
-        from vqvae.codes import stage1_data
-        from vqvae.quality import ClassifierConfig, features
+        from vqvae.generation.codes import stage1_data
+        from vqvae.evaluation.quality import ClassifierConfig, features
 
         self.sq, self.args = sq, args
         data = stage1_data(stage1, ckpt.load_autoencoder(stage1))
@@ -119,7 +119,7 @@ class Judge:
     def prior(self, run: Path) -> dict:
         """judged() over ``--draws`` sets of n samples (seeds 0, 1, ...), with ``copied``: the
         mean share of sampled grids that are copies of a training grid."""
-        from vqvae.quality import copied_share
+        from vqvae.evaluation.quality import copied_share
 
         draws = self.sq.prior_samples(str(run), self.n, self.held.shape[1:], self.args.draws)
         result = self.sq.judged(self.classifier, [d.images for d in draws], self.reference)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _params(run: Path) -> int:
-    from vqvae.checkpoint import load_prior
+    from vqvae.store.checkpoint import load_prior
 
     return sum(p.numel() for p in load_prior(run).parameters())
 

@@ -10,7 +10,7 @@ In train mode the quantized output is back-propagated with a fixed gradient (wha
 would send), plus the quantizer's own loss. The floor is the unavoidable work: ``argmin(addmm(|e|^2, x, e^T, alpha=-2))`` over the (N, D)
 vectors; in train mode also the gather ``e[idx]``, ``mse(e[idx], x)`` and its backward into x and
 the codebook. It is timed two ways, over the whole (N, K) matrix and in row chunks that stay in
-cache (the same chunking as ``vqvae.quantize``), and the faster of the two is the floor.
+cache (the same chunking as ``vqvae.models.quantizers.vq``), and the faster of the two is the floor.
 
 Peak memory (Linux): each (subject, shape) runs one train step in a fresh process, inputs and
 modules already built; the figure is the resident high-water mark during the step (``VmHWM``,
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqvae.config import TrainConfig, fsq_levels_for
-from vqvae.fsq import FiniteScalarQuantizer
-from vqvae.quantize import EMAVectorQuantizer, VectorQuantizer, lookup_rows
+from vqvae.models.quantizers.fsq import FiniteScalarQuantizer
+from vqvae.models.quantizers.vq import EMAVectorQuantizer, VectorQuantizer, lookup_rows
 
 SHAPES = [(16384, 64, 512), (65536, 64, 512), (16384, 128, 64), (16384, 64, 8192)]
 SIDE = 32  # latent grids are (B, D, 32, 32)

@@ -25,9 +25,9 @@ import torch
 
 from vqvae import VQVAE, DataConfig, load_splits, to_float
 from vqvae.config import VQVAEConfig, default_model, seed_model
-from vqvae.data import NAMED_IDX, BatchStream
-from vqvae.metrics import evaluate_autoencoder
-from vqvae.train import vqvae_losses
+from vqvae.data.sources import NAMED_IDX, BatchStream
+from vqvae.evaluation.metrics import evaluate_autoencoder
+from vqvae.training.stage1 import vqvae_losses
 
 SIZE, CHANNELS = 32, 1
 RESTART_AFTER = 20  # steps: a code with a fair share of a 4096-vector batch expects ~8 hits/step

@@ -2,7 +2,7 @@
 
 Fifty et al., "Restructuring Vector Quantization with the Rotation Trick" (2024),
 arXiv:2410.06424. Every seed trains the ``default`` preset twice through
-:func:`vqvae.train.train_autoencoder`, with ``estimator="ste"`` and ``estimator="rotation"``: the
+:func:`vqvae.training.stage1.train_autoencoder`, with ``estimator="ste"`` and ``estimator="rotation"``: the
 same initial weights and batches, so the per-seed difference is paired. On the embedded digits
 (16 px) and, when /usr/share/datasets/fashion-mnist exists, Fashion-MNIST at 32 px. Usage (one
 CPU thread, ~10 minutes): ``OMP_NUM_THREADS=1 python benchmarks/rotation_trick.py``.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vqvae import DataConfig, Splits, load_splits, run_config, train_autoencoder
-from vqvae.data import NAMED_IDX
+from vqvae.data.sources import NAMED_IDX
 
 ESTIMATORS = ("ste", "rotation")
 METRICS = (("psnr", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),

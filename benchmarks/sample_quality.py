@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from vqvae import (VQVAE, DataConfig, DataError, ImageSet, SampleConfig, Samples, load_samples,
                    load_splits, sample_images, to_float, to_uint8)
-from vqvae import checkpoint as ckpt
-from vqvae.codes import stage1_data
-from vqvae.quality import (Classifier, ClassifierConfig, accuracy, features, judge,
+from vqvae.store import checkpoint as ckpt
+from vqvae.generation.codes import stage1_data
+from vqvae.evaluation.quality import (Classifier, ClassifierConfig, accuracy, features, judge,
                            train_classifier)
 
 FORMAT = "vqvae-quality-classifier/1"

@@ -28,8 +28,8 @@ import torch
 from dataclasses import replace
 
 from vqvae.config import PRIOR_PRESETS
-from vqvae.prior import Prior, build_prior
-from vqvae.transformer import sample_next
+from vqvae.models.prior import Prior, build_prior
+from vqvae.models.transformer import sample_next
 
 
 def _median_time(fn, repeats: int) -> float:

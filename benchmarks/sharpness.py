@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sample_quality import classifier_for, default_cache, judged, reconstructions  # noqa: E402
 
 from vqvae import DataConfig, load_splits  # noqa: E402
-from vqvae import checkpoint as ckpt  # noqa: E402
+from vqvae.store import checkpoint as ckpt  # noqa: E402
 from vqvae.cli import main as vqvae  # noqa: E402
-from vqvae.metrics import evaluate_autoencoder  # noqa: E402
-from vqvae.quality import ClassifierConfig, features  # noqa: E402
+from vqvae.evaluation.metrics import evaluate_autoencoder  # noqa: E402
+from vqvae.evaluation.quality import ClassifierConfig, features  # noqa: E402
 
 GAN = "--gan-weight 0.1"
 VARIANTS = {  # the rows without --variant / --finetune: name -> extra `vqvae train` options

@@ -32,9 +32,9 @@ import torch
 
 from vqvae import VQVAE, DataConfig, load_splits
 from vqvae.config import TrainConfig, seed_model
-from vqvae.data import BatchStream
+from vqvae.data.sources import BatchStream
 from vqvae.distributed import Runtime
-from vqvae.train import to_device, training_forward, vqvae_losses
+from vqvae.training.stage1 import to_device, training_forward, vqvae_losses
 
 VARIANTS = {  # name -> (channels_last, compile)
     "eager, NCHW": (False, False),

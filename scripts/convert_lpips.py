@@ -24,7 +24,7 @@ from pathlib import Path
 import safetensors.torch as st
 import torch
 
-from vqvae.perceptual import LPIPS, load_perceptual
+from vqvae.models.lpips import LPIPS, load_perceptual
 
 VGG_SHA256_PREFIX = "397923af"  # torchvision names its files after their sha256's first digits
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from vqvae.cli import main
-from vqvae.discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
+from vqvae.models.discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
                                  discriminator_loss, generator_loss, patchgan_layers)
 
 TINY = ["--data", "digits", "--size", "16", "--hidden-channels", "8", "--code-dim", "4",
@@ -116,7 +116,7 @@ def test_finetune_decoder_keeps_the_codes_and_the_priors_on_them(tmp_path, capsy
     assert main(["train", *BASE, "--steps", "4", "--out", str(base)]) == 0
     assert main(["finetune-decoder", str(base), "--steps", "4", "--gan-weight", "0.5",
                  "--disc-channels", "8", "--out", str(tuned)]) == 0
-    from vqvae.train import finetune_config, load_run_config
+    from vqvae.training.stage1 import finetune_config, load_run_config
 
     # a tenth of the base run's learning rate unless one is given
     assert load_run_config(tuned).train.lr == pytest.approx(load_run_config(base).train.lr / 10)
@@ -147,7 +147,7 @@ def test_finetune_decoder_keeps_the_codes_and_the_priors_on_them(tmp_path, capsy
 def test_perceptual_loss_trains_with_weights_from_a_file(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from vqvae.perceptual import LPIPS
+    from vqvae.models.lpips import LPIPS
 
     weights = tmp_path / "lpips.safetensors"
     save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(weights))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vqvae import VQVAE, CheckpointError, load_autoencoder
-from vqvae import checkpoint as ckpt
+from vqvae.store import checkpoint as ckpt
 from vqvae.config import to_dict
 
 

@@ -11,7 +11,7 @@ from vqvae import load_autoencoder
 from vqvae.cli import main, make_parser
 from vqvae.config import run_config
 from vqvae.options import given
-from vqvae.runs import read_jsonl
+from vqvae.store.runs import read_jsonl
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
         "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "64"]

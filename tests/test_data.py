@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vqvae import DataConfig, DataError, load_splits, to_float, to_uint8
-from vqvae.data import BatchStream, SkippedImagesWarning, read_idx
+from vqvae.data.sources import BatchStream, SkippedImagesWarning, read_idx
 
 
 def _png(path, size=(20, 12), mode="RGB", value=128):
@@ -151,7 +151,7 @@ def test_batch_stream_is_a_pure_function_of_step_and_shards_by_rank():
 
 
 def test_folder_decoding_in_chunks_keeps_order_and_labels(tmp_path, monkeypatch):
-    from vqvae import files
+    from vqvae.data import files
 
     for cls in ("a", "b"):
         for i in range(3):

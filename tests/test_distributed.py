@@ -21,12 +21,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-import vqvae.loop
-import vqvae.schedule
-import vqvae.train
+import vqvae.training.loop
+import vqvae.training.schedule
+import vqvae.training.stage1
 from vqvae import load_autoencoder
 from vqvae.cli import main
-from vqvae.runs import read_jsonl
+from vqvae.store.runs import read_jsonl
 
 WORLD, BATCH, STEPS = 2, 8, 20  # per-rank batch; the 1-process reference uses WORLD * BATCH
 LIMIT_S = 120  # per group of processes; a healthy run takes a few seconds
@@ -61,15 +61,15 @@ def _worker(rank: int, ports: list[int], out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    vqvae.loop.LOG_EVERY = 1
+    vqvae.training.loop.LOG_EVERY = 1
     trained = {}
-    real = vqvae.train.data_parallel
+    real = vqvae.training.stage1.data_parallel
 
     def keep(model, runtime):  # the unwrapped model this rank trains
         trained["model"] = model
         return real(model, runtime)
 
-    vqvae.train.data_parallel = keep
+    vqvae.training.stage1.data_parallel = keep
     out = Path(out)
     copied = out / "vq-resume" / ".copied"
     for name, port in zip(RUNS, ports):
@@ -119,7 +119,7 @@ def one_process(tmp_path_factory) -> Path:
     """The reference: one process with the global batch WORLD * BATCH, per-step logs."""
     out = tmp_path_factory.mktemp("single")
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(vqvae.loop, "LOG_EVERY", 1)
+        mp_.setattr(vqvae.training.loop, "LOG_EVERY", 1)
         for quantizer in QUANTIZERS:
             assert main(["train", *TINY, "--quantizer", quantizer, "--batch-size",
                          str(WORLD * BATCH), "--out", str(out / quantizer)]) == 0
@@ -159,7 +159,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks, tmp_path, mon
     assert state["world_size"] == WORLD and state["global_batch"] == WORLD * BATCH
     # One process with the same global batch continues the same data order from the same
     # checkpoint: its steps 21-25 are those of the 2 ranks that resumed it.
-    monkeypatch.setattr(vqvae.loop, "LOG_EVERY", 1)
+    monkeypatch.setattr(vqvae.training.loop, "LOG_EVERY", 1)
     run = tmp_path / "vq"
     shutil.copytree(two_ranks / "vq", run)
     assert main(["train", "--resume", str(run), "--steps", str(STEPS + RESUMED), "--batch-size",
@@ -179,7 +179,7 @@ def _torchrun(*argv: str) -> str:
     """``torchrun --standalone --nproc_per_node 2 -m vqvae ARGV``, killed (whole process group)
     on timeout or failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(vqvae.train.__file__).parents[1]),
+           "PYTHONPATH": os.pathsep.join([str(Path(vqvae.__file__).parents[1]),
                                           os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={WORLD}", "-m", "vqvae", *argv]
@@ -224,11 +224,11 @@ def _timed_worker(rank: int, ports: list[int], stage1: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     if rank == 1:
-        elapsed = vqvae.schedule.RunClock.elapsed
-        vqvae.schedule.RunClock.elapsed = lambda self: (
+        elapsed = vqvae.training.schedule.RunClock.elapsed
+        vqvae.training.schedule.RunClock.elapsed = lambda self: (
             self.spent + SKEW * (elapsed(self) - self.spent))
     trained = {}
-    stage2 = importlib.import_module("vqvae.train_prior")  # the package exports a function
+    stage2 = importlib.import_module("vqvae.training.stage2")  # the package exports a function
     real = stage2.data_parallel                              # of the same name
 
     def keep(module, runtime):  # PriorLoss, whose .prior this rank trains

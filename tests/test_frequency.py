@@ -10,8 +10,8 @@ import torch
 from vqvae import VQVAE
 from vqvae.cli import main
 from vqvae.config import ConfigError, TrainConfig
-from vqvae.frequency import focal_frequency_loss
-from vqvae.train import vqvae_losses
+from vqvae.training.frequency import focal_frequency_loss
+from vqvae.training.stage1 import vqvae_losses
 
 TINY = ["--data", "digits", "--size", "16", "--hidden-channels", "8", "--code-dim", "4",
         "--codebook-size", "16", "--batch-size", "8", "--every", "4", "--eval-count", "32",

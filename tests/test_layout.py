@@ -1,5 +1,6 @@
-"""The package's structure: modules import each other without cycles, stage 2 never imports stage
-1's trainer, and the CLI and models stay free of what belongs elsewhere."""
+"""The package's structure: packages by kind in layers that import only downwards, no module
+import cycles, stage 2 never imports stage 1's trainer, models stay pure, and the README's module
+map lists every module."""
 
 import ast
 from pathlib import Path
@@ -7,23 +8,83 @@ from pathlib import Path
 import vqvae
 
 PACKAGE = Path(vqvae.__file__).parent
+README = PACKAGE.parents[1] / "README.md"
+
+# The layers, bottom first: a module may import its own layer's and lower layers' modules only.
+LAYERS = [
+    {"errors", "fileio", "distributed", "precision"},  # core: no package imports but these
+    {"config"},
+    {"data", "models"},
+    {"store"},
+    {"evaluation", "generation"},
+    {"training"},
+    {"api", "options", "cli", "__init__", "__main__"},
+]
+LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+
+def module_name(path: Path) -> str:
+    """``vqvae/models/prior.py`` -> ``models.prior``; a package's ``__init__`` is the package."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def resolve(module: str, path: Path, node: ast.ImportFrom) -> list[str]:
+    """The package modules an ``import from`` names (relative or ``vqvae.``-absolute)."""
+    if node.level == 0:
+        if not (node.module or "").startswith("vqvae"):
+            return []
+        base = (node.module or "").split(".")[1:]
+    else:
+        here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        if module == "__init__":
+            here = []
+        base = here[:len(here) - (node.level - 1)] + (node.module.split(".") if node.module
+                                                      else [])
+    if node.module:
+        return [".".join(base) or "__init__"]
+    return [".".join([*base, alias.name]) for alias in node.names]
 
 
 def internal_imports() -> dict[str, set[str]]:
-    """module -> the package modules it imports (``from .x import``, ``from . import x``)."""
+    """module -> the package modules it imports, module-level and inside functions."""
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    for path in PACKAGE.rglob("*.py"):
+        me = module_name(path)
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module} if node.module else {a.name for a in node.names}
-        graph[path.stem] = deps - {path.stem}
+            if isinstance(node, ast.ImportFrom):
+                for dep in resolve(me, path, node):
+                    # ``from .config import X`` names a module; ``from . import __version__`` not
+                    while dep and dep not in modules:
+                        dep = dep.rpartition(".")[0]
+                    if dep:
+                        deps.add(dep)
+        graph[me] = deps - {me}
     return graph
 
 
-def test_imports_form_layers_without_cycles():
+def unit(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_every_module_is_in_a_layer():
+    assert {unit(m) for m in internal_imports()} <= set(LAYER)
+
+
+def test_packages_import_only_downwards():
+    wrong = [f"{m} ({LAYER[unit(m)]}) imports {d} ({LAYER[unit(d)]})"
+             for m, deps in internal_imports().items() for d in deps
+             if m != "__init__" and LAYER[unit(d)] > LAYER[unit(m)]]
+    assert not wrong, wrong
+
+
+def test_imports_have_no_cycles():
     graph = internal_imports()
-    order, done, visiting = [], set(), set()
+    done, visiting = set(), set()
 
     def visit(module, trail):
         assert module not in visiting, "import cycle: " + " -> ".join([*trail, module])
@@ -31,23 +92,40 @@ def test_imports_form_layers_without_cycles():
             return
         visiting.add(module)
         for dep in sorted(graph.get(module, ())):
-            visit(dep, [*trail, module])
+            if not (module.startswith(dep + ".") or dep == "__init__"):  # a package's own parts
+                visit(dep, [*trail, module])
         visiting.discard(module)
         done.add(module)
-        order.append(module)
 
     for module in sorted(graph):
-        if module != "__init__":
-            visit(module, [])
-    assert {"config", "runs", "loop", "train", "train_prior", "cli"} <= set(order)
+        visit(module, [])
 
 
 def test_stage_boundaries():
     graph = internal_imports()
-    assert "train" not in graph["train_prior"]  # stage 2 takes nothing from stage 1's trainer
-    assert "train" not in graph["loop"] | graph["runs"]  # the shared loop serves both stages
-    # Models are pure modules: no run folders, checkpoints, logging or CLI inside.
-    for model in ("autoencoder", "prior", "quantize", "fsq", "perceptual"):
-        assert not graph[model] & {"checkpoint", "runs", "loop", "cli", "plots", "sample"}, model
-    # Nothing below the CLI imports it.
+    assert "training.stage1" not in graph["training.stage2"]  # nothing from stage 1's trainer
+    for shared in ("training.loop", "training.driver", "store.runs"):
+        if shared in graph:
+            assert not graph[shared] & {"training.stage1", "training.stage2"}, shared
+    # Models are pure modules: nothing from run folders, checkpoints, training or the CLI.
+    for model in (m for m in graph if unit(m) == "models"):
+        assert all(unit(d) in {"models", "config", "errors", "distributed", "precision"}
+                   for d in graph[model]), (model, graph[model])
     assert not any("cli" in deps for name, deps in graph.items() if name != "__main__")
+
+
+def test_the_readme_module_map_lists_every_module():
+    """Each package's row names its modules (``models/quantizers/vq.py`` as ``quantizers/vq.py``
+    in the ``models/`` row)."""
+    rows = {line.split("|")[1].strip(" `"): line for line in README.read_text().splitlines()
+            if line.startswith("| ")}
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if path.name == "__init__.py" and len(parts) > 1:
+            continue
+        row = rows.get(parts[0] + "/" if len(parts) > 1 else "", "") or " ".join(
+            line for key, line in rows.items() if key in ("core", "CLI"))
+        if f"`{'/'.join(parts[1:] or parts)}`" not in row:
+            missing.append("/".join(parts))
+    assert not missing, f"README's module map misses {missing}"

@@ -10,7 +10,7 @@ import torch
 
 import vqvae
 from vqvae.cli import main
-from vqvae.metrics import evaluate_prior
+from vqvae.evaluation.metrics import evaluate_prior
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"
 RECORDED_ROOT = "/tmp/legacy/run"  # where it was written (its configs and keep marks say so)

@@ -1,4 +1,4 @@
-"""The shared training loop (vqvae.loop) and run folder (vqvae.runs), with a stand-in stage."""
+"""The shared training loop (vqvae.training.loop) and run folder (vqvae.store.runs), with a stand-in stage."""
 
 import json
 import time
@@ -6,8 +6,9 @@ import time
 import pytest
 import torch
 
-from vqvae import checkpoint as ckpt
-from vqvae import loop, runs
+from vqvae.store import checkpoint as ckpt
+from vqvae.training import loop
+from vqvae.store import runs
 from vqvae.config import LoopConfig, RunConfig, from_dict, run_config, to_dict
 from vqvae.distributed import Runtime
 

@@ -6,15 +6,15 @@ import torch
 from PIL import Image
 
 from vqvae import DataConfig, SampleConfig, load_autoencoder, load_splits, to_float
-from vqvae.checkpoint import PRIOR_KIND, load_prior, write_checkpoint
-from vqvae.inpaint import code_mask, inpaint
+from vqvae.store.checkpoint import PRIOR_KIND, load_prior, write_checkpoint
+from vqvae.generation.inpaint import code_mask, inpaint
 from vqvae.cli import main
-from vqvae.codes import load_codes
+from vqvae.generation.codes import load_codes
 from vqvae.config import ConfigError, PriorConfig, default_prior, from_dict, to_dict
-from vqvae.maskgit import MaskGITPrior, masked_count, masked_fraction
-from vqvae.prior import build_prior
-from vqvae.runs import read_jsonl
-from vqvae.transformer import SeedStack
+from vqvae.models.maskgit import MaskGITPrior, masked_count, masked_fraction
+from vqvae.models.prior import build_prior
+from vqvae.store.runs import read_jsonl
+from vqvae.models.transformer import SeedStack
 
 
 def tiny(num_classes: int = 0, k: int = 16, h: int = 3, w: int = 4) -> MaskGITPrior:

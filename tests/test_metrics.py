@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vqvae import VQVAE, to_float
-from vqvae.metrics import evaluate_autoencoder, ssim, ssim_window
+from vqvae.evaluation.metrics import evaluate_autoencoder, ssim, ssim_window
 
 
 def _reference_ssim(x: np.ndarray, y: np.ndarray, data_range: float, side: int,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqvae import LPIPS, PerceptualWeightsError, load_perceptual
-from vqvae.perceptual import unit_normalize
+from vqvae.models.lpips import unit_normalize
 from script_module import load_script
 
 # torchvision's vgg16().features: (index, in, out) of its 13 convolutions, written out here

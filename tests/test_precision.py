@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from vqvae import load_autoencoder
-from vqvae.checkpoint import STATE_META, load_prior
+from vqvae.store.checkpoint import STATE_META, load_prior
 from vqvae.cli import main
 from vqvae.config import ConfigError, TrainConfig
 from vqvae.precision import CUBLAS_WORKSPACE, autocast, loss_scaler, numerics
-from vqvae.runs import read_jsonl
-from vqvae.train_prior import resident
+from vqvae.store.runs import read_jsonl
+from vqvae.training.stage2 import resident
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
         "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "64"]

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from vqvae import checkpoint as ckpt
+from vqvae.store import checkpoint as ckpt
 from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, SMALL_SET_LR, ConfigError,
                           PriorConfig, default_prior, prior_for_data, seed_prior, to_dict)
-from vqvae.schedule import RunClock, learning_rate
-from vqvae.prior import Prior
-from vqvae.transformer import SeedBlock, filter_logits, sample_next
+from vqvae.training.schedule import RunClock, learning_rate
+from vqvae.models.prior import Prior
+from vqvae.models.transformer import SeedBlock, filter_logits, sample_next
 
 
 def tiny(variant="gpt", num_classes=0, h=3, w=4, k=7):
@@ -282,7 +282,7 @@ def test_nll_is_per_code_cross_entropy():
 
 
 def test_token_dropout_corrupts_inputs_not_targets():
-    from vqvae.prior import _corrupt
+    from vqvae.models.prior import _corrupt
 
     tokens = torch.full((64, 50), 7)
     tokens[:, 0] = 99  # a start token

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import vqvae
-from vqvae.checkpoint import load_prior, needs, protect
+from vqvae.store.checkpoint import load_prior, needs, protect
 from vqvae.cli import main
-from vqvae.codes import CodeSplit, load_codes, save_codes
-from vqvae.runs import read_jsonl
-from vqvae.train_prior import BEST, overfit_note
+from vqvae.generation.codes import CodeSplit, load_codes, save_codes
+from vqvae.store.runs import read_jsonl
+from vqvae.training.stage2 import BEST, overfit_note
 from script_module import load_script
 
 STAGE1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",

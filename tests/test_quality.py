@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vqvae
-from vqvae.quality import (Classifier, ClassifierConfig, accuracy, copied_share, features,
+from vqvae.evaluation.quality import (Classifier, ClassifierConfig, accuracy, copied_share, features,
                            frechet_distance, judge, train_classifier)
 
 

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from vqvae import PRESETS, VQVAE, ConfigError, VQVAEConfig, load_autoencoder, seed_model
-from vqvae import checkpoint as ckpt
-from vqvae import quantize
+from vqvae.store import checkpoint as ckpt
+from vqvae.models.quantizers import vq as quantize
 from vqvae.config import from_dict, fsq_levels_for, to_dict
-from vqvae.fsq import FiniteScalarQuantizer
-from vqvae.metrics import CodeUsage
-from vqvae.quantize import EMAVectorQuantizer, VectorQuantizer, kmeans, nearest_code
+from vqvae.models.quantizers.fsq import FiniteScalarQuantizer
+from vqvae.evaluation.metrics import CodeUsage
+from vqvae.models.quantizers.vq import EMAVectorQuantizer, VectorQuantizer, kmeans, nearest_code
 
 K, D = 12, 6
 VARIANTS = {
@@ -417,7 +417,7 @@ def test_mixed_precision_keeps_the_lookup_in_fp32(preset):
     assert z.dtype == torch.bfloat16 and mixed.quantized.dtype == torch.float32
     assert torch.equal(mixed.indices, plain.indices)
     assert torch.allclose(mixed.loss, plain.loss)
-    from vqvae.train import vqvae_losses
+    from vqvae.training.stage1 import vqvae_losses
 
     vqvae_losses(x, out)["loss"].backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-import vqvae.adversarial
-import vqvae.train
+import vqvae.training.adversarial
+import vqvae.training.stage1
 from vqvae import VQVAE
 from vqvae.cli import main
 from vqvae.config import ConfigError, TrainConfig, run_config
-from vqvae.train import vqvae_losses
+from vqvae.training.stage1 import vqvae_losses
 
 TINY = ["--data", "digits", "--size", "16", "--hidden-channels", "8", "--code-dim", "4",
         "--codebook-size", "16", "--batch-size", "8", "--every", "4", "--eval-count", "32",
@@ -58,7 +58,7 @@ def test_an_l1_run_saves_logs_and_balances_the_gan_against_it(tmp_path, monkeypa
     assert {"l1_x", "mse_x", "mse_e", "mse_z"} <= set(record)
 
     pixel_terms, balanced = [], []
-    real_losses, real_weight = vqvae.train.vqvae_losses, vqvae.adversarial.adaptive_weight
+    real_losses, real_weight = vqvae.training.stage1.vqvae_losses, vqvae.training.adversarial.adaptive_weight
 
     def losses(x, out, recon="mse", *frequency):
         terms = real_losses(x, out, recon, *frequency)
@@ -69,8 +69,8 @@ def test_an_l1_run_saves_logs_and_balances_the_gan_against_it(tmp_path, monkeypa
         balanced.append(rec.item())
         return real_weight(rec, adv, last)
 
-    monkeypatch.setattr(vqvae.train, "vqvae_losses", losses)
-    monkeypatch.setattr(vqvae.adversarial, "adaptive_weight", weight)
+    monkeypatch.setattr(vqvae.training.stage1, "vqvae_losses", losses)
+    monkeypatch.setattr(vqvae.training.adversarial, "adaptive_weight", weight)
     # the fine-tune inherits the run's pixel loss, and the adaptive weight balances that term
     assert main(["finetune-decoder", str(base), "--steps", "3", "--every", "3",
                  "--gan-weight", "0.5", "--disc-channels", "8", "--out", str(tuned)]) == 0

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import vqvae.train
-from vqvae import checkpoint as ckpt
+import vqvae.training.stage1
+from vqvae.store import checkpoint as ckpt
 from vqvae import load_autoencoder
 from vqvae.cli import main
-from vqvae.runs import read_jsonl
+from vqvae.store.runs import read_jsonl
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
         "--codebook-size", "16", "--batch-size", "16", "--eval-count", "32", "--grid", "2"]
@@ -84,19 +84,19 @@ def test_divergence_stops_before_a_nan_checkpoint(tmp_path, stage1, capsys, monk
     # A divergence after good checkpoints: the good one stays latest, finite, and resumes.
     good = tmp_path / "good"
     assert main(["train", *TINY, "--steps", "6", "--every", "3", "--out", str(good)]) == 0
-    real, calls = vqvae.train.vqvae_losses, []
+    real, calls = vqvae.training.stage1.vqvae_losses, []
 
     def diverging(x, out, *options):  # the second step after the resume goes NaN
         calls.append(1)
         losses = real(x, out, *options)
         return {k: v * float("nan") for k, v in losses.items()} if len(calls) >= 2 else losses
 
-    monkeypatch.setattr(vqvae.train, "vqvae_losses", diverging)
+    monkeypatch.setattr(vqvae.training.stage1, "vqvae_losses", diverging)
     assert main(["train", "--resume", str(good), "--steps", "12"]) == 1
     assert "non-finite by step 9" in one_line(capsys) and latest(good) == "step-0000006"
     weights = load_autoencoder(good).state_dict()
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
-    monkeypatch.setattr(vqvae.train, "vqvae_losses", real)
+    monkeypatch.setattr(vqvae.training.stage1, "vqvae_losses", real)
     assert main(["train", "--resume", str(good), "--steps", "12"]) == 0
 
 

@@ -10,7 +10,7 @@ import torch
 from vqvae import load_autoencoder
 from vqvae.cli import main
 from vqvae.config import resumed, run_config
-from vqvae.runs import read_jsonl
+from vqvae.store.runs import read_jsonl
 
 TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
         "--codebook-size", "16", "--batch-size", "16", "--every", "10", "--eval-count", "64",

@@ -13,12 +13,12 @@ from PIL import Image
 
 from vqvae import DataConfig, DataError, ImageSet, load_autoencoder, load_splits
 from vqvae.cli import main
-from vqvae.codes import load_codes
-from vqvae.files import FileSet
-from vqvae.loader import train_batches
-from vqvae.shards import (INDEX_SUFFIX, MANIFEST, epoch_plan, expand_pattern, index_shards,
+from vqvae.generation.codes import load_codes
+from vqvae.data.files import FileSet
+from vqvae.data.loader import train_batches
+from vqvae.data.shards import (INDEX_SUFFIX, MANIFEST, epoch_plan, expand_pattern, index_shards,
                           pack, shard_groups, shard_paths)
-from vqvae.data import cache_mode
+from vqvae.data.sources import cache_mode
 
 N = 40  # images per folder; pixel value 5 * i + 2 identifies image i after any centre resize
 
@@ -169,7 +169,7 @@ def test_pack_resumes_after_an_interruption_and_refuses_a_changed_folder(tmp_pat
     folder = _folder(tmp_path / "img")
     clean = tmp_path / "clean"
     pack(folder, clean, 6, progress=False)
-    from vqvae.checkpoint import write_bytes
+    from vqvae.store.checkpoint import write_bytes
 
     calls = []
 
@@ -216,7 +216,7 @@ def test_the_index_beside_packed_shards_equals_reading_their_headers(tmp_path):
 
 
 def test_cache_auto_picks_memory_for_small_sets(tmp_path, monkeypatch):
-    from vqvae import data
+    from vqvae.data import sources as data
 
     assert isinstance(load_splits(DataConfig()).train, ImageSet)  # digits
     folder = _folder(tmp_path / "img")

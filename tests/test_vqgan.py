@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from vqvae import PRESETS, VQVAE, ConfigError, VQVAEConfig, default_model, load_autoencoder
-from vqvae import checkpoint as ckpt
+from vqvae.store import checkpoint as ckpt
 from vqvae.cli import main, make_parser
 from vqvae.config import (from_dict, quantizer_options, run_config, seed_model, to_dict,
                           vqgan_model)
-from vqvae.discriminator import adaptive_weight
-from vqvae.images import to_uint8
-from vqvae.metrics import evaluate_autoencoder, psnr
+from vqvae.models.discriminator import adaptive_weight
+from vqvae.data.images import to_uint8
+from vqvae.evaluation.metrics import evaluate_autoencoder, psnr
 from vqvae.options import given
-from vqvae.vqgan import GroupNormResBlock, SelfAttention, Upsample
+from vqvae.models.vqgan import GroupNormResBlock, SelfAttention, Upsample
 
 
 def tiny(size=8, channels=1, channel_mult=(1, 2), **kw):

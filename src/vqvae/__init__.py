@@ -6,32 +6,32 @@ Stage 2 is an autoregressive Transformer prior over its code grids.
 
 __version__ = "0.1.0"
 
-from .autoencoder import (QUANTIZERS, VQVAE, ResidualBlock, VQVAEOutput,  # noqa: E402
+from .models.autoencoder import (QUANTIZERS, VQVAE, ResidualBlock, VQVAEOutput,  # noqa: E402
                           build_quantizer)
-from .checkpoint import CheckpointError, load_autoencoder, load_prior  # noqa: E402
-from .codes import (CodeSplit, Codes, encode_dataset, encode_set, load_codes, load_stage1,  # noqa: E402
+from .store.checkpoint import CheckpointError, load_autoencoder, load_prior  # noqa: E402
+from .generation.codes import (CodeSplit, Codes, encode_dataset, encode_set, load_codes, load_stage1,  # noqa: E402
                     load_trained, save_codes)
 from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, LoopConfig,  # noqa: E402
                      Preset, PriorConfig, PriorRunConfig, PriorTrainConfig, RunConfig,
                      SampleConfig, TrainConfig, VQVAEConfig, default_model, default_prior,
                      run_config, seed_model, seed_prior, vqgan_model)
-from .data import DataError, ImageSet, Splits, load_splits, to_float, to_uint8  # noqa: E402
-from .files import FileSet  # noqa: E402
-from .shards import pack  # noqa: E402
+from .data.sources import DataError, ImageSet, Splits, load_splits, to_float, to_uint8  # noqa: E402
+from .data.files import FileSet  # noqa: E402
+from .data.shards import pack  # noqa: E402
 from .distributed import Runtime  # noqa: E402
-from .fsq import FiniteScalarQuantizer  # noqa: E402
-from .metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # noqa: E402
+from .models.quantizers.fsq import FiniteScalarQuantizer  # noqa: E402
+from .evaluation.metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # noqa: E402
                       score_autoencoder, ssim)
-from .perceptual import LPIPS, PerceptualWeightsError, load_perceptual  # noqa: E402
-from .prior import Prior  # noqa: E402
-from .quality import (Classifier, ClassifierConfig, frechet_distance, judge,  # noqa: E402
+from .models.lpips import LPIPS, PerceptualWeightsError, load_perceptual  # noqa: E402
+from .models.prior import Prior  # noqa: E402
+from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance, judge,  # noqa: E402
                       train_classifier)
-from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
-from .loop import RunResult  # noqa: E402
-from .sample import (Samples, decode_codes, interpolation_grid, load_samples,  # noqa: E402
+from .models.quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
+from .training.loop import RunResult  # noqa: E402
+from .generation.sample import (Samples, decode_codes, interpolation_grid, load_samples,  # noqa: E402
                      reconstruction_grid, sample_images, samples_grid, save_samples)
-from .train import load_run_config, train_autoencoder  # noqa: E402
-from .train_prior import load_prior_run_config, prior_run_config, train_prior  # noqa: E402
+from .training.stage1 import load_run_config, train_autoencoder  # noqa: E402
+from .training.stage2 import load_prior_run_config, prior_run_config, train_prior  # noqa: E402
 
 __all__ = [
     # stage 1

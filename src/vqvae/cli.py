@@ -16,25 +16,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .checkpoint import CheckpointError, write_json
-from .codes import Codes, encode_dataset, load_codes, load_trained, save_codes
+from .store.checkpoint import CheckpointError, write_json
+from .generation.codes import Codes, encode_dataset, load_codes, load_trained, save_codes
 from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, ConfigError, DataConfig, PriorConfig,
                      PriorTrainConfig, SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
-from .data import DataError, ImageSet
-from .files import FileSet
-from .perceptual import PerceptualWeightsError
-from .shards import pack
+from .data.sources import DataError, ImageSet
+from .data.files import FileSet
+from .models.lpips import PerceptualWeightsError
+from .data.shards import pack
 from .distributed import PeerError, Runtime, launch, pick_device, torchrun_env
-from .metrics import score_autoencoder
+from .evaluation.metrics import score_autoencoder
 from .options import add_options, given
-from .plots import plot_code_usage
-from .inpaint import inpaint_files
-from .loop import RunResult
-from .runs import NonFiniteError, find_run
-from .sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
+from .evaluation.plots import plot_code_usage
+from .generation.inpaint import inpaint_files
+from .training.loop import RunResult
+from .store.runs import NonFiniteError, find_run
+from .generation.sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
                      save_png, save_samples)
-from .train import finetune_config, load_run_config, train_autoencoder
-from .train_prior import (load_prior_run_config, prior_run_config, prior_summary,
+from .training.stage1 import finetune_config, load_run_config, train_autoencoder
+from .training.stage2 import (load_prior_run_config, prior_run_config, prior_summary,
                           train_prior)
 
 STAGE1, STAGE2 = ("data", "model", "train"), ("prior", "ptrain")  # option groups (dest prefixes)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ConfigError
+from .errors import ConfigError, PeerError
 
 # A rank that waits longer than this in a collective (a peer crashed or hangs) raises instead of
 # waiting forever. Rank 0 alone writes checkpoints, grids and plots while the others wait, so
@@ -41,9 +41,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-
-class PeerError(RuntimeError):
-    """Another rank failed (its own message says why); this one stops too instead of hanging."""
 
 
 def torchrun_env() -> tuple[int, int, int]:

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CHOICE_TEMPERATURE, PriorConfig, PriorVariant, check_sampling
+from ..config import CHOICE_TEMPERATURE, PriorConfig, PriorVariant, check_sampling
 from .graphs import WARMUP, CapturedStep
 from .maskgit import MaskGITPrior
-from .precision import sampling_autocast, sampling_dtype
+from ..precision import sampling_autocast, sampling_dtype
 from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, check_labels,
                           init_gpt_model, init_keras, sample_next)
 

@@ -18,12 +18,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import runs
-from .autoencoder import VQVAE
-from .config import DataConfig, PriorRunConfig
-from .data import DataError, ImageSet, Splits, load_splits, to_float
-from .files import FileSet
+from ..store import checkpoint as ckpt
+from ..store import runs
+from ..models.autoencoder import VQVAE
+from ..config import DataConfig, PriorRunConfig
+from ..data.sources import DataError, ImageSet, Splits, load_splits, to_float
+from ..data.files import FileSet
 
 FORMAT = "vqvae-codes/1"
 

@@ -23,9 +23,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import NonFiniteError, RunLockedError
 from . import checkpoint as ckpt
-from .config import ConfigError, LoopConfig, PriorRunConfig, RunConfig, from_dict, to_dict
-from .distributed import Runtime, main_does
+from ..config import ConfigError, LoopConfig, PriorRunConfig, RunConfig, from_dict, to_dict
+from ..distributed import Runtime, main_does
 
 RUN_CONFIG = ckpt.CONFIG_FILE  # config.json, tagged "<stage>-run"; a checkpoint's is "<stage>"
 TRAIN_LOG, METRICS_LOG, EVAL_FILE, COMMANDS = ("train.jsonl", "metrics.jsonl", "eval.json",
@@ -84,9 +85,6 @@ def read_run_config(path: str | Path, stage: str) -> Any:
                                    f"not a {stage} one")
     return from_dict(STAGES[stage], raw, f"{stage} run config")
 
-
-class RunLockedError(ckpt.CheckpointError):
-    """Another live process holds the run folder."""
 
 
 class RunLock:
@@ -208,9 +206,6 @@ def prepare_run(run_dir: Path, stage: str, cfg: Any, start: int) -> None:
     for log in (TRAIN_LOG, METRICS_LOG):
         truncate_log(run_dir / log, start)
 
-
-class NonFiniteError(FloatingPointError):
-    """Training diverged (a NaN or infinite loss or weight); nothing non-finite was saved."""
 
 
 def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, model_cfg: Any,

@@ -16,21 +16,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import loop, runs
-from .checkpoint import (CHECKPOINTS, PRIOR_KIND, needs, protect, step_folders, step_name,
+from . import loop
+from ..store import runs
+from ..store.checkpoint import (CHECKPOINTS, PRIOR_KIND, needs, protect, step_folders, step_name,
                          step_of, unprotect)
-from .autoencoder import VQVAE
-from .codes import Codes, check_stage1, load_codes, load_stage1, save_codes
-from .config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
+from ..models.autoencoder import VQVAE
+from ..generation.codes import Codes, check_stage1, load_codes, load_stage1, save_codes
+from ..config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
                      SampleConfig, prior_for_data)
-from .data import BatchStream, DataError
-from .distributed import Runtime, data_parallel, main_does, pick_device
-from .loader import RESIDENT_BYTES
-from .metrics import evaluate_prior
-from .plots import plot_curves
-from .precision import autocast, loss_scaler, numerics
-from .prior import Prior, build_prior
-from .sample import draw, samples_grid, save_png
+from ..data.sources import BatchStream, DataError
+from ..distributed import Runtime, data_parallel, main_does, pick_device
+from ..data.loader import RESIDENT_BYTES
+from ..evaluation.metrics import evaluate_prior
+from ..evaluation.plots import plot_curves
+from ..precision import autocast, loss_scaler, numerics
+from ..models.prior import Prior, build_prior
+from ..generation.sample import draw, samples_grid, save_png
 from .schedule import RunClock, Schedule
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume

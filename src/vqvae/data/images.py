@@ -16,15 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError, SkippedImagesWarning
 from .augment import CROP_SCALE, crop_box, maybe_flip
 
 
-class DataError(ValueError):
-    """A data source is missing, empty or malformed; the message says which and why."""
-
-
-class SkippedImagesWarning(UserWarning):
-    """Some image files could not be decoded and were left out."""
 
 
 class Batch(NamedTuple):

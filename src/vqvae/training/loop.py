@@ -20,9 +20,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from tqdm import tqdm
 
-from .config import LoopConfig
-from .distributed import Runtime, any_rank, mean_over_ranks, stop_and_seconds
-from .runs import Logger, NonFiniteError
+from ..config import LoopConfig
+from ..distributed import Runtime, any_rank, mean_over_ranks, stop_and_seconds
+from ..store.runs import Logger, NonFiniteError
 from .schedule import RunClock
 
 LOG_EVERY = 10  # steps averaged into one train.jsonl line

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .augment import augment_batch, sample_generator
-from .config import DataConfig
-from .data import BatchStream
+from ..config import DataConfig
+from .sources import BatchStream
 from .files import FileSet, TarFiles
 from .images import Batch, DataError, ImageSet
 from .shards import epoch_plan, shard_groups

@@ -12,9 +12,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .config import Architecture, QuantizerName, VQVAEConfig
-from .fsq import FiniteScalarQuantizer
-from .quantize import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
+from ..config import Architecture, QuantizerName, VQVAEConfig
+from .quantizers.fsq import FiniteScalarQuantizer
+from .quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
 from .vqgan import Upsample, vqgan_decoder, vqgan_encoder
 
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import ConfigError
-from .data import BatchStream, to_float
+from ..config import ConfigError
+from ..data.sources import BatchStream, to_float
 
 
 @dataclass(frozen=True)

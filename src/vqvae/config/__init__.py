@@ -12,6 +12,8 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
 
+from ..errors import ConfigError
+
 QuantizerName = Literal["vq", "ema", "fsq"]
 PresetName = Literal["seed", "default", "vqgan"]  # stage 1
 PriorPresetName = Literal["seed", "default"]
@@ -28,9 +30,6 @@ GanLoss = Literal["hinge", "ns"]
 ReconLoss = Literal["mse", "l1"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and the problem."""
 
 
 def _check(ok: bool, message: str) -> None:

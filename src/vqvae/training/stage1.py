@@ -18,21 +18,22 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import loop, runs
+from ..store import checkpoint as ckpt
+from . import loop
+from ..store import runs
 from .adversarial import Sharpener
-from .autoencoder import VQVAE, VQVAEOutput
-from .checkpoint import VQVAE_KIND
-from .config import ReconLoss, RunConfig, TrainConfig
-from .data import Splits, load_splits, to_float
+from ..models.autoencoder import VQVAE, VQVAEOutput
+from ..store.checkpoint import VQVAE_KIND
+from ..config import ReconLoss, RunConfig, TrainConfig
+from ..data.sources import Splits, load_splits, to_float
 from .frequency import focal_frequency_loss
-from .images import Batch
-from .loader import train_batches
-from .distributed import Runtime, data_parallel, main_does, pick_device
-from .metrics import CodeUsage, Evaluation, score_autoencoder
-from .plots import plot_code_usage, plot_curves
-from .precision import autocast, loss_scaler, numerics
-from .sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
+from ..data.images import Batch
+from ..data.loader import train_batches
+from ..distributed import Runtime, data_parallel, main_does, pick_device
+from ..evaluation.metrics import CodeUsage, Evaluation, score_autoencoder
+from ..evaluation.plots import plot_code_usage, plot_curves
+from ..precision import autocast, loss_scaler, numerics
+from ..generation.sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
 from .schedule import RunClock, Schedule
 
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
@@ -73,7 +74,7 @@ def finetune_config(source: str | Path, train: dict | None = None) -> RunConfig:
     learning rate, unless given, :data:`FINETUNE_LR_SCALE` times its own), starting from its
     weights with the encoder and codebook frozen, so its codes stay those of ``source`` (and of
     the checkpoint ``source`` was itself fine-tuned from)."""
-    from .codes import codes_fingerprint
+    from ..generation.codes import codes_fingerprint
 
     directory = ckpt.resolve(source)
     base = load_run_config(source)

@@ -24,9 +24,11 @@ from safetensors import SafetensorError
 import safetensors.torch as st
 from torch import nn
 
-from .autoencoder import VQVAE
-from .config import PriorConfig, VQVAEConfig, from_dict
-from .prior import Prior, build_prior
+from ..errors import CheckpointError
+from ..fileio import fsync_dir, read_json, write_bytes, write_json
+from ..models.autoencoder import VQVAE
+from ..config import PriorConfig, VQVAEConfig, from_dict
+from ..models.prior import Prior, build_prior
 
 FORMAT = 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -41,47 +43,6 @@ Companions = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
 VQVAE_KIND = "vqvae"
 PRIOR_KIND = "prior"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or belongs to another model."""
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically and durably: a temporary file in the same folder, fsynced, then
-    renamed over ``path`` (and the folder fsynced, so the rename survives a power cut)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically and durably."""
-    write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
 # --- config files: one tagged format for checkpoints and run folders ---------------------------

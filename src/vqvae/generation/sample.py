@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint as ckpt
-from . import runs
-from .autoencoder import VQVAE
+from ..store import checkpoint as ckpt
+from ..store import runs
+from ..models.autoencoder import VQVAE
 from .codes import Codes, CodeSplit, check_stage1, load_codes, load_stage1, save_codes
-from .config import ConfigError, SampleConfig
-from .files import FileSet
-from .images import ImageSet, to_float, to_uint8
-from .prior import Prior
+from ..config import ConfigError, SampleConfig
+from ..data.files import FileSet
+from ..data.images import ImageSet, to_float, to_uint8
+from ..models.prior import Prior
 
 MIN_TILE = 48  # small images are enlarged (nearest) so a grid is readable
 

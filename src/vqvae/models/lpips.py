@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
-from .quantize import full_precision
+from ..errors import PerceptualWeightsError
+from .quantizers.vq import full_precision
 
 # VGG16's convolutions as (in, out) channels, with "M" for a 2x2 max-pool, in the order of
 # torchvision's ``vgg16().features``; the final max-pool (index 30) is left out, as no tap
@@ -124,9 +125,6 @@ class LPIPS(nn.Module):
 
 # --- weights -------------------------------------------------------------------------------------
 
-
-class PerceptualWeightsError(ValueError):
-    """A perceptual-loss weights file is missing, unreadable or not shaped like LPIPS-VGG16."""
 
 
 def load_perceptual(path: str | Path, device: str | torch.device = "cpu") -> LPIPS:

@@ -207,7 +207,7 @@ def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: st
     records the finished ones, so an interrupted call continues where it stopped; a folder that
     changed since then is an error rather than a mix of two listings.
     """
-    from .checkpoint import write_bytes
+    from ..fileio import write_bytes
 
     write = write or write_bytes
     if shard_size < 1:

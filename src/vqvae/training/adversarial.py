@@ -14,12 +14,12 @@ import warnings
 import torch
 from torch import nn
 
-from .checkpoint import Companions
-from .config import TrainConfig
-from .discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
+from ..store.checkpoint import Companions
+from ..config import TrainConfig
+from ..models.discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
                             discriminator_loss, generator_loss, patchgan_layers)
-from .distributed import Runtime, all_reduce_sum, data_parallel
-from .precision import autocast
+from ..distributed import Runtime, all_reduce_sum, data_parallel
+from ..precision import autocast
 
 ADVERSARY = "adversary"  # file name of its state in a checkpoint folder
 DIFFAUG_MIN_SIZE = 32  # at this size and below DiffAugment was measured to stall the discriminator
@@ -42,7 +42,7 @@ class Sharpener:
         self.tc, self.runtime = tc, runtime
         self.perceptual = None
         if tc.perceptual_weight > 0:
-            from .perceptual import load_perceptual
+            from ..models.lpips import load_perceptual
 
             self.perceptual = load_perceptual(tc.perceptual_weights, runtime.device)
         self.adversary = self.opt = self.disc_net = None

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .config import LoopConfig
+from ..config import LoopConfig
 
 
 def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum, broadcast_from_main, gather_rows, pick_rows, world_size
+from ...distributed import all_reduce_sum, broadcast_from_main, gather_rows, pick_rows, world_size
 
 # Elements of the (rows, K) distance block computed at once, by device type. On a CPU, blocks
 # that stay in cache between the addmm and the argmin beat one whole matrix by 1.5-2x

@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import CHOICE_TEMPERATURE, PriorConfig, check_sampling
-from .precision import sampling_autocast, sampling_dtype
+from ..config import CHOICE_TEMPERATURE, PriorConfig, check_sampling
+from ..precision import sampling_autocast, sampling_dtype
 from .transformer import (GPTStack, GridTransformer, SeedStack, check_labels, filter_logits,
                           init_gpt_model, init_keras, sample_next)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize import (LookupSpace, QuantizerOutput, flatten_latents, full_precision,
+from .vq import (LookupSpace, QuantizerOutput, flatten_latents, full_precision,
                        unflatten_latents)
 
 

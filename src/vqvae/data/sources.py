@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
+from ..config import DataConfig
 from .files import FileSet, folder_files
 from .images import (DataError, ImageSet, SkippedImagesWarning, decode_image, resize_square,
                      set_channels, to_float, to_uint8)

@@ -1,0 +1,63 @@
+"""The one atomic, durable file write, used by checkpoints, logs, codes, shards, plots and PNGs.
+
+A temporary file in the target's folder is written, fsynced and renamed over the target, then the
+folder is fsynced: a process killed at any moment, or a power cut, leaves the old file or the new
+one, never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, IO
+
+from .errors import CheckpointError
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_with(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Atomically and durably write ``path`` with ``write(file)`` (e.g. a PIL image's or a
+    figure's ``save``); its folder is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and durably."""
+    return write_with(path, lambda f: f.write(data))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write JSON atomically and durably."""
+    return write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a missing or malformed file is a :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
