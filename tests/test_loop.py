@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vqvae.store import checkpoint as ckpt
-from vqvae.training import loop
+from vqvae.training import loggers, loop
 from vqvae.store import runs
 from vqvae.config import LoopConfig, RunConfig, from_dict, run_config, to_dict
 from vqvae.distributed import Runtime
@@ -36,7 +36,7 @@ class CountingStage:
         return {"loss": f"{record['loss']:.1f}"}
 
 
-class Recorder(runs.Logger):
+class Recorder(loggers.Logger):
     def __init__(self):
         self.lines, self.evals = [], []
 
@@ -176,7 +176,7 @@ def test_tensorboard_logger_writes_scalars_and_pictures(tmp_path):
 
     picture = tmp_path / "p.png"
     Image.new("L", (6, 4), 128).save(picture)
-    with runs.open_logger(tmp_path, LoopConfig(tensorboard=True), 0, CPU) as logger:
+    with loggers.open_logger(tmp_path, LoopConfig(tensorboard=True), 0, CPU) as logger:
         for step in (10, 20):
             logger.train({"step": step, "loss": 1.0 / step})
         logger.eval(20, {"psnr": 21.5, "grids": 3})

@@ -27,7 +27,7 @@ from .models.prior import Prior  # noqa: E402
 from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance, judge,  # noqa: E402
                       train_classifier)
 from .models.quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
-from .training.loop import RunResult  # noqa: E402
+from .training.driver import RunResult  # noqa: E402
 from .generation.sample import (Samples, decode_codes, interpolation_grid, load_samples,  # noqa: E402
                      reconstruction_grid, sample_images, samples_grid, save_samples)
 from .training.stage1 import load_run_config, train_autoencoder  # noqa: E402

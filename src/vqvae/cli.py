@@ -15,22 +15,23 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import (CheckpointError, ConfigError, DataError, NonFiniteError, PeerError,
+                     PerceptualWeightsError)
 from . import __version__
-from .store.checkpoint import CheckpointError, write_json
+from .store.checkpoint import write_json
 from .generation.codes import Codes, encode_dataset, load_codes, load_trained, save_codes
-from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, ConfigError, DataConfig, PriorConfig,
-                     PriorTrainConfig, SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
-from .data.sources import DataError, ImageSet
+from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, DataConfig, PriorConfig, PriorTrainConfig,
+                     SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
+from .data.sources import ImageSet
 from .data.files import FileSet
-from .models.lpips import PerceptualWeightsError
 from .data.shards import pack
-from .distributed import PeerError, Runtime, launch, pick_device, torchrun_env
+from .distributed import Runtime, launch, pick_device, torchrun_env
 from .evaluation.metrics import score_autoencoder
 from .options import add_options, given
 from .evaluation.plots import plot_code_usage
 from .generation.inpaint import inpaint_files
-from .training.loop import RunResult
-from .store.runs import NonFiniteError, find_run
+from .training.driver import RunResult
+from .store.runs import find_run
 from .generation.sample import (grid_pairs, interpolation_grid, pick, reconstruction_grid, sample_images,
                      save_png, save_samples)
 from .training.stage1 import finetune_config, load_run_config, train_autoencoder

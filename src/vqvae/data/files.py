@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .images import Batch, DataError, ImageSet, SkippedImagesWarning, decode_image
+from ..errors import DataError, SkippedImagesWarning
+from .images import Batch, ImageSet, decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                     ".pgm")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, SkippedImagesWarning
+from ..errors import DataError
 from .augment import CROP_SCALE, crop_box, maybe_flip
 
 

@@ -17,11 +17,12 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ..errors import DataError
 from .augment import augment_batch, sample_generator
 from ..config import DataConfig
 from .sources import BatchStream
 from .files import FileSet, TarFiles
-from .images import Batch, DataError, ImageSet
+from .images import Batch, ImageSet
 from .shards import epoch_plan, shard_groups
 
 # Training data up to this size lives on a GPU for the whole run (an in-memory image set that is

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import DataError
 from .files import IMAGE_EXTENSIONS, TarFiles, folder_files
-from .images import DataError
 
 MANIFEST = "shards.json"
 MANIFEST_KIND = "vqvae-shards"

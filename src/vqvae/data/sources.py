@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError, SkippedImagesWarning
 from ..config import DataConfig
 from .files import FileSet, folder_files
-from .images import (DataError, ImageSet, SkippedImagesWarning, decode_image, resize_square,
-                     set_channels, to_float, to_uint8)
+from .images import ImageSet, decode_image, resize_square, set_channels, to_float, to_uint8
 from .shards import held_out, index_shards, is_shard_source, manifest_classes, shard_paths
 
 __all__ = ["DataError", "ImageSet", "FileSet", "Splits", "SkippedImagesWarning", "load_splits",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.sources import BatchStream, to_float
 
 

@@ -18,11 +18,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
+from ..errors import CheckpointError, DataError
 from ..store import checkpoint as ckpt
 from ..store import runs
 from ..models.autoencoder import VQVAE
 from ..config import DataConfig, PriorRunConfig
-from ..data.sources import DataError, ImageSet, Splits, load_splits, to_float
+from ..data.sources import ImageSet, Splits, load_splits, to_float
 from ..data.files import FileSet
 
 FORMAT = "vqvae-codes/1"
@@ -89,7 +90,7 @@ def fingerprint(checkpoint_dir: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError as e:
-        raise ckpt.CheckpointError(f"cannot read {path}: {e}") from None
+        raise CheckpointError(f"cannot read {path}: {e}") from None
     return digest.hexdigest()
 
 
@@ -152,7 +153,7 @@ def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu",
     fine-tuned from it), after checking its fingerprint."""
     directory = Path(cfg.stage1) if decoder is None else ckpt.resolve(decoder)
     if not directory.is_dir():
-        raise ckpt.CheckpointError(f"the stage-1 checkpoint {directory} is gone")
+        raise CheckpointError(f"the stage-1 checkpoint {directory} is gone")
     check_stage1(cfg.stage1_sha256, cfg.stage1, directory)
     model = ckpt.load_autoencoder(directory, device)
     if model.cfg.codebook_size != cfg.model.codebook_size:

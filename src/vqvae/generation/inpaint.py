@@ -13,10 +13,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..store import checkpoint as ckpt
 from ..store import runs
 from .codes import load_stage1
-from ..config import ConfigError, SampleConfig
+from ..config import SampleConfig
 from ..data.sources import read_image, to_float, to_uint8
 from .sample import save_png, tile
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
 from ..store import checkpoint as ckpt
 from ..store import runs
 from ..models.autoencoder import VQVAE
 from .codes import Codes, CodeSplit, check_stage1, load_codes, load_stage1, save_codes
-from ..config import ConfigError, SampleConfig
+from ..config import SampleConfig
 from ..data.files import FileSet
 from ..data.images import ImageSet, to_float, to_uint8
 from ..models.prior import Prior

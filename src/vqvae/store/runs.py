@@ -3,7 +3,7 @@
 A run folder is written config first, then checkpoints, logs and pictures (minGPT's
 ``setup_logging``). Its ``config.json`` has the format of a checkpoint's (``{"kind", "format",
 "config"}``, kind ``vqvae-run`` or ``prior-run``) and one reader, which also finds the run above a
-checkpoint folder. The training loop itself is :func:`vqvae.loop.fit`.
+checkpoint folder. The training loop itself is :func:`vqvae.training.loop.fit`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError, RunLockedError
-from . import checkpoint as ckpt
-from ..config import ConfigError, LoopConfig, PriorRunConfig, RunConfig, from_dict, to_dict
+from ..config import LoopConfig, PriorRunConfig, RunConfig, from_dict, to_dict
 from ..distributed import Runtime, main_does
+from ..errors import CheckpointError, ConfigError, NonFiniteError, RunLockedError
+from ..fileio import write_bytes, write_json
+from . import checkpoint as ckpt
 
 RUN_CONFIG = ckpt.CONFIG_FILE  # config.json, tagged "<stage>-run"; a checkpoint's is "<stage>"
 TRAIN_LOG, METRICS_LOG, EVAL_FILE, COMMANDS = ("train.jsonl", "metrics.jsonl", "eval.json",
@@ -75,13 +76,13 @@ def read_run_config(path: str | Path, stage: str) -> Any:
     :class:`PriorRunConfig`. A folder of the other stage is named as such."""
     run_dir = find_run(path)
     if run_dir is None:
-        raise ckpt.CheckpointError(f"{path} is not a {stage} run folder (nor a checkpoint inside "
+        raise CheckpointError(f"{path} is not a {stage} run folder (nor a checkpoint inside "
                                    f"one)")
     kind, raw = ckpt.read_config(run_dir / RUN_CONFIG)
     if kind is None:
         raw = _untagged(raw)
     elif kind != run_kind(stage):
-        raise ckpt.CheckpointError(f"{run_dir} is a {kind.removesuffix('-run')} run folder, "
+        raise CheckpointError(f"{run_dir} is a {kind.removesuffix('-run')} run folder, "
                                    f"not a {stage} one")
     return from_dict(STAGES[stage], raw, f"{stage} run config")
 
@@ -169,7 +170,7 @@ def opened(run_dir: Path, resume: bool, runtime: Runtime) -> Iterator[None]:
         if run_dir.exists() and not run_dir.is_dir():
             raise FileExistsError(f"{run_dir} is a file, not a run folder")
         if resume and not run_dir.is_dir():
-            raise ckpt.CheckpointError(f"{run_dir} not found: nothing to resume")
+            raise CheckpointError(f"{run_dir} not found: nothing to resume")
         if not resume and run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"{run_dir} already exists and is not empty: pass --resume "
                                   f"{run_dir} to continue it, or choose another --out")
@@ -208,45 +209,58 @@ def prepare_run(run_dir: Path, stage: str, cfg: Any, start: int) -> None:
 
 
 
-def save_checkpoint(run_dir: Path, step: int, module: nn.Module, stage: str, model_cfg: Any,
-                    opt: torch.optim.Optimizer, loop: LoopConfig, runtime: Runtime,
-                    companions: ckpt.Companions | None = None,
-                    scaler: torch.amp.GradScaler | None = None, seconds: float = 0.0) -> Path:
+@dataclass
+class TrainingState:
+    """What a run's checkpoint holds: the model (saved with its ``kind`` tag and its config), its
+    optimizer, fp16's loss scaler and the modules trained beside it (the GAN's discriminator)."""
+
+    kind: str
+    model: nn.Module
+    config: Any  # the model's config dataclass
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None = None
+    companions: ckpt.Companions = field(default_factory=dict)
+
+
+def save_checkpoint(run_dir: Path, step: int, state: TrainingState, loop: LoopConfig,
+                    runtime: Runtime, seconds: float = 0.0) -> Path:
     """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, fp16's loss scale,
     the run's training ``seconds`` so far (its --minutes budget spans invocations) and the batch
     layout, so a resume with another process count can say what changed.
     Non-finite weights are never written: :class:`NonFiniteError`, and ``latest`` stays on the
     last good checkpoint."""
-    finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
+    finite = torch.stack([p.detach().isfinite().all() for p in state.model.parameters()]).all()
     if not bool(finite):  # one host sync per checkpoint
         raise NonFiniteError(f"the weights became non-finite by step {step} (lower --lr?); "
                              f"stopped without saving them: {run_dir / ckpt.CHECKPOINTS} keeps "
                              f"the last good checkpoint as latest")
-    return ckpt.write_checkpoint(run_dir, step, module, stage, to_dict(model_cfg), opt, extra={
-        "world_size": runtime.world_size, "global_batch": loop.batch_size * runtime.world_size,
-        "seconds": round(seconds, 3),
-        **({"loss_scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled()
-           else {})},
-        keep=loop.keep, keep_every=loop.keep_every, companions=companions)
+    scaler = state.scaler
+    return ckpt.write_checkpoint(
+        run_dir, step, state.model, state.kind, to_dict(state.config), state.optimizer, extra={
+            "world_size": runtime.world_size,
+            "global_batch": loop.batch_size * runtime.world_size, "seconds": round(seconds, 3),
+            **({"loss_scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled()
+               else {})},
+        keep=loop.keep, keep_every=loop.keep_every, companions=state.companions)
 
 
-def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage: str,
-            model_cfg: Any, batch_size: int, runtime: Runtime,
-            companions: ckpt.Companions | None = None,
-            scaler: torch.amp.GradScaler | None = None) -> tuple[int, float]:
+def restore(run_dir: Path, state: TrainingState, batch_size: int,
+            runtime: Runtime) -> tuple[int, float]:
     """Every rank loads the latest checkpoint (weights, optimizer, rank 0's RNG state, fp16's loss
-    scale); returns its step and the run's training seconds by then (0 from a checkpoint that
-    predates them). Warns when the global batch changes (another process count). A run killed
-    before its first checkpoint starts again from step 0."""
+    scale, companions); returns its step and the run's training seconds by then (0 from a
+    checkpoint that predates them). Warns when the global batch changes (another process
+    count). A run killed before its first checkpoint starts again from step 0."""
     try:
         directory = ckpt.resolve(run_dir)  # once: a bad `latest` warns once
-    except ckpt.CheckpointError:
+    except CheckpointError:
         if not (run_dir / RUN_CONFIG).is_file():
             raise
         if runtime.is_main:
             warnings.warn(f"{run_dir} has no checkpoint yet: starting it from step 0")
         return 0, 0.0
-    meta = ckpt.restore(directory, module, opt, stage, model_cfg, companions)
+    meta = ckpt.restore(directory, state.model, state.optimizer, state.kind, state.config,
+                        state.companions)
+    scaler = state.scaler
     if scaler is not None and scaler.is_enabled() and isinstance(meta.get("loss_scaler"), dict):
         scaler.load_state_dict(meta["loss_scaler"])
     before, now = int(meta.get("global_batch", batch_size)), batch_size * runtime.world_size
@@ -259,13 +273,13 @@ def restore(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, stage:
     seconds = meta.get("seconds", 0.0)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not (
             math.isfinite(seconds) and seconds >= 0):
-        raise ckpt.CheckpointError(f"{directory / ckpt.STATE_META}: seconds must be a number "
+        raise CheckpointError(f"{directory / ckpt.STATE_META}: seconds must be a number "
                                    f">= 0, got {seconds!r}")
     return int(meta["step"]), float(seconds)
 
 
 def write_eval(run_dir: Path, step: int, metrics: dict[str, float]) -> None:
-    ckpt.write_json(run_dir / EVAL_FILE, {"step": step, "split": "test", **metrics})
+    write_json(run_dir / EVAL_FILE, {"step": step, "split": "test", **metrics})
 
 
 # --- jsonl logs ---------------------------------------------------------------------------------
@@ -300,126 +314,4 @@ def truncate_log(path: Path, step: int) -> None:
     torn line."""
     if path.exists():
         kept = [line for line, record in _records(path) if record.get("step", 0) <= step]
-        ckpt.write_bytes(path, "".join(line + "\n" for line in kept).encode())
-
-
-# --- where the loop's numbers and pictures go ---------------------------------------------------
-
-
-class Logger:
-    """The loop's logging seam: training lines, held-out metrics, pictures. This base class drops
-    everything (ranks other than 0); :class:`JsonlLogger` and :class:`TensorBoardLogger` write."""
-
-    def train(self, record: dict[str, float]) -> None:
-        pass
-
-    def eval(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def pictures(self, step: int, paths: dict[str, Path]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> Logger:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-@dataclass
-class JsonlLogger(Logger):
-    """``train.jsonl`` and ``metrics.jsonl`` in the run folder, and ``curves`` (a function of
-    both logs, e.g. a plot) redrawn after every evaluation."""
-
-    run_dir: Path
-    curves: Callable[[list[dict], list[dict]], Any] | None = None
-
-    def train(self, record: dict[str, float]) -> None:
-        append_jsonl(self.run_dir / TRAIN_LOG, record)
-
-    def eval(self, step: int, metrics: dict[str, float]) -> None:
-        append_jsonl(self.run_dir / METRICS_LOG, {"step": step, "split": "test", **metrics})
-        if self.curves is not None:
-            self.curves(read_jsonl(self.run_dir / TRAIN_LOG),
-                        read_jsonl(self.run_dir / METRICS_LOG))
-
-
-def check_loggers(loop: LoopConfig) -> None:
-    """Fail before a run folder is made when a logger asked for cannot be used."""
-    if loop.tensorboard:
-        try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
-        except ImportError:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install "
-                              "'vqvae[tensorboard]'") from None
-
-
-class TensorBoardLogger(Logger):
-    """Scalars under ``train/`` and ``test/`` and every picture of a checkpoint under
-    ``pictures/``, in ``RUN/tensorboard``; a resume drops the events written after its step."""
-
-    def __init__(self, run_dir: Path, start: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR),
-                                    purge_step=start + 1 if start else None)
-
-    def train(self, record: dict[str, float]) -> None:
-        for name, value in record.items():
-            if name != "step":
-                self.writer.add_scalar(f"train/{name}", value, record["step"])
-
-    def eval(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"test/{name}", value, step)
-
-    def pictures(self, step: int, paths: dict[str, Path]) -> None:
-        from PIL import Image
-        import numpy as np
-
-        for name, path in paths.items():
-            with Image.open(path) as image:
-                self.writer.add_image(f"pictures/{name}", np.asarray(image.convert("RGB")), step,
-                                      dataformats="HWC")
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-@dataclass
-class Loggers(Logger):
-    """Several loggers as one."""
-
-    loggers: list[Logger] = field(default_factory=list)
-
-    def train(self, record: dict[str, float]) -> None:
-        for logger in self.loggers:
-            logger.train(record)
-
-    def eval(self, step: int, metrics: dict[str, float]) -> None:
-        for logger in self.loggers:
-            logger.eval(step, metrics)
-
-    def pictures(self, step: int, paths: dict[str, Path]) -> None:
-        for logger in self.loggers:
-            logger.pictures(step, paths)
-
-    def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
-
-
-def open_logger(run_dir: Path, loop: LoopConfig, start: int, runtime: Runtime,
-                curves: Callable[[list[dict], list[dict]], Any] | None = None) -> Logger:
-    """The run's loggers on the main process (jsonl, and TensorBoard with ``loop.tensorboard``);
-    a logger that drops everything on the other ranks."""
-    if not runtime.is_main:
-        return Logger()
-    loggers: list[Logger] = [JsonlLogger(run_dir, curves)]
-    if loop.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir, start))
-    return Loggers(loggers)
+        write_bytes(path, "".join(line + "\n" for line in kept).encode())

@@ -1,10 +1,9 @@
 """The one training loop both stages share: ``fit`` over a stage's step and save hooks, with the
 budget (steps, minutes, signals) and a progress bar whose ETA is true.
 
-Training is setup -> :func:`fit` -> a final evaluation, as in nanoGPT and litgpt: stage 1
-(:mod:`vqvae.train`) and stage 2 (:mod:`vqvae.train_prior`) bring only their setup, a
-:class:`Stage` (step, log fields, save) and their final pictures; the run folder is
-:mod:`vqvae.runs`.
+Training is setup -> :func:`fit` -> a final evaluation, as in nanoGPT and litgpt; the run driver
+(:mod:`vqvae.training.driver`) does all of it around :func:`fit` for both stages, which bring
+only what differs (:mod:`vqvae.training.stage1`, :mod:`vqvae.training.stage2`).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -22,7 +20,8 @@ from tqdm import tqdm
 
 from ..config import LoopConfig
 from ..distributed import Runtime, any_rank, mean_over_ranks, stop_and_seconds
-from ..store.runs import Logger, NonFiniteError
+from ..errors import NonFiniteError
+from .loggers import Logger
 from .schedule import RunClock
 
 LOG_EVERY = 10  # steps averaged into one train.jsonl line
@@ -204,21 +203,3 @@ def _log_line(stage: Stage, step: int, window: dict[str, torch.Tensor], steps: i
     record = {"step": step, **means, **stage.describe(step, means),
               "steps_per_s": steps / max(seconds, 1e-9)}
     return record
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What a training function returns: where, how far, the final held-out metrics, pictures."""
-
-    run_dir: Path
-    step: int
-    metrics: dict[str, float]
-    pictures: dict[str, Path]
-    headline: str = ""  # what was trained, how far, where, and the held-out metrics
-    signal: int | None = None  # the signal that stopped the run before its --steps
-
-    def summary(self) -> str:
-        """What ``vqvae train`` / ``train-prior`` print: the headline, then the files."""
-        files = {**self.pictures, "curves": self.run_dir / "curves.png",
-                 "metrics": self.run_dir / "eval.json"}
-        return "\n".join([self.headline, *(f"  {name}: {path}" for name, path in files.items())])

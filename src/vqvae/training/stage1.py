@@ -1,11 +1,12 @@
-"""Stage-1 training: the VQ-VAE loss, its setup, step and save hook over :func:`vqvae.loop.fit`.
+"""Stage-1 training: the VQ-VAE loss, one training step, and what stage 1 brings to the run
+driver (:func:`vqvae.training.driver.run`): its setup, pictures and held-out metrics.
 
 Loss (the seed's): mse(x, x_rec) + mse(sg(z), e) + beta * mse(z, sg(e)), straight-through
 estimator inside the quantizer (van den Oord et al. 2017, arXiv:1711.00937); ``--recon-loss l1``
 puts mean |x - x_rec| (VQGAN's) in place of the first term, ``--freq-weight`` adds the focal
-frequency loss (:mod:`vqvae.frequency`). Under torchrun each rank trains a
+frequency loss (:mod:`vqvae.training.frequency`). Under torchrun each rank trains a
 DistributedDataParallel copy on its slice of every global batch (a per-rank
-:class:`~vqvae.data.BatchStream`), evaluation is sharded, and I/O happens on rank 0 only.
+:class:`~vqvae.data.sources.BatchStream`), evaluation is sharded, and I/O happens on rank 0 only.
 """
 
 from __future__ import annotations
@@ -18,22 +19,24 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..store import checkpoint as ckpt
-from . import loop
-from ..store import runs
-from .adversarial import Sharpener
-from ..models.autoencoder import VQVAE, VQVAEOutput
-from ..store.checkpoint import VQVAE_KIND
 from ..config import ReconLoss, RunConfig, TrainConfig
-from ..data.sources import Splits, load_splits, to_float
-from .frequency import focal_frequency_loss
 from ..data.images import Batch
 from ..data.loader import train_batches
-from ..distributed import Runtime, data_parallel, main_does, pick_device
-from ..evaluation.metrics import CodeUsage, Evaluation, score_autoencoder
+from ..data.sources import Splits, load_splits, to_float
+from ..distributed import Runtime, data_parallel, pick_device
+from ..evaluation.metrics import CodeUsage, score_autoencoder
 from ..evaluation.plots import plot_code_usage, plot_curves
-from ..precision import autocast, loss_scaler, numerics
 from ..generation.sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
+from ..models.autoencoder import VQVAE, VQVAEOutput
+from ..precision import autocast, loss_scaler
+from ..store import checkpoint as ckpt
+from ..store import runs
+from ..store.checkpoint import VQVAE_KIND
+from ..store.runs import TrainingState
+from .adversarial import Sharpener
+from .driver import RunResult, Scored, run
+from .frequency import focal_frequency_loss
+from .loggers import check_loggers
 from .schedule import RunClock, Schedule
 
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
@@ -151,25 +154,76 @@ def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
     }
 
 
-class Stage1:
-    """Stage 1's hooks for :func:`vqvae.loop.fit`: one Adam step on the VQ-VAE loss, codebook
-    health and the share of time spent waiting for data over the last ``every`` steps, and a
-    save with grids and held-out metrics."""
+def train_step(net: Callable[[torch.Tensor], VQVAEOutput], model: VQVAE,
+               opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+               tc: TrainConfig, sharpen: Sharpener | None = None, step: int = 0
+               ) -> tuple[dict[str, torch.Tensor], VQVAEOutput]:
+    """One Adam step on the VQ-VAE loss for a float batch ``x`` (B, C, H, W) on the device:
+    ``net`` (``model`` as :func:`training_forward` wraps it) under ``tc.precision``'s autocast,
+    the backward through fp16's loss ``scaler``, and with ``sharpen`` the perceptual and GAN
+    terms and the discriminator's own step. Returns the loss terms (0-d tensors on the device)
+    and the forward's output. What the training loop and every benchmark of a step call."""
+    if tc.compile and tc.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are done with
+    if tc.decoder_only:  # frozen BatchNorm statistics and codebook (no EMA, restarts)
+        model.encoder.eval()
+        model.quantizer.eval()
+    with autocast(tc.precision, x.device):
+        out = net(x)
+        losses = vqvae_losses(x, out, tc.recon_loss, tc.freq_weight, tc.freq_alpha)
+        if sharpen is not None and sharpen.active:
+            extra = sharpen.autoencoder_terms(step, x, out.reconstruction,
+                                              losses[f"{tc.recon_loss}_x"], model.last_layer())
+            losses |= {**extra, "loss": losses["loss"] + extra["loss"]}
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    scaler.step(opt)  # fp16: skipped (and the scale lowered) on inf/nan gradients
+    scaler.update()
+    if sharpen is not None:
+        losses |= sharpen.discriminator_step(step, x, out.reconstruction)
+    return losses, out
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, model: VQVAE, opt: torch.optim.Optimizer,
-                 splits: Splits, runtime: Runtime, sharpen: Sharpener,
-                 scaler: torch.amp.GradScaler, clock: RunClock | None = None):
+
+class Stage1:
+    """Stage 1 for the run driver (:func:`vqvae.training.driver.run`): the VQ-VAE, Adam and the
+    GAN/perceptual companions; one step on the VQ-VAE loss with codebook health and the share of
+    time spent waiting for data over the last ``every`` steps; grids, held-out metrics and the
+    usage histogram at each save."""
+
+    desc = "train vqvae"
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, runtime: Runtime,
+                 splits: Splits | None = None):
+        splits = splits or load_splits(cfg.data)
+        cfg = resolve_config(cfg, splits)
         tc = cfg.train
-        self.cfg, self.run_dir, self.model, self.opt = cfg, run_dir, model, opt
-        self.sharpen = sharpen  # perceptual and adversarial terms, when asked for
-        self.splits, self.runtime, self.scaler = splits, runtime, scaler
-        self.net = training_forward(model, tc, runtime)  # trains; ``model`` is saved, evaluated
+        torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
+        model = VQVAE(cfg.model).to(runtime.device)
+        # fused: one kernel for the whole update on CUDA (and no host sync for fp16's scaler)
+        opt = torch.optim.Adam(_start_from(model, tc), lr=tc.lr,
+                               fused=runtime.device.type == "cuda")
+        self.sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime)
+        self.state = TrainingState(VQVAE_KIND, model, cfg.model, opt, loss_scaler(
+            tc.precision, runtime.device), self.sharpen.companions())
+        self.cfg, self.run_dir, self.model, self.opt = cfg, Path(run_dir), model, opt
+        self.splits, self.runtime = splits, runtime
         self.batches: Iterator[Batch] | None = None  # opened at the first step trained
         self.usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)
         self.grid = grid_images(splits, tc.grid)
         self.waited, self.window_start, self.skipped = 0.0, perf_counter(), 0
-        # the autoencoder's; the discriminator's is flat. Its clock's seconds go in checkpoints.
-        self.schedule = Schedule(cfg.train, opt, clock)
+
+    @property
+    def loop(self) -> TrainConfig:
+        return self.cfg.train
+
+    def prepare(self, start: int) -> None:
+        runs.prepare_run(self.run_dir, VQVAE_KIND, self.cfg, start)
+
+    def begin(self, clock: RunClock) -> None:
+        # ``net`` trains; ``model`` is saved and evaluated (no wrapper prefixes in checkpoints)
+        self.net = training_forward(self.model, self.cfg.train, self.runtime)
+        # the autoencoder's; the discriminator's is flat
+        self.schedule = Schedule(self.cfg.train, self.opt, clock)
 
     def next_batch(self, step: int) -> torch.Tensor:
         """Step ``step``'s uint8 batch; the time spent waiting for it is counted."""
@@ -189,27 +243,12 @@ class Stage1:
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc = self.cfg.train
-        if tc.compile and tc.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are done with
         x = to_device(self.next_batch(step), self.runtime.device, tc.channels_last)
-        if tc.decoder_only:  # frozen BatchNorm statistics and codebook (no EMA, restarts)
-            self.model.encoder.eval()
-            self.model.quantizer.eval()
-        with autocast(tc.precision, self.runtime.device):
-            out = self.net(x)
-            losses = vqvae_losses(x, out, tc.recon_loss, tc.freq_weight, tc.freq_alpha)
-            if self.sharpen.active:
-                extra = self.sharpen.autoencoder_terms(step, x, out.reconstruction,
-                                                       losses[f"{tc.recon_loss}_x"],
-                                                       self.model.last_layer())
-                losses |= {**extra, "loss": losses["loss"] + extra["loss"]}
-        self.usage.update(out.quantized.indices)
         self.schedule.set(step)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        self.scaler.step(self.opt)  # fp16: skipped (and the scale lowered) on inf/nan gradients
-        self.scaler.update()
-        return losses | self.sharpen.discriminator_step(step, x, out.reconstruction)
+        losses, out = train_step(self.net, self.model, self.opt, self.state.scaler, x, tc,
+                                 self.sharpen, step)
+        self.usage.update(out.quantized.indices)
+        return losses
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
         health = self.usage.stats()
@@ -231,74 +270,47 @@ class Stage1:
                    if "gan_d" in record else {})
                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
 
-    def evaluate(self, limit: int) -> Evaluation:
-        """Held-out metrics of the first ``limit`` test images (0: all), sharded over ranks."""
+    def curves(self, train: list[dict], evals: list[dict]) -> Path:
+        return plot_curves(train, evals, self.run_dir / "curves.png")
+
+    def evaluate(self, limit: int) -> Scored:
+        """Held-out metrics of the first ``limit`` test images (0: all), sharded over ranks, and
+        the per-code counts."""
         test = self.splits.test
         if limit and limit < len(test):
             test = test.subset(torch.arange(limit))
-        return score_autoencoder(self.model, test, self.cfg.train.batch_size,
-                                 device=self.runtime.device,
-                                 rank=self.runtime.rank, world_size=self.runtime.world_size,
-                                 workers=self.cfg.data.workers)
+        return Scored(*score_autoencoder(self.model, test, self.cfg.train.batch_size,
+                                         device=self.runtime.device, rank=self.runtime.rank,
+                                         world_size=self.runtime.world_size,
+                                         workers=self.cfg.data.workers))
 
-    def save(self, step: int) -> loop.Saved:
-        """Checkpoint, grids and usage histogram on the main process; held-out metrics sharded
-        over all ranks (the others wait for rank 0 there)."""
-        tc, pictures = self.cfg.train, {}
-        if self.runtime.is_main:
-            runs.save_checkpoint(self.run_dir, step, self.model, VQVAE_KIND, self.cfg.model,
-                                 self.opt, tc, self.runtime, self.sharpen.companions(),
-                                 self.scaler, self.schedule.clock.seconds)
-            pictures = write_pictures(self.model, self.grid, tc.grid, self.run_dir / "samples",
-                                      f"_{step:07d}")
-        metrics, counts = self.evaluate(tc.eval_count)
-        if self.runtime.is_main:
-            pictures["code_usage"] = plot_code_usage(
-                counts, self.run_dir / "samples" / f"code_usage_{step:07d}.png")
-        return loop.Saved(metrics, pictures)
+    def pictures(self, step: int | None) -> dict[str, Path]:
+        """The seed's grids: under ``samples/`` per checkpoint, in the run folder at the end."""
+        if step is None:
+            return write_pictures(self.model, self.grid, self.cfg.train.grid, self.run_dir)
+        return write_pictures(self.model, self.grid, self.cfg.train.grid,
+                              self.run_dir / "samples", f"_{step:07d}")
+
+    def saved(self, step: int, scored: Scored, checkpoint: Path) -> dict[str, Path]:
+        return {"code_usage": plot_code_usage(
+            scored.extra, self.run_dir / "samples" / f"code_usage_{step:07d}.png")}
+
+    def finished(self, step: int, scored: Scored) -> dict[str, Path]:
+        return {"code_usage": plot_code_usage(scored.extra, self.run_dir / "code_usage.png")}
+
+    def headline(self, step: int, final: dict[str, float]) -> str:
+        return (f"trained to step {step}; run folder: {self.run_dir}\n"
+                f"held-out ({int(final['images'])} images): PSNR {final['psnr']:.2f} dB with "
+                f"quantization, {final['psnr_noq']:.2f} dB without; SSIM {final['ssim']:.4f} "
+                f"with, {final['ssim_noq']:.4f} without; codebook usage "
+                f"{final['usage']:.1f}% ({final['used_codes']}/{self.cfg.model.codebook_size}), "
+                f"perplexity {final['perplexity']:.1f}")
 
 
 def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
                       runtime: Runtime | None = None, progress: bool = True,
-                      splits: Splits | None = None) -> loop.RunResult:
+                      splits: Splits | None = None) -> RunResult:
     """Train (or, with ``resume``, continue) a VQ-VAE in ``run_dir``; returns final metrics."""
-    run_dir = Path(run_dir)
-    runs.check_loggers(cfg.train)
+    check_loggers(cfg.train)  # before the data loads
     runtime = runtime or Runtime(pick_device(cfg.train.device))
-    splits = splits or load_splits(cfg.data)
-    cfg = resolve_config(cfg, splits)
-    tc = cfg.train
-    torch.manual_seed(tc.seed)  # the same seed on every rank: identical initial weights
-    model = VQVAE(cfg.model).to(runtime.device)
-    # fused: one kernel for the whole update on CUDA (and no host sync for fp16's scaler)
-    opt = torch.optim.Adam(_start_from(model, tc), lr=tc.lr,
-                           fused=runtime.device.type == "cuda")
-    sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime)
-    scaler = loss_scaler(tc.precision, runtime.device)
-    with (numerics(tc.precision, runtime.device, tc.deterministic),
-          runs.opened(run_dir, resume, runtime)):
-        start, seconds = (runs.restore(run_dir, model, opt, VQVAE_KIND, cfg.model,
-                                       tc.batch_size, runtime, sharpen.companions(), scaler)
-                          if resume else (0, 0.0))
-        runs.check_steps(start, tc.steps, seconds, tc.minutes)
-        main_does(lambda: runs.prepare_run(run_dir, VQVAE_KIND, cfg, start), runtime,
-                  "prepare the run folder")
-        clock = RunClock(tc.steps, tc.minutes, seconds)
-        stage = Stage1(cfg, run_dir, model, opt, splits, runtime, sharpen, scaler, clock)
-        model.train()
-        with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
-                train, evals, run_dir / "curves.png")) as logger:
-            step, signum = loop.fit(stage, tc, runtime, start, logger, "train vqvae", progress,
-                                    clock)
-        pictures = write_pictures(model, stage.grid, tc.grid, run_dir) if runtime.is_main else {}
-        final, counts = stage.evaluate(0)
-        if runtime.is_main:
-            pictures["code_usage"] = plot_code_usage(counts, run_dir / "code_usage.png")
-            runs.write_eval(run_dir, step, final)
-    headline = (f"trained to step {step}; run folder: {run_dir}\n"
-                f"held-out ({int(final['images'])} images): PSNR {final['psnr']:.2f} dB with "
-                f"quantization, {final['psnr_noq']:.2f} dB without; SSIM {final['ssim']:.4f} "
-                f"with, {final['ssim_noq']:.4f} without; codebook usage "
-                f"{final['usage']:.1f}% ({final['used_codes']}/{cfg.model.codebook_size}), "
-                f"perplexity {final['perplexity']:.1f}")
-    return loop.RunResult(run_dir, step, final, pictures, headline, signum)
+    return run(Stage1(cfg, run_dir, runtime, splits), resume=resume, progress=progress)

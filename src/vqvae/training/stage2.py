@@ -1,8 +1,9 @@
-"""Stage-2 training: the prior's setup, step and save hook over :func:`vqvae.loop.fit`.
+"""Stage-2 training: the prior's run config, one training step, and what stage 2 brings to the
+run driver (:func:`vqvae.training.driver.run`): its setup, samples and held-out bits per code.
 
 Teacher forcing with next-code cross-entropy, as the seed; held-out negative log-likelihood is
 logged in bits per code. Run folders, checkpoints, resume, budgets, logs and data parallelism are
-the shared loop's (:mod:`vqvae.runs`); nothing here comes from stage 1's trainer.
+the driver's (:mod:`vqvae.training.driver`); nothing here comes from stage 1's trainer.
 """
 
 from __future__ import annotations
@@ -16,22 +17,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import loop
-from ..store import runs
-from ..store.checkpoint import (CHECKPOINTS, PRIOR_KIND, needs, protect, step_folders, step_name,
-                         step_of, unprotect)
-from ..models.autoencoder import VQVAE
-from ..generation.codes import Codes, check_stage1, load_codes, load_stage1, save_codes
-from ..config import (PRIOR_PRESETS, ConfigError, PriorConfig, PriorPresetName, PriorRunConfig,
-                     SampleConfig, prior_for_data)
-from ..data.sources import BatchStream, DataError
-from ..distributed import Runtime, data_parallel, main_does, pick_device
+from ..config import (PRIOR_PRESETS, PriorConfig, PriorPresetName, PriorRunConfig,
+                      PriorTrainConfig, SampleConfig, prior_for_data)
 from ..data.loader import RESIDENT_BYTES
+from ..data.sources import BatchStream
+from ..distributed import Runtime, data_parallel, pick_device
+from ..errors import ConfigError, DataError
 from ..evaluation.metrics import evaluate_prior
 from ..evaluation.plots import plot_curves
-from ..precision import autocast, loss_scaler, numerics
-from ..models.prior import Prior, build_prior
+from ..generation.codes import Codes, check_stage1, load_codes, load_stage1, save_codes
 from ..generation.sample import draw, samples_grid, save_png
+from ..models.prior import Prior, build_prior
+from ..precision import autocast, loss_scaler
+from ..store import runs
+from ..store.checkpoint import (CHECKPOINTS, PRIOR_KIND, needs, protect, step_folders, step_name,
+                                step_of, unprotect)
+from ..store.runs import TrainingState
+from .driver import RunResult, Scored, run
+from .loggers import check_loggers
 from .schedule import RunClock, Schedule
 
 CODES_FILE = "codes.safetensors"  # codes encoded on the fly are kept here, for resume
@@ -151,27 +154,80 @@ def drop_labels(labels: torch.Tensor, p: float, null: int) -> torch.Tensor:
     return torch.where(torch.rand(labels.shape) < p, torch.full_like(labels, null), labels)
 
 
-class Stage2:
-    """Stage 2's hooks for :func:`vqvae.loop.fit`: one AdamW step on next-code cross-entropy,
-    and a save with a sample grid and held-out bits per code."""
+def train_step(loss: nn.Module, prior: nn.Module, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, codes: torch.Tensor, labels: torch.Tensor | None,
+               tc: PriorTrainConfig) -> torch.Tensor:
+    """One AdamW step on a batch of code grids (B, h, w) (long, on the device) and their labels:
+    ``loss`` (a :class:`PriorLoss`, maybe wrapped for data parallelism) under ``tc.precision``'s
+    autocast, the backward through fp16's loss ``scaler``, gradients clipped to
+    ``tc.grad_clip``. Returns the loss (0-d, on the device). What the training loop and every
+    benchmark of a step call."""
+    with autocast(tc.precision, codes.device):
+        value = loss(codes, labels)  # over the local batch; DDP averages gradients
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(value).backward()
+    if tc.grad_clip:
+        scaler.unscale_(opt)  # clip the true gradients, not fp16's scaled ones
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), tc.grad_clip)
+    scaler.step(opt)  # fp16: skipped (and the scale lowered) on inf/nan gradients
+    scaler.update()
+    return value
 
-    def __init__(self, cfg: PriorRunConfig, run_dir: Path, prior: Prior,
-                 opt: torch.optim.Optimizer, codes: Codes, stage1: VQVAE, runtime: Runtime,
-                 scaler: torch.amp.GradScaler, clock: RunClock | None = None):
+
+class Stage2:
+    """Stage 2 for the run driver (:func:`vqvae.training.driver.run`): the prior and AdamW; one
+    step on next-code cross-entropy (a maskgit prior's masked codes); a sample grid and held-out
+    bits per code at each save, keeping the checkpoint with the lowest from pruning.
+
+    ``codes`` may be passed in memory (e.g. just encoded); when ``cfg.codes`` is empty they are
+    written into the run folder so that a resume finds them."""
+
+    desc = "train prior"
+
+    def __init__(self, cfg: PriorRunConfig, run_dir: str | Path, runtime: Runtime,
+                 codes: Codes | None = None):
+        self.run_dir, self.runtime = Path(run_dir), runtime
+        if not cfg.codes:
+            cfg = replace(cfg, codes=str((self.run_dir / CODES_FILE).resolve()))
+        elif codes is None:
+            codes = load_codes(cfg.codes)
+        if codes is None:
+            raise ConfigError("train_prior: pass the codes when cfg.codes is empty")
+        check_compatible(cfg.model, codes)
+        # before seeding: building it draws random weights; decodes the sample grids
+        self.stage1 = load_stage1(cfg, runtime.device)
+        check_stage1(codes.stage1_sha256, codes.stage1, cfg.stage1)
         tc = cfg.train
-        self.cfg, self.run_dir, self.prior, self.opt = cfg, run_dir, prior, opt
-        self.runtime, self.scaler = runtime, scaler
+        torch.manual_seed(tc.seed)
+        prior = build_prior(cfg.model).to(runtime.device)
+        opt = optimizer(prior, tc.lr, tc.weight_decay)
+        self.state = TrainingState(PRIOR_KIND, prior, cfg.model, opt,
+                                   loss_scaler(tc.precision, runtime.device))
+        self.cfg, self.prior, self.opt, self.codes = cfg, prior, opt, codes
         self.train, self.test = codes.split("train"), codes.split("test")
         self.labels = self.train.labels if cfg.model.num_classes else None
-        self.loss = data_parallel(PriorLoss(prior, tc.token_dropout), runtime)  # ``prior`` is saved
-        self.codes = resident(self.train.codes, codebook_size=cfg.model.codebook_size,
-                              device=runtime.device)
+
+    @property
+    def loop(self) -> PriorTrainConfig:
+        return self.cfg.train
+
+    def prepare(self, start: int) -> None:
+        runs.prepare_run(self.run_dir, PRIOR_KIND, self.cfg, start)
+        if not Path(self.cfg.codes).exists():
+            save_codes(self.codes, self.cfg.codes)
+        # its codes decode only there: the stage-1 checkpoint is kept from pruning
+        protect(Path(self.cfg.stage1), f"prior {self.run_dir.resolve()}")
+
+    def begin(self, clock: RunClock) -> None:
+        tc, runtime = self.cfg.train, self.runtime
+        self.loss = data_parallel(PriorLoss(self.prior, tc.token_dropout), runtime)
+        self.resident = resident(self.train.codes, codebook_size=self.cfg.model.codebook_size,
+                                 device=runtime.device)
         self.stream = BatchStream(len(self.train), tc.batch_size, tc.seed, runtime.rank,
                                   runtime.world_size)
-        self.stage1 = stage1  # decodes the sample grids
-        self.schedule = Schedule(tc, opt, clock)  # its clock's seconds go in checkpoints
+        self.schedule = Schedule(tc, self.opt, clock)
         # (held-out bits/code, checkpoint): the run's best, kept from pruning (rank 0's files)
-        self.best = kept_best(run_dir) if runtime.is_main else None
+        self.best = kept_best(self.run_dir) if runtime.is_main else None
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc, device = self.cfg.train, self.runtime.device
@@ -181,17 +237,10 @@ class Stage2:
             labels = drop_labels(self.labels[index], tc.p_uncond, self.prior.null_class)
             labels = labels.to(device, non_blocking=True)
         self.schedule.set(step)
-        codes = self.codes[index.to(self.codes.device)].to(device, torch.long, non_blocking=True)
-        with autocast(tc.precision, device):
-            loss = self.loss(codes, labels)  # over the local batch; DDP averages gradients
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if tc.grad_clip:
-            self.scaler.unscale_(self.opt)  # clip the true gradients, not fp16's scaled ones
-            torch.nn.utils.clip_grad_norm_(self.prior.parameters(), tc.grad_clip)
-        self.scaler.step(self.opt)  # fp16: skipped (and the scale lowered) on inf/nan gradients
-        self.scaler.update()
-        return {"loss": loss}
+        codes = self.resident[index.to(self.resident.device)].to(device, torch.long,
+                                                                  non_blocking=True)
+        return {"loss": train_step(self.loss, self.prior, self.opt, self.state.scaler, codes,
+                                   labels, tc)}
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
         return {"bits": means["loss"] / math.log(2), "lr": self.schedule.lr}  # the last step's
@@ -200,43 +249,55 @@ class Stage2:
         return ({"bits": f"{record['bits']:.3f}"}
                 | ({"test": f"{metrics['bits_per_code']:.3f}"} if metrics else {}))
 
-    def evaluate(self, limit: int) -> dict[str, float]:
+    def curves(self, train: list[dict], evals: list[dict]) -> Path:
+        return plot_curves(train, evals, self.run_dir / "curves.png", losses=("bits",),
+                           metrics=(("bits_per_code", "test bits/code"),))
+
+    def evaluate(self, limit: int) -> Scored:
         """Held-out bits per code of the first ``limit`` grids (0: all), sharded over ranks."""
         limit = limit or len(self.test)
         labels = None if self.test.labels is None else self.test.labels[:limit]
-        return evaluate_prior(self.prior, self.test.codes[:limit], labels,
-                              device=self.runtime.device, rank=self.runtime.rank,
-                              world_size=self.runtime.world_size)
+        return Scored(evaluate_prior(self.prior, self.test.codes[:limit], labels,
+                                     device=self.runtime.device, rank=self.runtime.rank,
+                                     world_size=self.runtime.world_size))
 
-    def save(self, step: int) -> loop.Saved:
-        """Checkpoint and a sample grid on the main process; held-out bits/code sharded over all
-        ranks (the others wait there while rank 0 samples: no collective in it)."""
-        tc, pictures = self.cfg.train, {}
-        saved = None
-        if self.runtime.is_main:
-            saved = runs.save_checkpoint(self.run_dir, step, self.prior, PRIOR_KIND,
-                                         self.cfg.model, self.opt, tc, self.runtime,
-                                         scaler=self.scaler, seconds=self.schedule.clock.seconds)
-            images, _ = draw(self.prior, self.stage1, SampleConfig(n=tc.grid**2, seed=tc.seed),
-                             self._row_labels(tc.grid))
-            grid = samples_grid(images, tc.grid)
-            pictures["samples"] = save_png(grid,
-                                           self.run_dir / "samples" / f"prior_{step:07d}.png")
-            save_png(grid, self.run_dir / "samples.png")
-        metrics = self.evaluate(tc.eval_count)
-        if saved is not None:
-            self._keep_if_best(metrics["bits_per_code"], saved)
-        return loop.Saved(metrics, pictures)
+    def pictures(self, step: int | None) -> dict[str, Path]:
+        """A grid of samples (one class per row for a conditional prior) per checkpoint, the
+        newest also as ``samples.png`` in the run folder."""
+        latest = self.run_dir / "samples.png"
+        if step is None:
+            return {"samples": latest}
+        tc = self.cfg.train
+        images, _ = draw(self.prior, self.stage1, SampleConfig(n=tc.grid**2, seed=tc.seed),
+                         self._row_labels(tc.grid))
+        grid = samples_grid(images, tc.grid)
+        save_png(grid, latest)
+        return {"samples": save_png(grid, self.run_dir / "samples" / f"prior_{step:07d}.png")}
 
-    def _keep_if_best(self, bits: float, checkpoint: Path) -> None:
+    def saved(self, step: int, scored: Scored, checkpoint: Path) -> dict[str, Path]:
         """Keep the checkpoint with the lowest held-out bits/code from pruning (the one to sample
         when the run overfits), and release the one kept before it."""
-        if self.best is not None and bits >= self.best[0]:
-            return
-        protect(checkpoint, BEST)
-        if self.best is not None and self.best[1] != checkpoint:
-            unprotect(self.best[1], BEST)
-        self.best = (bits, checkpoint)
+        bits = scored.metrics["bits_per_code"]
+        if self.best is None or bits < self.best[0]:
+            protect(checkpoint, BEST)
+            if self.best is not None and self.best[1] != checkpoint:
+                unprotect(self.best[1], BEST)
+            self.best = (bits, checkpoint)
+        return {}
+
+    def finished(self, step: int, scored: Scored) -> dict[str, Path]:
+        note = overfit_note(runs.read_jsonl(self.run_dir / "metrics.jsonl"),
+                            self.best[1] if self.best else None)
+        if note:
+            warnings.warn(note)
+        return {}
+
+    def headline(self, step: int, final: dict[str, float]) -> str:
+        uncond = (f" ({final['bits_per_code_uncond']:.4f} with the null class)"
+                  if "bits_per_code_uncond" in final else "")
+        return (f"trained the prior to step {step}; run folder: {self.run_dir}\n"
+                f"held-out ({final['grids']} grids): {final['bits_per_code']:.4f} "
+                f"bits/code{uncond}")
 
     def _row_labels(self, n: int) -> torch.Tensor | None:
         """A conditional prior draws one class per row of an n x n grid."""
@@ -246,58 +307,15 @@ class Stage2:
 
 def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = False,
                 codes: Codes | None = None, runtime: Runtime | None = None,
-                progress: bool = True) -> loop.RunResult:
+                progress: bool = True) -> RunResult:
     """Train (or, with ``resume``, continue) a prior in ``run_dir``; returns held-out metrics.
 
     ``codes`` may be passed in memory (e.g. just encoded); when ``cfg.codes`` is empty they are
     written into the run folder so that a resume finds them.
     """
-    run_dir = Path(run_dir)
-    runs.check_loggers(cfg.train)
+    check_loggers(cfg.train)  # before the codes and the stage-1 model load
     runtime = runtime or Runtime(pick_device(cfg.train.device))
-    if not cfg.codes:
-        cfg = replace(cfg, codes=str((run_dir / CODES_FILE).resolve()))
-    elif codes is None:
-        codes = load_codes(cfg.codes)
-    if codes is None:
-        raise ConfigError("train_prior: pass the codes when cfg.codes is empty")
-    check_compatible(cfg.model, codes)
-    stage1 = load_stage1(cfg, runtime.device)  # before seeding: building it draws random weights
-    check_stage1(codes.stage1_sha256, codes.stage1, cfg.stage1)
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
-    prior = build_prior(cfg.model).to(runtime.device)
-    opt = optimizer(prior, tc.lr, tc.weight_decay)
-    scaler = loss_scaler(tc.precision, runtime.device)
-    with (numerics(tc.precision, runtime.device, tc.deterministic),
-          runs.opened(run_dir, resume, runtime)):
-        start, seconds = (runs.restore(run_dir, prior, opt, PRIOR_KIND, cfg.model,
-                                       tc.batch_size, runtime, scaler=scaler)
-                          if resume else (0, 0.0))
-        runs.check_steps(start, tc.steps, seconds, tc.minutes)
-        main_does(lambda: _prepare(run_dir, cfg, start, codes), runtime, "prepare the run folder")
-        clock = RunClock(tc.steps, tc.minutes, seconds)
-        stage = Stage2(cfg, run_dir, prior, opt, codes, stage1, runtime, scaler, clock)
-        prior.train()
-        with runs.open_logger(run_dir, tc, start, runtime, lambda train, evals: plot_curves(
-                train, evals, run_dir / "curves.png", losses=("bits",),
-                metrics=(("bits_per_code", "test bits/code"),))) as logger:
-            step, signum = loop.fit(stage, tc, runtime, start, logger, "train prior", progress,
-                                    clock)
-        final = stage.evaluate(0)
-        if runtime.is_main:
-            runs.write_eval(run_dir, step, final)
-            note = overfit_note(runs.read_jsonl(run_dir / "metrics.jsonl"),
-                                stage.best[1] if stage.best else None)
-            if note:
-                warnings.warn(note)
-    uncond = (f" ({final['bits_per_code_uncond']:.4f} with the null class)"
-              if "bits_per_code_uncond" in final else "")
-    return loop.RunResult(run_dir, step, final,
-                          {"samples": run_dir / "samples.png"} if runtime.is_main else {},
-                          f"trained the prior to step {step}; run folder: {run_dir}\n"
-                          f"held-out ({final['grids']} grids): {final['bits_per_code']:.4f} "
-                          f"bits/code{uncond}", signum)
+    return run(Stage2(cfg, run_dir, runtime, codes), resume=resume, progress=progress)
 
 
 BEST = "the lowest held-out bits/code of its run"  # who needs the best checkpoint (keep.json)
@@ -346,9 +364,3 @@ def overfit_note(records: list[dict[str, Any]], kept: Path | None = None) -> str
             f"(--steps)" + (f", or sample the checkpoint kept from then: vqvae sample {kept}"
                             if kept is not None else ""))
 
-
-def _prepare(run_dir: Path, cfg: PriorRunConfig, start: int, codes: Codes) -> None:
-    runs.prepare_run(run_dir, PRIOR_KIND, cfg, start)
-    if not Path(cfg.codes).exists():
-        save_codes(codes, cfg.codes)
-    protect(Path(cfg.stage1), f"prior {run_dir.resolve()}")  # its codes decode only there

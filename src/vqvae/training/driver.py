@@ -1,0 +1,136 @@
+"""The one run driver both stages share: take the run folder, restore, prepare it, fit, evaluate,
+report (litgpt's setup -> fit -> validate -> save, written once for both stages).
+
+A stage brings a :class:`Stage`: its model, optimizer and companions as a
+:class:`~vqvae.store.runs.TrainingState`, one training step, its log fields, pictures and
+held-out metrics, and what it does after a save or at the end (stage 2 keeps its best
+checkpoint). Everything else, in this order, is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from ..config import LoopConfig
+from ..distributed import Runtime, main_does
+from ..precision import numerics
+from ..store.runs import (TrainingState, check_steps, opened, restore, save_checkpoint,
+                          write_eval)
+from .loggers import check_loggers, open_logger
+from .loop import Saved, fit
+from .schedule import RunClock
+
+
+class Scored(NamedTuple):
+    metrics: dict[str, float]  # held-out metrics (every rank)
+    extra: Any = None  # what else the evaluation found (stage 1: per-code counts)
+
+
+class Stage(Protocol):
+    """What a stage brings to :func:`run`."""
+
+    run_dir: Path
+    runtime: Runtime
+    state: TrainingState
+    desc: str  # the progress bar's label
+
+    @property
+    def loop(self) -> LoopConfig: ...
+
+    def prepare(self, start: int) -> None:
+        """Write the run folder's config and whatever else must be there first (rank 0)."""
+
+    def begin(self, clock: RunClock) -> None:
+        """After the restore: whatever reads the restored state or the run's clock."""
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step (:class:`vqvae.training.loop.Stage`)."""
+
+    def describe(self, step: int, means: dict[str, float]) -> dict[str, float]: ...
+
+    def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]: ...
+
+    def curves(self, train: list[dict], evals: list[dict]) -> Any:
+        """Redraw the run's curves from its logs (rank 0, after every evaluation)."""
+
+    def pictures(self, step: int | None) -> dict[str, Path]:
+        """The pictures of a checkpoint at ``step``, or the run's final ones (None); rank 0."""
+
+    def evaluate(self, limit: int) -> Scored:
+        """Held-out metrics of the first ``limit`` examples (0: all); on every rank."""
+
+    def saved(self, step: int, scored: Scored, checkpoint: Path) -> dict[str, Path]:
+        """After a checkpoint is written and scored (rank 0): more pictures."""
+
+    def finished(self, step: int, scored: Scored) -> dict[str, Path]:
+        """After the final evaluation (rank 0): more pictures, warnings."""
+
+    def headline(self, step: int, metrics: dict[str, float]) -> str: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a training function returns: where, how far, the final held-out metrics, pictures."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    pictures: dict[str, Path]
+    headline: str = ""  # what was trained, how far, where, and the held-out metrics
+    signal: int | None = None  # the signal that stopped the run before its --steps
+
+    def summary(self) -> str:
+        """What ``vqvae train`` / ``train-prior`` print: the headline, then the files."""
+        files = {**self.pictures, "curves": self.run_dir / "curves.png",
+                 "metrics": self.run_dir / "eval.json"}
+        return "\n".join([self.headline, *(f"  {name}: {path}" for name, path in files.items())])
+
+
+class _Hooks:
+    """:func:`fit`'s view of a stage: its step, log fields and progress postfix, and a save that
+    writes the checkpoint (rank 0), the pictures (rank 0) and scores it (every rank)."""
+
+    def __init__(self, stage: Stage, clock: RunClock):
+        self.stage, self.clock = stage, clock
+        self.step, self.describe, self.postfix = stage.step, stage.describe, stage.postfix
+
+    def save(self, step: int) -> Saved:
+        stage, main = self.stage, self.stage.runtime.is_main
+        checkpoint = (save_checkpoint(stage.run_dir, step, stage.state, stage.loop,
+                                      stage.runtime, self.clock.seconds) if main else None)
+        pictures = stage.pictures(step) if main else {}
+        scored = stage.evaluate(stage.loop.eval_count)  # every rank: sharded
+        if checkpoint is not None:
+            pictures |= stage.saved(step, scored, checkpoint)
+        return Saved(scored.metrics, pictures)
+
+
+def run(stage: Stage, *, resume: bool = False, progress: bool = True) -> RunResult:
+    """Train ``stage`` in its run folder (a new one, or with ``resume`` the one it continues)
+    until its steps, its minutes or a signal; returns the final held-out metrics."""
+    tc, runtime, run_dir = stage.loop, stage.runtime, stage.run_dir
+    check_loggers(tc)
+    with numerics(tc.precision, runtime.device, tc.deterministic), opened(run_dir, resume,
+                                                                           runtime):
+        start, seconds = (restore(run_dir, stage.state, tc.batch_size, runtime) if resume
+                          else (0, 0.0))
+        check_steps(start, tc.steps, seconds, tc.minutes)
+        main_does(lambda: stage.prepare(start), runtime, "prepare the run folder")
+        clock = RunClock(tc.steps, tc.minutes, seconds)
+        stage.begin(clock)
+        stage.state.model.train()
+        with open_logger(run_dir, tc, start, runtime, stage.curves) as logger:
+            step, signum = fit(_Hooks(stage, clock), tc, runtime, start, logger, stage.desc,
+                               progress, clock)
+        pictures = stage.pictures(None) if runtime.is_main else {}
+        final = stage.evaluate(0)
+        if runtime.is_main:
+            pictures |= stage.finished(step, final)
+            write_eval(run_dir, step, final.metrics)
+    return RunResult(run_dir, step, final.metrics, pictures,
+                     stage.headline(step, final.metrics), signum)
+
