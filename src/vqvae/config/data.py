@@ -1,0 +1,53 @@
+"""The data config (``DataConfig``): where a run's images come from, their size, the held-out
+split, caching, training augmentation and decoding workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from .base import _check, _help
+
+CacheMode = Literal["auto", "memory", "stream"]
+CropMode = Literal["center", "random"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="digits", metadata=_help(
+        "digits | fashion-mnist | mnist | a directory of images or IDX files | a .npy/.npz file",
+        flag="data"))
+    size: int = field(default=16, metadata=_help("image side in pixels (resized, centre-cropped)"))
+    channels: int | None = field(default=None, metadata=_help(
+        "1 (grayscale) or 3 (RGB); default: the source's own (1 for digits/IDX, 3 for folders)"))
+    holdout: float = field(default=0.1, metadata=_help(
+        "fraction held out for evaluation when the source has no test split of its own"))
+    split_seed: int = field(default=0, metadata=_help("seed of the deterministic held-out split"))
+    cache: CacheMode = field(default="auto", metadata=_help(
+        "memory: decode every image into RAM before step 1 | stream: decode batches as they are "
+        "needed, in worker processes (folders, shards) | auto: memory for arrays, IDX files and "
+        "small folders, stream for large folders and shards"))
+    crop: CropMode = field(default="center", metadata=_help(
+        "training crop: center (the shorter side resized to size) | random (a random square "
+        "covering 80-100%% of the shorter side); held-out images are always centre-cropped"))
+    flip: bool = field(default=False, metadata=_help(
+        "flip training images left-right at random (held-out images never)"))
+    workers: int = field(default=2, metadata=_help(
+        "worker processes decoding streamed images (0: decode in the training process); with "
+        "shards, also the readers each rank splits its shards over"))
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "data source is empty")
+        _check(self.size >= 4, f"size must be at least 4 pixels, got {self.size}")
+        _check(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _check(0.0 < self.holdout < 1.0, f"holdout must be in (0, 1), got {self.holdout}")
+        _check(self.cache in get_args(CacheMode),
+               f"cache must be one of {get_args(CacheMode)}, got {self.cache!r}")
+        _check(self.crop in get_args(CropMode),
+               f"crop must be one of {get_args(CropMode)}, got {self.crop!r}")
+        _check(isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}")
+        _check(0 <= self.workers <= 64, f"workers must be in [0, 64], got {self.workers}")
+
+    @property
+    def augmented(self) -> bool:
+        return self.crop == "random" or self.flip
