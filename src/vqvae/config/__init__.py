@@ -7,9 +7,9 @@ concern; this package re-exports them all, so ``from vqvae.config import X`` is 
 
 from ..errors import ConfigError
 from .autoencoder import (Architecture, Estimator, QuantizerName, Upsample, VQVAEConfig,
-                          WeightInit, _defaults, architecture_options, default_model,
-                          fsq_levels_for, quantizer_options, seed_model, vqgan_model)
-from .base import _check, _describe, _fits, _help, from_dict, to_dict
+                          WeightInit, architecture_options, default_model, fsq_levels_for,
+                          quantizer_options, seed_model, vqgan_model)
+from .base import from_dict, to_dict
 from .data import CacheMode, CropMode, DataConfig
 from .loop import (RESUMABLE, CompileMode, GanLoss, LoopConfig, LRSchedule, Precision,
                    PriorTrainConfig, ReconLoss, TrainConfig, resumed)
