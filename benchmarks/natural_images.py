@@ -41,7 +41,7 @@ from sharpness import MSE_RECIPE, parse_spec, seconds, slug, train  # noqa: E402
 from vqvae.store import checkpoint as ckpt  # noqa: E402
 from vqvae.data.augment import resize  # noqa: E402
 from vqvae.evaluation.metrics import evaluate_autoencoder  # noqa: E402
-from vqvae.generation.sample import save_png, tile  # noqa: E402
+from vqvae.generation.grids import save_png, tile  # noqa: E402
 
 SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket")  # PNG/JPEG files inside the wheel
 STORED = 96  # side of the stored tiles, training and held-out alike

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from vqvae import VQVAE, ConfigError, ResidualBlock, VQVAEConfig, default_model, seed_model
+from vqvae import VQVAE, ConfigError, VQVAEConfig, default_model, seed_model
+from vqvae.models.autoencoder import ResidualBlock
 
 
 @pytest.mark.parametrize("downsamples,res_blocks,code_dim,channels,size", [

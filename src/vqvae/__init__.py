@@ -1,58 +1,82 @@
 """vqvae: turn a pile of images into a discrete visual vocabulary and back.
 
 Stage 1 is a VQ-VAE (van den Oord et al., 2017): encoder -> vector quantizer -> decoder.
-Stage 2 is an autoregressive Transformer prior over its code grids.
+Stage 2 is a Transformer prior over its code grids (autoregressive, or MaskGIT's parallel one).
+Every CLI command is one of the functions below (``vqvae.cli`` only parses and prints).
 """
 
 __version__ = "0.1.0"
 
-from .models.autoencoder import (QUANTIZERS, VQVAE, ResidualBlock, VQVAEOutput,  # noqa: E402
-                          build_quantizer)
-from .store.checkpoint import CheckpointError, load_autoencoder, load_prior  # noqa: E402
-from .generation.codes import (CodeSplit, Codes, encode_dataset, encode_set, load_codes, load_stage1,  # noqa: E402
-                    load_trained, save_codes)
-from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, LoopConfig,  # noqa: E402
-                     Preset, PriorConfig, PriorRunConfig, PriorTrainConfig, RunConfig,
-                     SampleConfig, TrainConfig, VQVAEConfig, default_model, default_prior,
-                     run_config, seed_model, seed_prior, vqgan_model)
-from .data.sources import DataError, ImageSet, Splits, load_splits, to_float, to_uint8  # noqa: E402
+# configs and presets
+from .config import (PRESETS, PRIOR_PRESETS, DataConfig, LoopConfig,  # noqa: E402
+                     PriorConfig, PriorRunConfig, PriorTrainConfig, RunConfig, SampleConfig,
+                     TrainConfig, VQVAEConfig, default_model, default_prior, run_config,
+                     seed_model, seed_prior, vqgan_model)
+# data
 from .data.files import FileSet  # noqa: E402
+from .data.images import ImageSet, to_float, to_uint8  # noqa: E402
 from .data.shards import pack  # noqa: E402
+from .data.sources import Splits, load_splits  # noqa: E402
 from .distributed import Runtime  # noqa: E402
+from .errors import (CheckpointError, ConfigError, DataError, NonFiniteError,  # noqa: E402
+                     PerceptualWeightsError)
+# evaluation
+from .evaluation.evaluate import RunScores, evaluate_run  # noqa: E402
+from .evaluation.metrics import (CodeUsage, codebook_stats, evaluate_autoencoder,  # noqa: E402
+                                 evaluate_prior, psnr, score_autoencoder, ssim)
+from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance,  # noqa: E402
+                                 judge, train_classifier)
+# generation: codes, grids, sampling, inpainting
+from .generation.codes import (CodeSplit, Codes, encode_dataset, encode_to_file,  # noqa: E402
+                               load_codes, load_trained, save_codes)
+from .generation.grids import (decode_codes, interpolation_grid,  # noqa: E402
+                               reconstruction_grid, samples_grid, write_interpolation,
+                               write_reconstructions)
+from .generation.inpaint import Inpainted, inpaint, inpaint_files  # noqa: E402
+from .generation.sample import (Samples, load_samples, sample_images,  # noqa: E402
+                                save_samples, write_samples)
+# models
+from .models.autoencoder import VQVAE, VQVAEOutput  # noqa: E402
+from .models.lpips import LPIPS, load_perceptual  # noqa: E402
+from .models.maskgit import MaskGITPrior  # noqa: E402
+from .models.prior import Prior, build_prior  # noqa: E402
 from .models.quantizers.fsq import FiniteScalarQuantizer  # noqa: E402
-from .evaluation.metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, psnr,  # noqa: E402
-                      score_autoencoder, ssim)
-from .models.lpips import LPIPS, PerceptualWeightsError, load_perceptual  # noqa: E402
-from .models.prior import Prior  # noqa: E402
-from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance, judge,  # noqa: E402
-                      train_classifier)
-from .models.quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer  # noqa: E402
+from .models.quantizers.vq import (EMAVectorQuantizer, QuantizerOutput,  # noqa: E402
+                                   VectorQuantizer)
+# checkpoints and run folders
+from .store.checkpoint import load_autoencoder, load_prior  # noqa: E402
+# training
 from .training.driver import RunResult  # noqa: E402
-from .generation.sample import (Samples, decode_codes, interpolation_grid, load_samples,  # noqa: E402
-                     reconstruction_grid, sample_images, samples_grid, save_samples)
-from .training.stage1 import load_run_config, train_autoencoder  # noqa: E402
-from .training.stage2 import load_prior_run_config, prior_run_config, train_prior  # noqa: E402
+from .training.stage1 import (finetune_decoder, load_run_config,  # noqa: E402
+                              train_autoencoder)
+from .training.stage2 import (load_prior_run_config, prior_run_config,  # noqa: E402
+                              prior_setup, train_prior)
 
 __all__ = [
-    # stage 1
-    "VQVAE", "VQVAEOutput", "ResidualBlock", "VectorQuantizer", "EMAVectorQuantizer",
-    "FiniteScalarQuantizer", "QuantizerOutput", "QUANTIZERS", "build_quantizer",
-    "VQVAEConfig", "DataConfig", "LoopConfig", "TrainConfig", "RunConfig", "Preset", "PRESETS",
-    "run_config", "seed_model", "default_model", "vqgan_model", "ConfigError", "DataError",
-    "CheckpointError",
-    "ImageSet", "FileSet", "Splits", "load_splits", "pack", "to_float", "to_uint8",
-    "load_autoencoder",
-    "load_run_config", "load_trained", "train_autoencoder", "Runtime", "RunResult",
-    "evaluate_autoencoder", "score_autoencoder", "CodeUsage", "codebook_stats", "psnr",
-    "ssim", "reconstruction_grid", "interpolation_grid", "LPIPS", "load_perceptual",
-    "PerceptualWeightsError",
-    # stage 2
-    "Prior", "PriorConfig", "PriorTrainConfig", "PriorRunConfig", "PRIOR_PRESETS", "seed_prior",
-    "default_prior", "prior_run_config", "Codes", "CodeSplit", "encode_dataset", "encode_set",
-    "load_codes",
-    "save_codes", "load_prior", "load_prior_run_config", "load_stage1", "train_prior",
-    "SampleConfig", "Samples", "sample_images", "save_samples", "load_samples", "decode_codes",
-    "samples_grid",
-    # sample quality
-    "Classifier", "ClassifierConfig", "train_classifier", "frechet_distance", "judge",
+    # configs
+    "DataConfig", "VQVAEConfig", "TrainConfig", "RunConfig", "LoopConfig", "PriorConfig",
+    "PriorTrainConfig", "PriorRunConfig", "SampleConfig", "PRESETS", "PRIOR_PRESETS",
+    "run_config", "prior_run_config", "seed_model", "default_model", "vqgan_model", "seed_prior",
+    "default_prior",
+    # errors
+    "ConfigError", "DataError", "CheckpointError", "NonFiniteError", "PerceptualWeightsError",
+    # data
+    "load_splits", "Splits", "ImageSet", "FileSet", "to_float", "to_uint8",
+    # models
+    "VQVAE", "VQVAEOutput", "VectorQuantizer", "EMAVectorQuantizer", "FiniteScalarQuantizer",
+    "QuantizerOutput", "Prior", "MaskGITPrior", "build_prior", "LPIPS", "load_perceptual",
+    "load_autoencoder", "load_prior", "load_run_config", "load_prior_run_config",
+    # the commands, one function each (vqvae train, finetune-decoder, reconstruct, interpolate,
+    # eval, pack, encode, train-prior, sample, inpaint)
+    "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",
+    "evaluate_run", "pack", "encode_to_file", "prior_setup", "train_prior", "write_samples",
+    "inpaint_files", "RunResult", "RunScores", "Runtime",
+    # the same in memory
+    "encode_dataset", "load_trained", "Codes", "CodeSplit", "save_codes", "load_codes",
+    "sample_images", "Samples", "save_samples", "load_samples", "inpaint", "Inpainted",
+    "reconstruction_grid", "interpolation_grid", "samples_grid", "decode_codes",
+    # metrics and sample quality
+    "evaluate_autoencoder", "score_autoencoder", "evaluate_prior", "psnr", "ssim",
+    "codebook_stats", "CodeUsage", "Classifier", "ClassifierConfig", "train_classifier",
+    "frechet_distance", "judge",
 ]

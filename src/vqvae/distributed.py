@@ -50,11 +50,13 @@ def torchrun_env() -> tuple[int, int, int]:
 
 
 @contextmanager
-def launch(device: torch.device) -> Iterator[Runtime]:
-    """This process's :class:`Runtime`. Under ``torchrun`` with several processes: joins the
+def launch(device: str | torch.device = "auto") -> Iterator[Runtime]:
+    """This process's :class:`Runtime` on ``device`` (:func:`pick_device`'s rule). Under
+    ``torchrun`` with several processes: joins the
     process group (NCCL on CUDA, one GPU per process = ``cuda:LOCAL_RANK``; gloo on the CPU) and
     leaves it on the way out, also on error; only rank 0 talks (the other ranks' warnings would
     repeat its own and are silenced). A plain process gets ``Runtime(device)``."""
+    device = pick_device(device)
     rank, world, local = torchrun_env()
     if world == 1:
         yield Runtime(device)
@@ -90,8 +92,14 @@ def launch(device: torch.device) -> Iterator[Runtime]:
             dist.destroy_process_group()
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch."""
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """The one device rule of every command: ``auto`` picks CUDA, then Apple MPS, then the CPU;
+    anything else is passed to torch. Under torchrun ``auto`` and ``cuda`` are this process's
+    GPU, ``cuda:LOCAL_RANK``. A :class:`torch.device` is returned as it is."""
+    if isinstance(name, torch.device):
+        return name
+    if name in ("auto", "cuda") and torch.cuda.is_available() and torchrun_env()[1] > 1:
+        return torch.device("cuda", torchrun_env()[2])
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -64,3 +64,34 @@ def given(args: argparse.Namespace, *prefixes: str) -> dict[str, Any]:
     """The options of these groups that were given, by field name."""
     return {k.split(".", 1)[1]: v for k, v in vars(args).items()
             if k.split(".", 1)[0] in prefixes and "." in k and v is not None}
+
+
+class _PresetAction(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        namespace.preset, namespace.preset_given = values, True
+
+
+def command(sub: Any, name: str, func: Any, help: str, run: str = "", grid: int = 0,
+            **kwargs: Any) -> argparse.ArgumentParser:
+    """A sub-command calling ``func``; with ``run`` ("stage-1" or "prior") its RUN_DIR and
+    --device (and a stage-1 run's --data), with ``grid`` the options of an n x n picture."""
+    p = sub.add_parser(name, help=help, description=kwargs.pop("description", help), **kwargs)
+    p.set_defaults(func=func, preset_given=False)
+    if run:
+        p.add_argument("run", metavar="RUN_DIR", help=f"a {run} run folder or checkpoint folder")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    if run == "stage-1":
+        p.add_argument("--data", help="another data source (default: the run's own)")
+    if grid:
+        p.add_argument("--split", choices=("test", "train"), default="test", help="(default: test)")
+        p.add_argument("--n", type=int, default=grid, help=f"grid size (default: {grid})")
+        p.add_argument("--seed", type=int, default=0, help="which images are drawn (default: 0)")
+    return p
+
+
+def training_options(p: argparse.ArgumentParser, presets: dict, help: str) -> None:
+    """--out, --resume and --preset of a training command."""
+    p.add_argument("--out", metavar="RUN_DIR", help="new run folder to write")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--preset", choices=sorted(presets), default="default", action=_PresetAction,
+                   help=help)

@@ -196,6 +196,16 @@ class Packed:
     shards: int
     images: int
     resumed_from: int  # images already packed by an earlier, interrupted call
+    prefix: str = "train"
+
+    def summary(self) -> str:
+        """What ``vqvae pack`` prints: what was packed, and the --data that trains on it."""
+        again = ("" if not self.resumed_from else " (all packed before)"
+                 if self.resumed_from == self.images
+                 else f" (continued after {self.resumed_from})")
+        return (f"packed {self.images} images{again} into {self.shards} shard(s): {self.out}\n"
+                f"train on them: vqvae train --data '{self.out}/{self.prefix}-"
+                f"{{{0:06d}..{self.shards - 1:06d}}}.tar'")
 
 
 def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: str = "train",
@@ -245,7 +255,7 @@ def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: st
     bar.close()
     manifest["classes"] = list(classes) if classes is not None else None
     write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    return Packed(out, total_shards, len(files), done)
+    return Packed(out, total_shards, len(files), done, prefix)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

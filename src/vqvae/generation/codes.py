@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
+from ..distributed import pick_device
 from ..errors import CheckpointError, DataError
 from ..store import checkpoint as ckpt
 from ..store import runs
@@ -212,6 +213,15 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
                                      else torch.cat([train.labels, mirrored.labels]))
     return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()),
                  fingerprint(directory), data.source, splits.train.classes)
+
+
+def encode_to_file(run_dir: str | Path, out: str | Path, *, source: str | None = None,
+                   batch_size: int = 256, device: str | torch.device = "auto",
+                   flip: bool = False, progress: bool = True) -> tuple[Codes, Path]:
+    """``vqvae encode``: :func:`encode_dataset` on ``device`` (``auto``: the best there is),
+    written to the codes file ``out``."""
+    codes = encode_dataset(run_dir, source, batch_size, pick_device(device), progress, flip)
+    return codes, save_codes(codes, out)
 
 
 # --- the file -----------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..distributed import pick_device
 from ..errors import ConfigError
 from ..store import checkpoint as ckpt
 from ..store import runs
 from .codes import load_stage1
 from ..config import SampleConfig
 from ..data.sources import read_image, to_float, to_uint8
-from .sample import save_png, tile
+from .grids import save_png, tile
 
 
 class Inpainted(NamedTuple):
@@ -47,6 +48,7 @@ def inpaint(prior_run: str | Path, image: torch.Tensor, mask: torch.Tensor,
     iterations (``cfg.label``/``guidance``/``temperature``/``top_k`` as for sampling)."""
     run_cfg = runs.read_run_config(prior_run, ckpt.PRIOR_KIND)
     _check_parallel(prior_run)
+    device = pick_device(device)
     prior = ckpt.load_prior(prior_run, device)
     stage1 = load_stage1(run_cfg, device)
     size, factor = stage1.cfg.image_size, 2 ** stage1.cfg.downsamples

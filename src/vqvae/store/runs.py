@@ -60,6 +60,12 @@ def find_run(path: str | Path) -> Path | None:
     return None
 
 
+def beside(path: str | Path, name: str) -> Path:
+    """``name`` in the run folder holding ``path`` (a run, its checkpoints, one checkpoint), or
+    beside a checkpoint outside any run: where a command on ``path`` writes by default."""
+    return (find_run(path) or Path(path)) / name
+
+
 def _untagged(raw: dict[str, Any]) -> dict[str, Any]:
     """A run config written before run configs were tagged: the loop's eval count had one name
     per stage."""

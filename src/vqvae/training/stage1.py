@@ -11,6 +11,7 @@ DistributedDataParallel copy on its slice of every global batch (a per-rank
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from time import perf_counter
@@ -23,10 +24,10 @@ from ..config import ReconLoss, RunConfig, TrainConfig
 from ..data.images import Batch
 from ..data.loader import train_batches
 from ..data.sources import Splits, load_splits, to_float
-from ..distributed import Runtime, data_parallel, pick_device
+from ..distributed import Runtime, data_parallel, launch
 from ..evaluation.metrics import CodeUsage, score_autoencoder
 from ..evaluation.plots import plot_code_usage, plot_curves
-from ..generation.sample import grid_pairs, interpolation_grid, reconstruction_grid, save_png
+from ..generation.grids import grid_pairs, interpolation_picture, reconstruction_pictures
 from ..models.autoencoder import VQVAE, VQVAEOutput
 from ..precision import autocast, loss_scaler
 from ..store import checkpoint as ckpt
@@ -143,15 +144,9 @@ def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
     """The seed's three pictures (``sample_ae_1``, ``sample_ae_2``, ``sample_inter``)."""
     half = images.shape[0] // 2
     pairs = min(n, half)
-    return {
-        "sample_ae_1": save_png(reconstruction_grid(model, images, n, quantize=False),
-                                folder / f"sample_ae_1{suffix}.png"),
-        "sample_ae_2": save_png(reconstruction_grid(model, images, n, quantize=True),
-                                folder / f"sample_ae_2{suffix}.png"),
-        "sample_inter": save_png(interpolation_grid(model, images[:pairs],
-                                                    images[half:half + pairs], n),
-                                 folder / f"sample_inter{suffix}.png"),
-    }
+    return {**reconstruction_pictures(model, images, n, folder, suffix),
+            "sample_inter": interpolation_picture(model, images[:pairs],
+                                                  images[half:half + pairs], n, folder, suffix)}
 
 
 def train_step(net: Callable[[torch.Tensor], VQVAEOutput], model: VQVAE,
@@ -312,5 +307,14 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                       splits: Splits | None = None) -> RunResult:
     """Train (or, with ``resume``, continue) a VQ-VAE in ``run_dir``; returns final metrics."""
     check_loggers(cfg.train)  # before the data loads
-    runtime = runtime or Runtime(pick_device(cfg.train.device))
-    return run(Stage1(cfg, run_dir, runtime, splits), resume=resume, progress=progress)
+    with nullcontext(runtime) if runtime else launch(cfg.train.device) as runtime:
+        return run(Stage1(cfg, run_dir, runtime, splits), resume=resume, progress=progress)
+
+
+def finetune_decoder(source: str | Path, run_dir: str | Path, train: dict | None = None, *,
+                     runtime: Runtime | None = None, progress: bool = True) -> RunResult:
+    """``vqvae finetune-decoder``: train the decoder of the stage-1 model at ``source`` alone in
+    a new run (:func:`finetune_config`, with fields of ``train`` overridden), so codes and
+    priors made with ``source`` decode with the result."""
+    return train_autoencoder(finetune_config(source, train), run_dir, runtime=runtime,
+                             progress=progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from ..config import (PRIOR_PRESETS, PriorConfig, PriorPresetName, PriorRunConfi
                       PriorTrainConfig, SampleConfig, prior_for_data)
 from ..data.loader import RESIDENT_BYTES
 from ..data.sources import BatchStream
-from ..distributed import Runtime, data_parallel, pick_device
+from ..distributed import Runtime, data_parallel, launch, pick_device
 from ..errors import ConfigError, DataError
 from ..evaluation.metrics import evaluate_prior
 from ..evaluation.plots import plot_curves
-from ..generation.codes import Codes, check_stage1, load_codes, load_stage1, save_codes
-from ..generation.sample import draw, samples_grid, save_png
+from ..generation.codes import (Codes, check_stage1, encode_dataset, load_codes, load_stage1,
+                                save_codes)
+from ..generation.grids import samples_grid, save_png
+from ..generation.sample import draw
 from ..models.prior import Prior, build_prior
 from ..precision import autocast, loss_scaler
 from ..store import runs
@@ -314,8 +317,29 @@ def train_prior(cfg: PriorRunConfig, run_dir: str | Path, *, resume: bool = Fals
     written into the run folder so that a resume finds them.
     """
     check_loggers(cfg.train)  # before the codes and the stage-1 model load
-    runtime = runtime or Runtime(pick_device(cfg.train.device))
-    return run(Stage2(cfg, run_dir, runtime, codes), resume=resume, progress=progress)
+    with nullcontext(runtime) if runtime else launch(cfg.train.device) as runtime:
+        return run(Stage2(cfg, run_dir, runtime, codes), resume=resume, progress=progress)
+
+
+def prior_setup(*, codes: str | Path | None = None, stage1: str | Path | None = None,
+                data: str | None = None, preset: PriorPresetName = "default",
+                conditional: bool = False, model: dict[str, Any] | None = None,
+                train: dict[str, Any] | None = None, device: str | torch.device = "auto",
+                progress: bool = True) -> tuple[PriorRunConfig, Codes]:
+    """The config and codes of a new prior run (``vqvae train-prior``): on a codes file, or on
+    the data of a stage-1 run (``data``: another source) encoded now; ``preset``'s prior sized
+    to them with fields of ``model`` and ``train`` overridden (:func:`prior_run_config`).
+    Under torchrun every rank encodes the same codes (no collective)."""
+    if bool(codes) == bool(stage1):
+        raise ConfigError("give either --codes CODES or --stage1 RUN_DIR (which encodes its data)")
+    if codes and data:
+        raise ConfigError("--data goes with --stage1; a codes file already names its data")
+    if codes:
+        found, path = load_codes(codes), str(Path(codes).resolve())
+    else:
+        found, path = encode_dataset(stage1, data, device=pick_device(device),
+                                     progress=progress), ""
+    return prior_run_config(found, path, preset, conditional, model, train), found
 
 
 BEST = "the lowest held-out bits/code of its run"  # who needs the best checkpoint (keep.json)
