@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from .models.autoencoder import (QUANTIZERS, VQVAE, ResidualBlock, VQVAEOutput,  # noqa: E402
                           build_quantizer)
-from .store.checkpoint import CheckpointError, load_autoencoder, load_prior  # noqa: E402
+from .store.checkpoint import (CheckpointError, from_pretrained, load_autoencoder,  # noqa: E402
+                               load_prior)
 from .generation.codes import (CodeSplit, Codes, encode_dataset, encode_set, load_codes, load_stage1,  # noqa: E402
                     load_trained, save_codes)
 from .config import (PRESETS, PRIOR_PRESETS, ConfigError, DataConfig, LoopConfig,  # noqa: E402
@@ -41,7 +42,7 @@ __all__ = [
     "run_config", "seed_model", "default_model", "vqgan_model", "ConfigError", "DataError",
     "CheckpointError",
     "ImageSet", "FileSet", "Splits", "load_splits", "pack", "to_float", "to_uint8",
-    "load_autoencoder",
+    "load_autoencoder", "from_pretrained",
     "load_run_config", "load_trained", "train_autoencoder", "Runtime", "RunResult",
     "evaluate_autoencoder", "score_autoencoder", "CodeUsage", "codebook_stats", "psnr",
     "ssim", "reconstruction_grid", "interpolation_grid", "LPIPS", "load_perceptual",
