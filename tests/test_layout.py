@@ -109,7 +109,7 @@ def test_stage_boundaries():
             assert not graph[shared] & {"training.stage1", "training.stage2"}, shared
     # Models are pure modules: nothing from run folders, checkpoints, training or the CLI.
     for model in (m for m in graph if unit(m) == "models"):
-        assert all(unit(d) in {"models", "config", "errors", "distributed", "precision"}
+        assert all(unit(d) in {"models", "config", "errors", "fileio", "distributed", "precision"}
                    for d in graph[model]), (model, graph[model])
     assert not any("cli" in deps for name, deps in graph.items() if name != "__main__")
 

@@ -44,7 +44,7 @@ from .models.quantizers.fsq import FiniteScalarQuantizer  # noqa: E402
 from .models.quantizers.vq import (EMAVectorQuantizer, QuantizerOutput,  # noqa: E402
                                    VectorQuantizer)
 # checkpoints and run folders
-from .store.checkpoint import load_autoencoder, load_prior  # noqa: E402
+from .store.checkpoint import from_pretrained, load_autoencoder, load_prior  # noqa: E402
 # training
 from .training.driver import RunResult  # noqa: E402
 from .training.stage1 import (finetune_decoder, load_run_config,  # noqa: E402
@@ -65,7 +65,8 @@ __all__ = [
     # models
     "VQVAE", "VQVAEOutput", "VectorQuantizer", "EMAVectorQuantizer", "FiniteScalarQuantizer",
     "QuantizerOutput", "Prior", "MaskGITPrior", "build_prior", "LPIPS", "load_perceptual",
-    "load_autoencoder", "load_prior", "load_run_config", "load_prior_run_config",
+    "from_pretrained", "load_autoencoder", "load_prior", "load_run_config",
+    "load_prior_run_config",
     # the commands, one function each (vqvae train, finetune-decoder, reconstruct, interpolate,
     # eval, pack, encode, train-prior, sample, inpaint)
     "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",

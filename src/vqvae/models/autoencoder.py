@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import Architecture, QuantizerName, VQVAEConfig
+from .pretrained import VQVAE_KIND, CardFacts, PretrainedMixin
 from .quantizers.fsq import FiniteScalarQuantizer
 from .quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
 from .vqgan import Upsample, vqgan_decoder, vqgan_encoder
@@ -155,8 +156,10 @@ class VQVAEOutput(NamedTuple):
     quantized: QuantizerOutput
 
 
-class VQVAE(nn.Module):
+class VQVAE(PretrainedMixin, nn.Module):
     """Encoder -> quantizer -> decoder, built from a :class:`VQVAEConfig`."""
+
+    checkpoint_kind, config_class = VQVAE_KIND, VQVAEConfig
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
@@ -202,3 +205,17 @@ class VQVAE(nn.Module):
         z = self.encoder(x)
         q = self.quantizer(z)
         return VQVAEOutput(self.decoder(q.quantized), z, q)
+
+    def card_facts(self) -> CardFacts:
+        cfg, side = self.cfg, self.cfg.latent_size
+        summary = (f"A VQ-VAE image tokenizer: {cfg.image_size} x {cfg.image_size} images with "
+                   f"{cfg.in_channels} channel(s) -> a {side} x {side} grid of codes out of "
+                   f"K = {cfg.codebook_size} ({cfg.architecture} encoder and decoder, "
+                   f"{cfg.quantizer} quantizer), and back.")
+        facts = {"architecture": cfg.architecture, "quantizer": cfg.quantizer,
+                 "codes K": cfg.codebook_size, "code grid h x w": f"{side} x {side}",
+                 "code dimension": cfg.code_dim,
+                 "image size": f"{cfg.image_size} x {cfg.image_size}",
+                 "image channels": cfg.in_channels}
+        return CardFacts("VQ-VAE image tokenizer", summary, facts,
+                         ("image-tokenizer", "vq-vae", cfg.architecture, cfg.quantizer))

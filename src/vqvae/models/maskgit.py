@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CHOICE_TEMPERATURE, PriorConfig, check_sampling
+from ..errors import CheckpointError
 from ..precision import sampling_autocast, sampling_dtype
 from .transformer import (GPTStack, GridTransformer, SeedStack, check_labels, filter_logits,
                           init_gpt_model, init_keras, sample_next)
@@ -42,6 +43,10 @@ class MaskGITPrior(GridTransformer):
     embedding to every position; class ``num_classes`` is the null class (guidance).
     """
 
+    card_title = "MaskGIT code prior"
+    card_summary = ("A MaskGIT prior (a bidirectional Transformer that fills masked codes, "
+                    "many at a step)")
+
     def __init__(self, cfg: PriorConfig):
         if cfg.variant != "maskgit":
             raise ValueError(f"MaskGITPrior needs variant 'maskgit', got {cfg.variant!r}")
@@ -50,6 +55,13 @@ class MaskGITPrior(GridTransformer):
             self.apply(init_keras)
         else:
             init_gpt_model(self, cfg.layers)
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig) -> MaskGITPrior:
+        if cfg.variant != "maskgit":  # one line, where the constructor's ValueError is a bug
+            raise CheckpointError(f"a {cfg.variant!r} prior, not a maskgit one: load it "
+                                  f"with Prior.from_pretrained or vqvae.from_pretrained")
+        return cls(cfg)
 
     @property
     def mask_token(self) -> int:

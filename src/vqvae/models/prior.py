@@ -32,12 +32,20 @@ class Prior(GridTransformer):
     null class used for unconditional and classifier-free-guided sampling.
     """
 
+    card_title = "Autoregressive code prior"
+    card_summary = "An autoregressive Transformer prior (each code given the codes before it)"
+
     def __init__(self, cfg: PriorConfig):
         super().__init__(cfg, STACKS[cfg.variant])
         if cfg.variant == "seed":
             self.apply(init_keras)
         else:
             init_gpt_model(self, cfg.layers)
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig) -> nn.Module:
+        """The prior of ``cfg.variant``: a saved maskgit prior loads as a :class:`MaskGITPrior`."""
+        return build_prior(cfg)
 
     @property
     def start_token(self) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PriorConfig
+from .pretrained import PRIOR_KIND, CardFacts, PretrainedMixin
 
 
 class KVCache:
@@ -303,10 +304,15 @@ def check_labels(labels: int | torch.Tensor | None, n: int, num_classes: int, gu
     return labels
 
 
-class GridTransformer(nn.Module):
+class GridTransformer(PretrainedMixin, nn.Module):
     """What every prior over a (height, width) code grid has: an embedding of the K codes and one
     special token (start or mask), row and column embeddings of the grid cell, a class embedding
-    (class ``num_classes`` is the null class), a stack of blocks and a head over the K codes."""
+    (class ``num_classes`` is the null class), a stack of blocks and a head over the K codes; and
+    one checkpoint kind, ``prior`` (``save_pretrained``/``from_pretrained``)."""
+
+    checkpoint_kind, config_class = PRIOR_KIND, PriorConfig
+    card_title: str  # the model card's title and first words (each prior names itself)
+    card_summary: str
 
     def __init__(self, cfg: PriorConfig, stack: Callable[[PriorConfig], nn.Module]):
         super().__init__()
@@ -322,6 +328,20 @@ class GridTransformer(nn.Module):
     @property
     def null_class(self) -> int:
         return self.cfg.num_classes
+
+    def card_facts(self) -> CardFacts:
+        cfg = self.cfg
+        classes = (f"conditioned on one of {cfg.num_classes} classes" if cfg.num_classes
+                   else "unconditional")
+        summary = (f"{self.card_summary}, over {cfg.height} x {cfg.width} grids of codes out of "
+                   f"K = {cfg.codebook_size}, {classes}: the second stage of a vqvae model, "
+                   f"whose codes its VQ-VAE decodes into images.")
+        facts = {"variant": cfg.variant, "codes K": cfg.codebook_size,
+                 "code grid h x w": f"{cfg.height} x {cfg.width}",
+                 "classes": cfg.num_classes or "0 (unconditional)", "d_model": cfg.d_model,
+                 "layers": cfg.layers, "heads": cfg.heads}
+        return CardFacts(self.card_title, summary, facts, ("image-generation", "code-prior",
+                                                           cfg.variant))
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Tokens (B, T) at grid positions (T,) (cell p // w, p % w) -> (B, T, d_model)."""

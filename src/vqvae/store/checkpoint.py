@@ -4,13 +4,12 @@ Writes are atomic and durable (a temporary folder, fsynced, renamed into place, 
 pointer replaced), so a process killed at any moment, or a power cut, leaves the last good
 checkpoint readable. ``config.json`` records the weights' sha256, checked on every load. A
 checkpoint that codes or a prior depend on carries a ``keep.json`` and is never pruned. Nothing
-is ever unpickled.
+is ever unpickled. One folder's format (and ``save_pretrained``) is ``models/pretrained.py``'s.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -24,14 +23,17 @@ from safetensors import SafetensorError
 import safetensors.torch as st
 from torch import nn
 
+from ..config import from_dict
 from ..errors import CheckpointError
 from ..fileio import fsync_dir, read_json, write_bytes, write_json
 from ..models.autoencoder import VQVAE
-from ..config import PriorConfig, VQVAEConfig, from_dict
-from ..models.prior import Prior, build_prior
+# The folder format lives with the models (their save_pretrained/from_pretrained); re-exported
+# here, where run folders and every caller have always found it.
+from ..models.pretrained import (CONFIG_FILE, FORMAT, MODEL_FILE, PRIOR_KIND,  # noqa: F401
+                                 VQVAE_KIND, PretrainedMixin, load_config, load_weights,
+                                 locate, read_config, read_config_meta, save, write_config)
+from ..models.prior import Prior
 
-FORMAT = 1
-MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STATE_FILE, STATE_META = "state.safetensors", "state.json"
 CHECKPOINTS, LATEST, KEEP = "checkpoints", "latest", "keep.json"
 STEP_NAME = re.compile(r"step-\d{7,}")
@@ -39,95 +41,6 @@ STEP_NAME = re.compile(r"step-\d{7,}")
 
 # Modules trained beside a checkpoint's model, by file name: (module, its optimizer).
 Companions = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
-
-VQVAE_KIND = "vqvae"
-PRIOR_KIND = "prior"
-
-
-
-# --- config files: one tagged format for checkpoints and run folders ---------------------------
-
-
-def write_config(path: Path, kind: str, config: dict[str, Any], **extra: Any) -> None:
-    """``{"kind": kind, "format": FORMAT, "config": config}``: every ``config.json`` this package
-    writes (checkpoint folders: ``vqvae``/``prior``, with their weights' ``sha256``; run folders:
-    ``vqvae-run``/``prior-run``)."""
-    write_json(path, {"kind": kind, "format": FORMAT, "config": config, **extra})
-
-
-def read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
-    """(kind, config) of a file written by :func:`write_config`. An object without a ``kind`` tag
-    is a run config written before run configs were tagged: (None, the object)."""
-    kind, config, _ = read_config_meta(path)
-    return kind, config
-
-
-def read_config_meta(path: Path) -> tuple[str | None, dict[str, Any], str | None]:
-    """(kind, config, recorded sha256 of the weights or None) of a ``config.json``."""
-    meta = read_json(path)
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} is not a vqvae config (expected a JSON object)")
-    if "kind" not in meta:
-        return None, meta, None
-    if not isinstance(meta.get("config"), dict) or not isinstance(meta["kind"], str):
-        raise CheckpointError(f"{path} is not a vqvae config (bad kind or config)")
-    if not isinstance(meta.get("format", 0), int) or meta.get("format", 0) > FORMAT:
-        raise CheckpointError(f"{path} was written by a newer vqvae (format {meta['format']})")
-    sha = meta.get("sha256")
-    return meta["kind"], meta["config"], sha if isinstance(sha, str) else None
-
-
-# --- one folder --------------------------------------------------------------------------------
-
-
-def save(directory: Path, module: nn.Module, kind: str, config: dict[str, Any]) -> None:
-    """Write ``module``'s weights and its config (tagged with ``kind``, with the weights'
-    sha256) into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    data = st.save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
-    write_bytes(directory / MODEL_FILE, data)
-    write_config(directory / CONFIG_FILE, kind, config, sha256=hashlib.sha256(data).hexdigest())
-
-
-def load_config(directory: Path, kind: str) -> dict[str, Any]:
-    """The model config saved in ``directory``, after checking it is a ``kind`` checkpoint."""
-    found, config = read_config(directory / CONFIG_FILE)
-    if found is None or found.endswith("-run"):
-        raise CheckpointError(f"{directory} is a run folder, not a checkpoint folder")
-    if found != kind:
-        raise CheckpointError(f"{directory} holds a {found!r} checkpoint, not {kind!r}")
-    return config
-
-
-def load_weights(directory: Path, module: nn.Module) -> None:
-    """Load ``model.safetensors`` into ``module``, naming any mismatch in one line."""
-    path = directory / MODEL_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    try:
-        tensors = st.load(data)
-    except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    _, _, recorded = read_config_meta(directory / CONFIG_FILE)
-    if recorded and hashlib.sha256(data).hexdigest() != recorded:
-        raise CheckpointError(f"{path} is corrupt: its sha256 differs from the one recorded in "
-                              f"{directory / CONFIG_FILE} when it was written")
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-                 f"shape mismatch for {wrong[0]}: {tuple(tensors[wrong[0]].shape)} vs "
-                 f"{tuple(expected[wrong[0]].shape)}" if wrong else ""]
-        raise CheckpointError(f"{path} does not match the model: "
-                              + "; ".join(p for p in parts if p))
-    module.load_state_dict(tensors)
 
 
 # --- training state ----------------------------------------------------------------------------
@@ -372,20 +285,30 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint in {path} (expected {MODEL_FILE} or {CHECKPOINTS}/)")
 
 
-MODELS = {VQVAE_KIND: (VQVAEConfig, VQVAE), PRIOR_KIND: (PriorConfig, build_prior)}
+# The model class of each checkpoint kind (its from_pretrained builds the prior's variant).
+MODELS: dict[str, type[PretrainedMixin]] = {VQVAE_KIND: VQVAE, PRIOR_KIND: Prior}
 
 
 def load_model_config(directory: Path, kind: str) -> Any:
     """The typed config of a ``kind`` checkpoint folder."""
-    return from_dict(MODELS[kind][0], load_config(directory, kind), f"{kind} config")
+    return from_dict(MODELS[kind].config_class, load_config(directory, kind), f"{kind} config")
 
 
 def load_model(path: str | Path, kind: str, device: str | torch.device = "cpu") -> nn.Module:
     """A trained ``kind`` model (eval mode) from a run folder or a checkpoint folder."""
-    directory = resolve(path)
-    model = MODELS[kind][1](load_model_config(directory, kind))
-    load_weights(directory, model)
-    return model.to(device).eval()
+    return MODELS[kind].from_pretrained(resolve(path), device)
+
+
+def from_pretrained(path_or_repo_id: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model (eval mode) a folder holds, of the kind its ``config.json`` names: a run folder
+    (its latest checkpoint), its ``checkpoints`` folder, a checkpoint or ``save_pretrained``
+    folder, or a Hub repo id (``"org/name"``, needs ``pip install 'vqvae[hub]'``)."""
+    folder = resolve(locate(path_or_repo_id))
+    kind, _ = read_config(folder / CONFIG_FILE)
+    if kind not in MODELS:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is tagged {kind!r}, not a model "
+                              f"({' or '.join(map(repr, MODELS))})")
+    return MODELS[kind].from_pretrained(folder, device)
 
 
 def restore(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, kind: str,
