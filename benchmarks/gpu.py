@@ -355,7 +355,7 @@ def sampling_table(cfg, batches: list[int], device: torch.device) -> list[str]:
         for graph, precision in ((False, "fp32"), (False, "bf16"), (True, "fp32"),
                                  (True, "bf16")):
             def draw() -> torch.Tensor:
-                return prior.generate(batch, batch_size=batch, graph=graph, precision=precision,
+                return prior.generate(n=batch, batch_size=batch, graph=graph, precision=precision,
                                       generator=torch.Generator().manual_seed(0))
             seconds = median_seconds(draw, device, repeats=1, warmup=1)
             base = base or seconds
@@ -390,7 +390,7 @@ def parallel_table(grid: int, codes: int, batches: list[int], steps: int,
             def draw() -> torch.Tensor:
                 torch.manual_seed(0)
                 return priors[variant].generate(
-                    batch, batch_size=batch, graph=graph, precision=precision, steps=steps,
+                    n=batch, batch_size=batch, graph=graph, precision=precision, steps=steps,
                     generator=torch.Generator().manual_seed(0))
             seconds = median_seconds(draw, device, repeats=1, warmup=1)
             kind = ("CUDA graph" if graph and device.type == "cuda" else "static cache" if graph

@@ -43,14 +43,14 @@ def _median_time(fn, repeats: int) -> float:
 
 def cached_seconds(prior: Prior, batch: int, repeats: int) -> float:
     """Wall time of drawing ``batch`` whole grids with the KV cache."""
-    return _median_time(lambda: prior.generate(batch, batch_size=batch,
+    return _median_time(lambda: prior.generate(n=batch, batch_size=batch,
                                                generator=torch.Generator().manual_seed(0)),
                         repeats)
 
 
 def full_exact_seconds(prior: Prior, batch: int, repeats: int) -> float:
     """Wall time of drawing ``batch`` whole grids recomputing the prefix at every step."""
-    return _median_time(lambda: prior.generate(batch, batch_size=batch, use_cache=False,
+    return _median_time(lambda: prior.generate(n=batch, batch_size=batch, no_cache=True,
                                                generator=torch.Generator().manual_seed(0)),
                         repeats)
 
@@ -105,7 +105,7 @@ def main() -> None:
             tokens = batch * side * side
             cached = cached_seconds(prior, batch, args.repeats)
             fast = _median_time(lambda: parallel.generate(
-                batch, batch_size=batch, steps=args.maskgit_steps,
+                n=batch, batch_size=batch, steps=args.maskgit_steps,
                 generator=torch.Generator().manual_seed(0)), args.repeats)
             print(f"| {side}x{side} | {batch} | {tokens / cached:,.0f} | {tokens / fast:,.0f} | "
                   f"{cached / fast:,.1f}x |", flush=True)

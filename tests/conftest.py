@@ -1,3 +1,6 @@
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,3 +30,19 @@ def _seed():
 def tiny_cfg() -> VQVAEConfig:
     return VQVAEConfig(image_size=8, in_channels=1, hidden_channels=8, downsamples=2, res_blocks=1,
                        codebook_size=16, code_dim=8)
+
+
+LEGACY_RUN = Path(__file__).parent / "fixtures" / "legacy_run"  # written by main at 3659d9a
+LEGACY_ROOT = "/tmp/legacy/run"  # where it was written (its configs and keep marks say so)
+
+
+@pytest.fixture
+def legacy_run(tmp_path: Path) -> Path:
+    """A copy of the legacy run folder (stage 1, with an autoregressive prior in ``prior/`` and a
+    maskgit prior in ``maskgit/``), its recorded root rewritten to the copy's place as a user
+    moving a run folder would."""
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY_RUN, run)
+    for path in run.rglob("*.json"):
+        path.write_text(path.read_text().replace(LEGACY_ROOT, str(run)))
+    return run

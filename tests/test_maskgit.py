@@ -7,7 +7,8 @@ from PIL import Image
 
 from vqvae import DataConfig, SampleConfig, load_autoencoder, load_splits, to_float
 from vqvae.store.checkpoint import PRIOR_KIND, load_prior, write_checkpoint
-from vqvae.generation.inpaint import code_mask, inpaint
+from vqvae.generation.inpaint import code_mask
+from vqvae.generation.pipeline import inpaint
 from vqvae.cli import main
 from vqvae.generation.codes import load_codes
 from vqvae.config import ConfigError, PriorConfig, default_prior, from_dict, to_dict
@@ -82,17 +83,17 @@ def test_decoding_fills_every_code_and_keeps_the_given_ones(steps):
 def test_generate_is_seeded_conditional_and_guided():
     prior = tiny(num_classes=3)
     draw = dict(steps=4, generator=None, batch_size=4)
-    a = prior.generate(6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(7)})
-    b = prior.generate(6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(7)})
-    c = prior.generate(6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(8)})
+    a = prior.generate(n=6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(7)})
+    b = prior.generate(n=6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(7)})
+    c = prior.generate(n=6, labels=1, **{**draw, "generator": torch.Generator().manual_seed(8)})
     assert a.shape == (6, 3, 4) and torch.equal(a, b) and not torch.equal(a, c)
-    g = prior.generate(6, labels=torch.tensor([0, 1, 2, 0, 1, 2]), guidance=3.0, top_k=5,
+    g = prior.generate(n=6, labels=torch.tensor([0, 1, 2, 0, 1, 2]), guidance=3.0, top_k=5,
                        temperature=0.5, steps=2, generator=torch.Generator().manual_seed(0))
     assert g.shape == (6, 3, 4) and g.max() < 16
     with pytest.raises(ValueError, match="guidance needs class labels"):
-        prior.generate(2, guidance=2.0)
+        prior.generate(n=2, guidance=2.0)
     with pytest.raises(ValueError, match="unconditional"):
-        tiny().generate(2, labels=1)
+        tiny().generate(n=2, labels=1)
 
 
 def test_the_ar_priors_are_untouched_by_the_variant_registry():
@@ -116,7 +117,7 @@ def test_maskgit_on_the_seeds_blocks_is_bidirectional_and_round_trips(tmp_path):
     assert not torch.allclose(first, first_later)  # the first position sees the last one
     nats, weights = prior.loss_terms(tokens.view(2, 3, 4), generator=torch.Generator().manual_seed(0))
     assert nats.shape == weights.shape == (2, 12) and torch.all(nats[weights == 0] == 0)
-    grids = prior.generate(3, steps=4, generator=torch.Generator().manual_seed(0))
+    grids = prior.generate(n=3, steps=4, generator=torch.Generator().manual_seed(0))
     assert grids.shape == (3, 3, 4) and int(grids.max()) < 16
     write_checkpoint(tmp_path, 1, prior, PRIOR_KIND, to_dict(cfg))
     loaded = load_prior(tmp_path)
@@ -198,6 +199,6 @@ def test_the_choice_temperature_sets_the_unmasking_order(choice, most_confident_
     assert len(kept) == 12 - masked_count(12, 0.5)
     assert (kept == list(range(12 - len(kept), 12))) == most_confident_first
     with pytest.raises(ValueError, match="choice_temperature must be"):
-        prior.generate(1, choice_temperature=-1.0)
+        prior.generate(n=1, choice_temperature=-1.0)
     with pytest.raises(ValueError, match="choice_temperature must be"):
         SampleConfig(choice_temperature=float("nan"))

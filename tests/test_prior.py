@@ -75,13 +75,13 @@ def test_mixed_precision_sampling(precision):
     """Forward passes under autocast, the cache in the autocast dtype; the same draw again gives
     the same grids, and the static step agrees with the dynamic one."""
     prior = Prior(tiny("gpt", 3))
-    draw = lambda **kw: prior.generate(4, labels=1, guidance=2.0, precision=precision,  # noqa
+    draw = lambda **kw: prior.generate(n=4, labels=1, guidance=2.0, precision=precision,  # noqa
                                        generator=torch.Generator().manual_seed(0), **kw)
     a = draw()
     assert a.shape == (4, 3, 4) and 0 <= a.min() and a.max() < 7
     assert torch.equal(a, draw()) and torch.equal(a, draw(graph=True))
     with pytest.raises(ValueError, match="precision"):
-        prior.generate(4, precision="tf32")
+        prior.generate(n=4, precision="tf32")
 
 
 @pytest.mark.cuda
@@ -91,7 +91,7 @@ def test_cuda_graph_sampling_equals_eager(variant, classes):
     cached sampler (float64 logits, as the test above)."""
     prior = Prior(tiny(variant, classes)).double().cuda()
     extra = {"labels": torch.tensor([0, 1, 2, 1, 0]), "guidance": 2.0} if classes else {}
-    a, b = (prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
+    a, b = (prior.generate(n=5, generator=torch.Generator().manual_seed(1), batch_size=3,
                            graph=graph, **extra) for graph in (False, True))
     assert torch.equal(a, b)
 
@@ -102,24 +102,24 @@ def test_cached_sampling_equals_full_recomputation(variant, classes, options):
     """Same random stream -> exactly the same tokens (float64, so logits agree to ~1e-15)."""
     prior = Prior(tiny(variant, classes)).double()
     extra = {"labels": torch.tensor([0, 1, 2, 1, 0]), "guidance": 2.0} if classes else {}
-    a = prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
+    a = prior.generate(n=5, generator=torch.Generator().manual_seed(1), batch_size=3,
                        **options, **extra)
-    b = prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
-                       use_cache=False, **options, **extra)
-    d = prior.generate(5, generator=torch.Generator().manual_seed(1), batch_size=3,
+    b = prior.generate(n=5, generator=torch.Generator().manual_seed(1), batch_size=3,
+                       no_cache=True, **options, **extra)
+    d = prior.generate(n=5, generator=torch.Generator().manual_seed(1), batch_size=3,
                        graph=True, **options, **extra)  # the static cache's step
     assert a.shape == (5, 3, 4) and a.dtype == torch.long
     assert torch.equal(a, b) and torch.equal(a, d)
     assert 0 <= a.min() and a.max() < 7
-    c = prior.generate(5, generator=torch.Generator().manual_seed(2), batch_size=3,
+    c = prior.generate(n=5, generator=torch.Generator().manual_seed(2), batch_size=3,
                        **options, **extra)
     assert not torch.equal(a, c)
 
 
 def test_sampling_is_reproducible_and_restores_mode():
     prior = Prior(replace_dropout(tiny(), 0.3)).train()
-    a = prior.generate(4, generator=torch.Generator().manual_seed(0))
-    b = prior.generate(4, generator=torch.Generator().manual_seed(0))
+    a = prior.generate(n=4, generator=torch.Generator().manual_seed(0))
+    b = prior.generate(n=4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and prior.training
 
 
@@ -152,9 +152,9 @@ def test_top_k_and_top_p_keep_exactly_the_right_candidates():
 
 def test_temperature_to_zero_is_greedy():
     prior = Prior(tiny("seed"))
-    greedy = prior.generate(4, temperature=0.0)
-    assert torch.equal(greedy, prior.generate(4, temperature=0.0))
-    cold = prior.generate(4, temperature=1e-6, generator=torch.Generator().manual_seed(3))
+    greedy = prior.generate(n=4, temperature=0.0)
+    assert torch.equal(greedy, prior.generate(n=4, temperature=0.0))
+    cold = prior.generate(n=4, temperature=1e-6, generator=torch.Generator().manual_seed(3))
     assert torch.equal(cold, greedy)
     logits = torch.randn(6, 7)
     assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
@@ -261,14 +261,14 @@ def test_config_and_sampling_errors():
         PriorConfig(variant="lstm")
     conditional, plain = Prior(tiny("gpt", 3)), Prior(tiny())
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 2\]"):
-        conditional.generate(2, labels=3)
+        conditional.generate(n=2, labels=3)
     with pytest.raises(ValueError, match="unconditional"):
-        plain.generate(2, labels=0)
+        plain.generate(n=2, labels=0)
     with pytest.raises(ValueError, match="guidance needs"):
-        conditional.generate(2, guidance=3.0)
+        conditional.generate(n=2, guidance=3.0)
     with pytest.raises(ValueError, match="top_p"):
-        plain.generate(2, top_p=0.0)
-    unguided = conditional.generate(2)  # a conditional prior samples unconditionally by default
+        plain.generate(n=2, top_p=0.0)
+    unguided = conditional.generate(n=2)  # a conditional prior samples unconditionally by default
     assert unguided.shape == (2, 3, 4)
 
 

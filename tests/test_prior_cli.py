@@ -239,7 +239,7 @@ def test_train_a_prior_and_draw_samples_from_python(stage1, tmp_path):
     png, saved = vqvae.save_samples(first, tmp_path / "out")
     assert png.exists() and torch.equal(load_codes(saved).split("samples").codes, samples.codes)
     with pytest.raises(vqvae.ConfigError, match="--guidance needs --class"):
-        vqvae.SampleConfig(guidance=2.0)
+        vqvae.SampleConfig(guidance=2.0).labels(10)  # checked where the classes are known
     with pytest.raises(vqvae.ConfigError, match="temperature"):
         vqvae.SampleConfig(temperature=float("nan"))
 

@@ -32,9 +32,10 @@ from .generation.codes import (CodeSplit, Codes, encode_dataset, encode_to_file,
 from .generation.grids import (decode_codes, interpolation_grid,  # noqa: E402
                                reconstruction_grid, samples_grid, write_interpolation,
                                write_reconstructions)
-from .generation.inpaint import Inpainted, inpaint, inpaint_files  # noqa: E402
-from .generation.sample import (Samples, load_samples, sample_images,  # noqa: E402
-                                save_samples, write_samples)
+from .generation.inpaint import Inpainted  # noqa: E402
+from .generation.pipeline import (Pipeline, inpaint, inpaint_files,  # noqa: E402
+                                  sample_images, write_samples)
+from .generation.sample import Samples, load_samples, save_samples  # noqa: E402
 # models
 from .models.autoencoder import VQVAE, VQVAEOutput  # noqa: E402
 from .models.lpips import LPIPS, load_perceptual  # noqa: E402
@@ -72,7 +73,8 @@ __all__ = [
     "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",
     "evaluate_run", "pack", "encode_to_file", "prior_setup", "train_prior", "write_samples",
     "inpaint_files", "RunResult", "RunScores", "Runtime",
-    # the same in memory
+    # the same in memory: a prior and its decoder loaded once
+    "Pipeline",
     "encode_dataset", "load_trained", "Codes", "CodeSplit", "save_codes", "load_codes",
     "sample_images", "Samples", "save_samples", "load_samples", "inpaint", "Inpainted",
     "reconstruction_grid", "interpolation_grid", "samples_grid", "decode_codes",

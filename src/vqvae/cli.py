@@ -25,8 +25,7 @@ from .errors import USER_ERRORS, ConfigError, NonFiniteError
 from .evaluation.evaluate import evaluate_run
 from .generation.codes import encode_to_file
 from .generation.grids import write_interpolation, write_reconstructions
-from .generation.inpaint import inpaint_files
-from .generation.sample import write_samples
+from .generation.pipeline import inpaint_files, write_samples
 from .options import add_options, command, given, training_options
 from .training.driver import RunResult
 from .training.stage1 import finetune_decoder, load_run_config, train_autoencoder

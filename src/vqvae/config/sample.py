@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+import torch
+
 from .base import _check, _help
 
 SamplePrecision = Literal["fp32", "bf16", "fp16"]
@@ -78,5 +80,19 @@ class SampleConfig:
         _check(self.label is None or self.label >= 0, f"--class must be >= 0, got {self.label}")
         _check(self.label is None or not self.all_classes,
                "--class and --all-classes exclude each other")
-        _check(self.guidance == 1.0 or self.label is not None or self.all_classes,
+
+    def labels(self, classes: int) -> torch.Tensor | None:
+        """The class of each of the ``n`` images (n,): ``label`` for all of them, or with
+        ``all_classes`` 0, 1, ..., classes - 1, 0, 1, ...; None for unconditional draws.
+        ``classes`` is the prior's number of classes (0: unconditional)."""
+        flag = ("--class" if self.label is not None else "--all-classes" if self.all_classes
+                else None)
+        _check(self.guidance == 1.0 or flag is not None,
                "--guidance needs --class or --all-classes")
+        _check(not flag or bool(classes),
+               f"{flag} needs a class-conditional prior (train-prior --conditional)")
+        _check(self.label is None or self.label < classes, f"--class {self.label} is out of "
+               f"range: this prior knows classes 0..{classes - 1}")
+        if self.label is not None:
+            return torch.full((self.n,), self.label, dtype=torch.long)
+        return torch.arange(self.n) % classes if self.all_classes else None

@@ -83,7 +83,12 @@ def code_dtype(codebook_size: int) -> torch.dtype:
 
 
 def fingerprint(checkpoint_dir: str | Path) -> str:
-    """sha256 of a checkpoint's ``model.safetensors``: which exact weights made some codes."""
+    """sha256 of a checkpoint's ``model.safetensors``: which exact weights made some codes. Read
+    from its ``config.json``, which records it when the weights are written (and every load
+    checks the file against it); hashed only for a checkpoint that recorded none."""
+    _, _, recorded = ckpt.read_config_meta(Path(checkpoint_dir) / ckpt.CONFIG_FILE)
+    if recorded:
+        return recorded
     path = Path(checkpoint_dir) / ckpt.MODEL_FILE
     digest = hashlib.sha256()
     try:

@@ -10,15 +10,15 @@ code grids only (decoding them is :mod:`vqvae.sample`'s job).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..config import CHOICE_TEMPERATURE, PriorConfig, check_sampling
+from ..config import PriorConfig, SampleConfig
 from ..errors import CheckpointError
-from ..precision import sampling_autocast, sampling_dtype
-from .transformer import (GPTStack, GridTransformer, SeedStack, check_labels, filter_logits,
-                          init_gpt_model, init_keras, sample_next)
+from .transformer import (GPTStack, GridTransformer, SeedStack, filter_logits, init_gpt_model, init_keras, sample_next)
 
 
 def masked_fraction(r: torch.Tensor, schedule: str = "cosine") -> torch.Tensor:
@@ -107,48 +107,36 @@ class MaskGITPrior(GridTransformer):
         return nats * mask, mask.float()
 
     @torch.inference_mode()
-    def generate(self, n: int, *, labels: int | torch.Tensor | None = None,
-                 guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None,
-                 batch_size: int = 64, use_cache: bool = True, steps: int = 12,
-                 precision: str = "fp32", graph: bool = False,
-                 choice_temperature: float = CHOICE_TEMPERATURE) -> torch.Tensor:
-        """Draw ``n`` code grids (n, h, w) in ``steps`` parallel iterations, ``batch_size`` at a
-        time, the forward passes under ``precision`` (fp32 | bf16 | fp16 autocast);
-        ``choice_temperature``: the Gumbel noise on the confidences (see :meth:`fill`).
-        ``use_cache`` and ``graph`` are the autoregressive prior's and do nothing here (each
-        iteration is one full pass over the grid: not launch-bound)."""
-        if n < 1 or batch_size < 1 or steps < 1:
-            raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, "
-                             f"{steps}")
-        check_sampling(temperature, top_k, top_p, guidance, choice_temperature)
-        labels = check_labels(labels, n, self.cfg.num_classes, guidance, self.head.weight.device)
-        device = self.head.weight.device
-        dtype = sampling_dtype(precision, device)
-        was_training = self.training
-        self.eval()
-        grids = []
-        for s in range(0, n, batch_size):
-            b = min(batch_size, n - s)
+    def generate(self, cfg: SampleConfig = SampleConfig(),
+                 labels: int | torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, **overrides: Any) -> torch.Tensor:
+        """Draw ``cfg.n`` code grids (n, h, w) in ``cfg.steps`` parallel iterations,
+        ``cfg.batch_size`` at a time, the forward passes under ``cfg.precision`` (fp32 | bf16 |
+        fp16 autocast); ``cfg.choice_temperature``: the Gumbel noise on the confidences (see
+        :meth:`fill`); ``overrides`` replace fields of ``cfg``; labels and generator as for the
+        autoregressive prior. ``no_cache`` and ``graph`` are the autoregressive prior's and do
+        nothing here (each iteration is one full pass over the grid: not launch-bound)."""
+        def draw(b: int, labels: torch.Tensor | None, cfg: SampleConfig,
+                 generator: torch.Generator, dtype: torch.dtype | None) -> torch.Tensor:
             start = torch.full((b, self.cfg.seq_len), self.mask_token, dtype=torch.long,
-                               device=device)
-            with sampling_autocast(dtype, device):
-                grids.append(self.fill(start, None if labels is None else labels[s:s + b],
-                                       guidance, temperature, top_k, top_p, generator, steps,
-                                       choice_temperature))
-        self.train(was_training)
-        return torch.cat(grids).view(n, self.cfg.height, self.cfg.width)
+                               device=self.head.weight.device)
+            return self.fill(start, cfg, labels, generator)
+
+        return self.draw_batches(cfg, overrides, labels, generator, draw)
 
     @torch.inference_mode()
-    def fill(self, codes: torch.Tensor, labels: torch.Tensor | None = None, guidance: float = 1.0,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, steps: int = 12,
-             choice_temperature: float = CHOICE_TEMPERATURE) -> torch.Tensor:
-        """Fill the mask tokens of (B, N) codes in ``steps`` iterations; the other codes are kept
-        as they are. Each iteration draws a code for every masked position, keeps the most
+    def fill(self, codes: torch.Tensor, cfg: SampleConfig = SampleConfig(),
+             labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             **overrides: Any) -> torch.Tensor:
+        """Fill the mask tokens of (B, N) codes in ``cfg.steps`` iterations; the other codes are
+        kept as they are. Each iteration draws a code for every masked position, keeps the most
         confident ones (cosine schedule) and masks the rest again. A confidence is the drawn
-        code's log-probability plus Gumbel noise scaled by ``choice_temperature`` at the first
-        iteration, annealed linearly to 0 (0: most confident first; large: a random order)."""
+        code's log-probability plus Gumbel noise scaled by ``cfg.choice_temperature`` at the
+        first iteration, annealed linearly to 0 (0: most confident first; large: a random
+        order). ``labels``: (B,) class ids; ``overrides`` replace fields of ``cfg``."""
+        cfg = replace(cfg, **overrides) if overrides else cfg
+        guidance, temperature, top_k, top_p = cfg.guidance, cfg.temperature, cfg.top_k, cfg.top_p
+        steps, choice_temperature = cfg.steps, cfg.choice_temperature
         b, n = codes.shape
         device = codes.device
         masked = codes == self.mask_token

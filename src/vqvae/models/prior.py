@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CHOICE_TEMPERATURE, PriorConfig, PriorVariant, check_sampling
+from typing import Any
+
+from ..config import PriorConfig, PriorVariant, SampleConfig
 from .graphs import WARMUP, CapturedStep
 from .maskgit import MaskGITPrior
-from ..precision import sampling_autocast, sampling_dtype
-from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, check_labels,
-                          init_gpt_model, init_keras, sample_next)
+from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, init_gpt_model, init_keras, sample_next)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -121,49 +121,29 @@ class Prior(GridTransformer):
         return self.head(x[:, -1])
 
     @torch.inference_mode()
-    def generate(self, n: int, *, labels: int | torch.Tensor | None = None,
-                 guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None,
-                 batch_size: int = 64, use_cache: bool = True, steps: int = 0,
-                 precision: str = "fp32", graph: bool = False,
-                 choice_temperature: float = CHOICE_TEMPERATURE) -> torch.Tensor:
-        """Draw ``n`` code grids (n, h, w), ``batch_size`` at a time, one code per step
-        (``steps`` and ``choice_temperature`` are the parallel-decoding prior's and do nothing
-        here).
+    def generate(self, cfg: SampleConfig = SampleConfig(),
+                 labels: int | torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, **overrides: Any) -> torch.Tensor:
+        """Draw ``cfg.n`` code grids (n, h, w), ``cfg.batch_size`` at a time, one code per step
+        (``cfg.steps`` and ``cfg.choice_temperature`` are the parallel-decoding prior's and do
+        nothing here); ``overrides`` replace fields of ``cfg`` (``generate(n=4, top_k=8)``).
 
-        ``labels`` (an int or (n,) ids) conditions a conditional prior; ``guidance`` g != 1 mixes
-        the logits as uncond + g * (cond - uncond) (classifier-free guidance), both passes batched
-        together. ``use_cache=False`` recomputes the whole prefix at every step (the seed's way);
-        it draws exactly the same codes as the cached path from the same ``generator`` state.
+        ``labels`` (an int or (n,) ids; default ``cfg.label`` / ``cfg.all_classes``) conditions
+        a conditional prior; ``guidance`` g != 1 mixes the logits as uncond + g * (cond - uncond)
+        (classifier-free guidance), both passes batched together. ``no_cache`` recomputes the
+        whole prefix at every step (the seed's way); it draws exactly the same codes as the
+        cached path from the same ``generator`` state (default: seeded by ``cfg.seed``).
         ``precision`` bf16 / fp16 runs the forward passes under autocast (codes are drawn from
         fp32 probabilities). ``graph``: a static KV cache whose one-code step is captured in a
         CUDA graph and replayed (on a CPU the same static step runs without capture).
         """
-        labels = self._check_sampling(n, batch_size, labels, guidance, temperature, top_k, top_p)
-        device = self.head.weight.device
-        dtype = sampling_dtype(precision, device)
-        was_training = self.training
-        self.eval()
-        grids = []
-        with sampling_autocast(dtype, device):
-            for s in range(0, n, batch_size):
-                b = min(batch_size, n - s)
-                batch_labels = None if labels is None else labels[s:s + batch_size]
-                knobs = (guidance, temperature, top_k, top_p, generator)
-                grids.append(self._generate_static(b, batch_labels, *knobs, dtype) if graph
-                             else self._generate_batch(b, batch_labels, *knobs, use_cache, dtype))
-        self.train(was_training)
-        return torch.cat(grids).view(n, self.cfg.height, self.cfg.width)
+        def draw(b: int, labels: torch.Tensor | None, cfg: SampleConfig,
+                 generator: torch.Generator, dtype: torch.dtype | None) -> torch.Tensor:
+            knobs = (cfg.guidance, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+            return (self._generate_static(b, labels, *knobs, dtype) if cfg.graph
+                    else self._generate_batch(b, labels, *knobs, not cfg.no_cache, dtype))
 
-    def _check_sampling(self, n: int, batch_size: int, labels: int | torch.Tensor | None,
-                        guidance: float, temperature: float, top_k: int | None,
-                        top_p: float | None) -> torch.Tensor | None:
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_sampling(temperature, top_k, top_p, guidance)  # ConfigError, a ValueError
-        return check_labels(labels, n, self.cfg.num_classes, guidance, self.head.weight.device)
+        return self.draw_batches(cfg, overrides, labels, generator, draw)
 
     def _generate_batch(self, b: int, labels: torch.Tensor | None, guidance: float,
                         temperature: float, top_k: int | None, top_p: float | None,

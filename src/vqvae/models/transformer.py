@@ -9,13 +9,15 @@ sampling: Holtzman et al. (2019), arXiv:1904.09751.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import replace
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PriorConfig
+from ..config import PriorConfig, SampleConfig
+from ..precision import sampling_autocast, sampling_dtype
 from .pretrained import PRIOR_KIND, CardFacts, PretrainedMixin
 
 
@@ -304,6 +306,19 @@ def check_labels(labels: int | torch.Tensor | None, n: int, num_classes: int, gu
     return labels
 
 
+def sampling(cfg: SampleConfig, overrides: dict[str, Any], labels: int | torch.Tensor | None,
+             generator: torch.Generator | None, num_classes: int, device: torch.device
+             ) -> tuple[SampleConfig, torch.Tensor | None, torch.Generator]:
+    """What a prior's ``generate`` draws with: ``cfg`` with fields of ``overrides`` replaced, the
+    class ids (``labels``, or ``cfg``'s ``label`` / ``all_classes``; None: unconditional) and
+    the generator (default: seeded by ``cfg.seed``, so the same config draws the same codes)."""
+    cfg = replace(cfg, **overrides) if overrides else cfg
+    if labels is None and (cfg.label is not None or cfg.all_classes):
+        labels = cfg.labels(num_classes)
+    labels = check_labels(labels, cfg.n, num_classes, cfg.guidance, device)
+    return cfg, labels, generator or torch.Generator().manual_seed(cfg.seed)
+
+
 class GridTransformer(PretrainedMixin, nn.Module):
     """What every prior over a (height, width) code grid has: an embedding of the K codes and one
     special token (start or mask), row and column embeddings of the grid cell, a class embedding
@@ -328,6 +343,28 @@ class GridTransformer(PretrainedMixin, nn.Module):
     @property
     def null_class(self) -> int:
         return self.cfg.num_classes
+
+    def draw_batches(self, cfg: SampleConfig, overrides: dict[str, Any],
+                     labels: int | torch.Tensor | None, generator: torch.Generator | None,
+                     draw: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """What both priors' ``generate`` share: the config, labels and generator
+        (:func:`sampling`), eval mode and ``cfg.precision``'s autocast around
+        ``draw(b, labels, cfg, generator, dtype)`` for each batch of at most ``cfg.batch_size``
+        grids -> all ``cfg.n`` grids (n, h, w)."""
+        device = self.head.weight.device
+        cfg, labels, generator = sampling(cfg, overrides, labels, generator,
+                                          self.cfg.num_classes, device)
+        dtype = sampling_dtype(cfg.precision, device)
+        was_training = self.training
+        self.eval()
+        grids = []
+        with sampling_autocast(dtype, device):
+            for s in range(0, cfg.n, cfg.batch_size):
+                b = min(cfg.batch_size, cfg.n - s)
+                grids.append(draw(b, None if labels is None else labels[s:s + b], cfg,
+                                  generator, dtype))
+        self.train(was_training)
+        return torch.cat(grids).view(cfg.n, self.cfg.height, self.cfg.width)
 
     def card_facts(self) -> CardFacts:
         cfg = self.cfg
