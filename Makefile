@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 DEMO := runs/demo
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (the configuration is in pyproject.toml): pyflakes, pycodestyle, import order; seconds.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
 
 # The speed benchmarks (docs/benchmarks.md), each printing markdown tables: quantizer vs the floor
 # and vector-quantize-pytorch (the optional `bench` extra), stage-1 training, encoding, sampling.

@@ -5,53 +5,93 @@ Stage 2 is a Transformer prior over its code grids (autoregressive, or MaskGIT's
 Every CLI command is one of the functions below (``vqvae.cli`` only parses and prints).
 """
 
-__version__ = "0.1.0"
-
 # configs and presets
-from .config import (PRESETS, PRIOR_PRESETS, DataConfig, LoopConfig,  # noqa: E402
-                     PriorConfig, PriorRunConfig, PriorTrainConfig, RunConfig, SampleConfig,
-                     TrainConfig, VQVAEConfig, default_model, default_prior, run_config,
-                     seed_model, seed_prior, vqgan_model)
+from .config import (
+                     PRESETS,
+                     PRIOR_PRESETS,
+                     DataConfig,
+                     LoopConfig,
+                     PriorConfig,
+                     PriorRunConfig,
+                     PriorTrainConfig,
+                     RunConfig,
+                     SampleConfig,
+                     TrainConfig,
+                     VQVAEConfig,
+                     default_model,
+                     default_prior,
+                     run_config,
+                     seed_model,
+                     seed_prior,
+                     vqgan_model,
+)
+
 # data
-from .data.files import FileSet  # noqa: E402
-from .data.images import ImageSet, to_float, to_uint8  # noqa: E402
-from .data.shards import pack  # noqa: E402
-from .data.sources import Splits, load_splits  # noqa: E402
-from .distributed import Runtime  # noqa: E402
-from .errors import (CheckpointError, ConfigError, DataError, NonFiniteError,  # noqa: E402
-                     PerceptualWeightsError)
+from .data.files import FileSet
+from .data.images import ImageSet, to_float, to_uint8
+from .data.shards import pack
+from .data.sources import Splits, load_splits
+from .distributed import Runtime
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteError, PerceptualWeightsError
+
 # evaluation
-from .evaluation.evaluate import RunScores, evaluate_run  # noqa: E402
-from .evaluation.metrics import (CodeUsage, codebook_stats, evaluate_autoencoder,  # noqa: E402
-                                 evaluate_prior, psnr, score_autoencoder, ssim)
-from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance,  # noqa: E402
-                                 judge, train_classifier)
+from .evaluation.evaluate import RunScores, evaluate_run
+from .evaluation.metrics import (
+                     CodeUsage,
+                     codebook_stats,
+                     evaluate_autoencoder,
+                     evaluate_prior,
+                     psnr,
+                     score_autoencoder,
+                     ssim,
+)
+from .evaluation.quality import (
+                     Classifier,
+                     ClassifierConfig,
+                     frechet_distance,
+                     judge,
+                     train_classifier,
+)
+
 # generation: codes, grids, sampling, inpainting
-from .generation.codes import (CodeSplit, Codes, encode_dataset, encode_to_file,  # noqa: E402
-                               load_codes, load_trained, save_codes)
-from .generation.grids import (decode_codes, interpolation_grid,  # noqa: E402
-                               reconstruction_grid, samples_grid, write_interpolation,
-                               write_reconstructions)
-from .generation.inpaint import Inpainted  # noqa: E402
-from .generation.pipeline import (Pipeline, inpaint, inpaint_files,  # noqa: E402
-                                  sample_images, write_samples)
-from .generation.sample import Samples, load_samples, save_samples  # noqa: E402
+from .generation.codes import (
+                     Codes,
+                     CodeSplit,
+                     encode_dataset,
+                     encode_to_file,
+                     load_codes,
+                     load_trained,
+                     save_codes,
+)
+from .generation.grids import (
+                     decode_codes,
+                     interpolation_grid,
+                     reconstruction_grid,
+                     samples_grid,
+                     write_interpolation,
+                     write_reconstructions,
+)
+from .generation.inpaint import Inpainted
+from .generation.pipeline import Pipeline, inpaint, inpaint_files, sample_images, write_samples
+from .generation.sample import Samples, load_samples, save_samples
+
 # models
-from .models.autoencoder import VQVAE, VQVAEOutput  # noqa: E402
-from .models.lpips import LPIPS, load_perceptual  # noqa: E402
-from .models.maskgit import MaskGITPrior  # noqa: E402
-from .models.prior import Prior, build_prior  # noqa: E402
-from .models.quantizers.fsq import FiniteScalarQuantizer  # noqa: E402
-from .models.quantizers.vq import (EMAVectorQuantizer, QuantizerOutput,  # noqa: E402
-                                   VectorQuantizer)
+from .models.autoencoder import VQVAE, VQVAEOutput
+from .models.lpips import LPIPS, load_perceptual
+from .models.maskgit import MaskGITPrior
+from .models.prior import Prior, build_prior
+from .models.quantizers.fsq import FiniteScalarQuantizer
+from .models.quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
+
 # checkpoints and run folders
-from .store.checkpoint import from_pretrained, load_autoencoder, load_prior  # noqa: E402
+from .store.checkpoint import from_pretrained, load_autoencoder, load_prior
+
 # training
-from .training.driver import RunResult  # noqa: E402
-from .training.stage1 import (finetune_decoder, load_run_config,  # noqa: E402
-                              train_autoencoder)
-from .training.stage2 import (load_prior_run_config, prior_run_config,  # noqa: E402
-                              prior_setup, train_prior)
+from .training.driver import RunResult
+from .training.stage1 import finetune_decoder, load_run_config, train_autoencoder
+from .training.stage2 import load_prior_run_config, prior_run_config, prior_setup, train_prior
+
+__version__ = "0.1.0"
 
 __all__ = [
     # configs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable
 
 from .errors import CheckpointError
 
@@ -53,7 +53,8 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    """A JSON file's content; a missing or malformed file is a :class:`CheckpointError` naming it."""
+    """A JSON file's content; a missing or malformed file is a :class:`CheckpointError` that
+    names it."""
     path = Path(path)
     try:
         return json.loads(path.read_text())

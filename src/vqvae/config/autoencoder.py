@@ -71,7 +71,8 @@ class VQVAEConfig:
         "fsq: values per channel, comma-separated (e.g. 8,8,8); their product is codebook_size "
         "(default: codebook_size factorised into levels near 8)", quantizer_option=True))
     weight_init: WeightInit = field(default="keras", metadata=_help(
-        "keras: glorot-uniform convs, U(-0.05, 0.05) codebook (the seed's); torch: PyTorch defaults"))
+        "keras: glorot-uniform convs, U(-0.05, 0.05) codebook (the seed's); torch: PyTorch "
+        "defaults"))
     bn_momentum: float = field(default=0.01, metadata=_help(
         "resnet: BatchNorm running-stat momentum (PyTorch convention; Keras' 0.99 is 0.01)",
         architecture="resnet"))
@@ -88,7 +89,8 @@ class VQVAEConfig:
         _check(self.architecture in get_args(Architecture),
                f"architecture must be one of {get_args(Architecture)}, got {self.architecture!r}")
         _check(self.downsamples >= 1, f"downsamples must be >= 1, got {self.downsamples}")
-        _check(self.hidden_channels >= 1, f"hidden_channels must be >= 1, got {self.hidden_channels}")
+        _check(self.hidden_channels >= 1,
+               f"hidden_channels must be >= 1, got {self.hidden_channels}")
         _check(self.res_blocks >= 0, f"res_blocks must be >= 0, got {self.res_blocks}")
         self._check_architecture_options()
         factor = 2**self.downsamples
@@ -225,7 +227,8 @@ def fsq_levels_for(codebook_size: int) -> tuple[int, ...]:
 
 
 def seed_model(image_size: int = 128, in_channels: int = 3) -> VQVAEConfig:
-    """The blog post's VQ-VAE exactly: z_dim 128, 64 codes, beta 0.25, int(log2(size) - 4) blocks."""
+    """The blog post's VQ-VAE exactly: z_dim 128, 64 codes, beta 0.25, int(log2(size) - 4)
+    blocks."""
     return VQVAEConfig(
         image_size=image_size, in_channels=in_channels, hidden_channels=128, downsamples=2,
         res_blocks=max(0, int(math.log2(image_size)) - 4), codebook_size=64, code_dim=128,

@@ -176,7 +176,8 @@ class TrainConfig(LoopConfig):
         _check(self.disc_channels >= 1 and self.disc_layers >= 1,
                f"disc_channels and disc_layers must be >= 1, got {self.disc_channels}, "
                f"{self.disc_layers}")
-        _check(isinstance(self.diffaug, bool), f"diffaug must be true or false, got {self.diffaug!r}")
+        _check(isinstance(self.diffaug, bool),
+               f"diffaug must be true or false, got {self.diffaug!r}")
         _check(self.precision != "fp16" or self.gan_weight == 0,
                "precision fp16 with --gan-weight is not supported (the discriminator and the "
                "adaptive weight would need loss scaling of their own): use --precision bf16")

@@ -20,8 +20,6 @@ from ..errors import DataError
 from .augment import CROP_SCALE, crop_box, maybe_flip
 
 
-
-
 class Batch(NamedTuple):
     images: torch.Tensor  # (B, C, S, S) uint8
     labels: torch.Tensor | None  # (B,) int64

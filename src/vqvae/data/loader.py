@@ -17,13 +17,13 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ..config import DataConfig
 from ..errors import DataError
 from .augment import augment_batch, sample_generator
-from ..config import DataConfig
-from .sources import BatchStream
 from .files import FileSet, TarFiles
 from .images import Batch, ImageSet
 from .shards import epoch_plan, shard_groups
+from .sources import BatchStream
 
 # Training data up to this size lives on a GPU for the whole run (an in-memory image set that is
 # never augmented; a prior's code grids): a step indexes its batch there instead of gathering it

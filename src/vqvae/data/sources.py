@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError, SkippedImagesWarning
 from ..config import DataConfig
+from ..errors import DataError, SkippedImagesWarning
 from .files import FileSet, folder_files
 from .images import ImageSet, decode_image, resize_square, set_channels, to_float, to_uint8
 from .shards import held_out, index_shards, is_shard_source, manifest_classes, shard_paths

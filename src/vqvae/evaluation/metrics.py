@@ -16,10 +16,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..models.autoencoder import VQVAE
 from ..data.files import FileSet
 from ..data.images import ImageSet, to_float
 from ..distributed import all_reduce_sum, sum_over_ranks
+from ..models.autoencoder import VQVAE
 
 
 def psnr(mse: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:

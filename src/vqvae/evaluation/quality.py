@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import ConfigError
 from ..data.sources import BatchStream, to_float
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)

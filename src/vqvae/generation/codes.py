@@ -18,14 +18,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
+from ..config import DataConfig, PriorRunConfig
+from ..data.files import FileSet
+from ..data.sources import ImageSet, Splits, load_splits, to_float
 from ..distributed import pick_device
 from ..errors import CheckpointError, DataError
+from ..models.autoencoder import VQVAE
 from ..store import checkpoint as ckpt
 from ..store import runs
-from ..models.autoencoder import VQVAE
-from ..config import DataConfig, PriorRunConfig
-from ..data.sources import ImageSet, Splits, load_splits, to_float
-from ..data.files import FileSet
 
 FORMAT = "vqvae-codes/1"
 

@@ -76,7 +76,8 @@ def reconstruction_grid(model: VQVAE, images: torch.Tensor, n: int = 8,
     """
     pairs = grid_pairs(n)
     if images.shape[0] < pairs:
-        raise ValueError(f"a {n}x{n} reconstruction grid needs {pairs} images, got {images.shape[0]}")
+        raise ValueError(f"a {n}x{n} reconstruction grid needs {pairs} images, got "
+                         f"{images.shape[0]}")
     was_training = model.training
     model.eval()
     real = images[:pairs]

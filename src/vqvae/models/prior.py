@@ -7,18 +7,24 @@ pixels (decoding them is :mod:`vqvae.sample`'s job).
 
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from typing import Any
-
 from ..config import PriorConfig, PriorVariant, SampleConfig
 from .graphs import WARMUP, CapturedStep
 from .maskgit import MaskGITPrior
-from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, init_gpt_model, init_keras, sample_next)
-
+from .transformer import (
+    STACKS,
+    GridTransformer,
+    KVCache,
+    StaticKVCache,
+    init_gpt_model,
+    init_keras,
+    sample_next,
+)
 
 # --- the model -----------------------------------------------------------------------------------
 

@@ -18,20 +18,33 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch as st
 import torch
 from safetensors import SafetensorError
-import safetensors.torch as st
 from torch import nn
 
 from ..config import from_dict
 from ..errors import CheckpointError
 from ..fileio import fsync_dir, read_json, write_bytes, write_json
 from ..models.autoencoder import VQVAE
+
 # The folder format lives with the models (their save_pretrained/from_pretrained); re-exported
 # here, where run folders and every caller have always found it.
-from ..models.pretrained import (CONFIG_FILE, FORMAT, MODEL_FILE, PRIOR_KIND,  # noqa: F401
-                                 VQVAE_KIND, PretrainedMixin, load_config, load_weights,
-                                 locate, read_config, read_config_meta, save, write_config)
+from ..models.pretrained import (  # noqa: F401
+    CONFIG_FILE,
+    FORMAT,
+    MODEL_FILE,
+    PRIOR_KIND,
+    VQVAE_KIND,
+    PretrainedMixin,
+    load_config,
+    load_weights,
+    locate,
+    read_config,
+    read_config_meta,
+    save,
+    write_config,
+)
 from ..models.prior import Prior
 
 STATE_FILE, STATE_META = "state.safetensors", "state.json"

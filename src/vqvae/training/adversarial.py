@@ -14,12 +14,19 @@ import warnings
 import torch
 from torch import nn
 
-from ..store.checkpoint import Companions
 from ..config import TrainConfig
-from ..models.discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
-                            discriminator_loss, generator_loss, patchgan_layers)
 from ..distributed import Runtime, all_reduce_sum, data_parallel
+from ..models.discriminator import (
+    LeCam,
+    PatchDiscriminator,
+    adaptive_weight,
+    diff_augment,
+    discriminator_loss,
+    generator_loss,
+    patchgan_layers,
+)
 from ..precision import autocast
+from ..store.checkpoint import Companions
 
 ADVERSARY = "adversary"  # file name of its state in a checkpoint folder
 DIFFAUG_MIN_SIZE = 32  # at this size and below DiffAugment was measured to stall the discriminator

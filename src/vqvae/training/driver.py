@@ -18,8 +18,7 @@ import torch
 from ..config import LoopConfig
 from ..distributed import Runtime, main_does
 from ..precision import numerics
-from ..store.runs import (TrainingState, check_steps, opened, restore, save_checkpoint,
-                          write_eval)
+from ..store.runs import TrainingState, check_steps, opened, restore, save_checkpoint, write_eval
 from .loggers import check_loggers, open_logger
 from .loop import Saved, fit
 from .schedule import RunClock

@@ -86,8 +86,8 @@ class TensorBoardLogger(Logger):
                 self.writer.add_scalar(f"test/{name}", value, step)
 
     def pictures(self, step: int, paths: dict[str, Path]) -> None:
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         for name, path in paths.items():
             with Image.open(path) as image:

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vq import (LookupSpace, QuantizerOutput, flatten_latents, full_precision,
-                       unflatten_latents)
+from .vq import LookupSpace, QuantizerOutput, flatten_latents, full_precision, unflatten_latents
 
 
 class FiniteScalarQuantizer(nn.Module):
