@@ -129,3 +129,20 @@ def test_the_readme_module_map_lists_every_module():
         if f"`{'/'.join(parts[1:] or parts)}`" not in row:
             missing.append("/".join(parts))
     assert not missing, f"README's module map misses {missing}"
+
+
+def test_the_cli_is_a_table_over_public_functions():
+    """Each command calls a function of ``vqvae.__all__``; the CLI itself builds no model, writes
+    no file and picks no device."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not imported & {"torch", "json", "PIL", "numpy", "pick_device", "launch",
+                           "write_json", "save_png", "plot_code_usage"}
+    commands = [node for node in tree.body
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_")]
+    assert len(commands) == 10
+    for command in commands:
+        called = {node.func.id for node in ast.walk(command)
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        assert called & set(vqvae.__all__), f"{command.name} calls no public function"
