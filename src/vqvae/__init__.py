@@ -6,25 +6,9 @@ Every CLI command is one of the functions below (``vqvae.cli`` only parses and p
 """
 
 # configs and presets
-from .config import (
-                     PRESETS,
-                     PRIOR_PRESETS,
-                     DataConfig,
-                     LoopConfig,
-                     PriorConfig,
-                     PriorRunConfig,
-                     PriorTrainConfig,
-                     RunConfig,
-                     SampleConfig,
-                     TrainConfig,
-                     VQVAEConfig,
-                     default_model,
-                     default_prior,
-                     run_config,
-                     seed_model,
-                     seed_prior,
-                     vqgan_model,
-)
+from .config import (PRESETS, PRIOR_PRESETS, DataConfig, LoopConfig, PriorConfig, PriorRunConfig,
+                     PriorTrainConfig, RunConfig, SampleConfig, TrainConfig, VQVAEConfig,
+                     default_model, default_prior, run_config, seed_model, seed_prior, vqgan_model)
 
 # data
 from .data.files import FileSet
@@ -36,41 +20,16 @@ from .errors import CheckpointError, ConfigError, DataError, NonFiniteError, Per
 
 # evaluation
 from .evaluation.evaluate import RunScores, evaluate_run
-from .evaluation.metrics import (
-                     CodeUsage,
-                     codebook_stats,
-                     evaluate_autoencoder,
-                     evaluate_prior,
-                     psnr,
-                     score_autoencoder,
-                     ssim,
-)
-from .evaluation.quality import (
-                     Classifier,
-                     ClassifierConfig,
-                     frechet_distance,
-                     judge,
-                     train_classifier,
-)
+from .evaluation.metrics import (CodeUsage, codebook_stats, evaluate_autoencoder, evaluate_prior,
+                                 psnr, score_autoencoder, ssim)
+from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance, judge,
+                                 train_classifier)
 
 # generation: codes, grids, sampling, inpainting
-from .generation.codes import (
-                     Codes,
-                     CodeSplit,
-                     encode_dataset,
-                     encode_to_file,
-                     load_codes,
-                     load_trained,
-                     save_codes,
-)
-from .generation.grids import (
-                     decode_codes,
-                     interpolation_grid,
-                     reconstruction_grid,
-                     samples_grid,
-                     write_interpolation,
-                     write_reconstructions,
-)
+from .generation.codes import (Codes, CodeSplit, encode_dataset, encode_to_file, load_codes,
+                               load_trained, save_codes)
+from .generation.grids import (decode_codes, interpolation_grid, reconstruction_grid, samples_grid,
+                               write_interpolation, write_reconstructions)
 from .generation.inpaint import Inpainted
 from .generation.pipeline import Pipeline, inpaint, inpaint_files, sample_images, write_samples
 from .generation.sample import Samples, load_samples, save_samples

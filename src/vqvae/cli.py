@@ -17,19 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .config import (
-    PRESETS,
-    PRIOR_PRESETS,
-    RESUMABLE,
-    DataConfig,
-    PriorConfig,
-    PriorTrainConfig,
-    SampleConfig,
-    TrainConfig,
-    VQVAEConfig,
-    resumed,
-    run_config,
-)
+from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, DataConfig, PriorConfig, PriorTrainConfig,
+                     SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
 from .data.shards import pack
 from .distributed import torchrun_env
 from .errors import USER_ERRORS, ConfigError, NonFiniteError

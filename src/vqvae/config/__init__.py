@@ -6,52 +6,17 @@ concern; this package re-exports them all, so ``from vqvae.config import X`` is 
 """
 
 from ..errors import ConfigError
-from .autoencoder import (
-                          Architecture,
-                          Estimator,
-                          QuantizerName,
-                          Upsample,
-                          VQVAEConfig,
-                          WeightInit,
-                          architecture_options,
-                          default_model,
-                          fsq_levels_for,
-                          quantizer_options,
-                          seed_model,
-                          vqgan_model,
-)
+from .autoencoder import (Architecture, Estimator, QuantizerName, Upsample, VQVAEConfig, WeightInit,
+                          architecture_options, default_model, fsq_levels_for, quantizer_options,
+                          seed_model, vqgan_model)
 from .base import from_dict, to_dict
 from .data import CacheMode, CropMode, DataConfig
-from .loop import (
-                          RESUMABLE,
-                          CompileMode,
-                          GanLoss,
-                          LoopConfig,
-                          LRSchedule,
-                          Precision,
-                          PriorTrainConfig,
-                          ReconLoss,
-                          TrainConfig,
-                          resumed,
-)
+from .loop import (RESUMABLE, CompileMode, GanLoss, LoopConfig, LRSchedule, Precision,
+                   PriorTrainConfig, ReconLoss, TrainConfig, resumed)
 from .prior import MaskGITBlocks, MaskSchedule, PriorConfig, PriorVariant, default_prior, seed_prior
-from .run import (
-                          DEFAULT_PRIOR_TRAIN,
-                          DEFAULT_TRAIN,
-                          LARGE_CODE_SET,
-                          PRESETS,
-                          PRIOR_PRESETS,
-                          SEED_PRIOR_TRAIN,
-                          SMALL_SET_LR,
-                          VQGAN_TRAIN,
-                          Preset,
-                          PresetName,
-                          PriorPresetName,
-                          PriorRunConfig,
-                          RunConfig,
-                          prior_for_data,
-                          run_config,
-)
+from .run import (DEFAULT_PRIOR_TRAIN, DEFAULT_TRAIN, LARGE_CODE_SET, PRESETS, PRIOR_PRESETS,
+                  SEED_PRIOR_TRAIN, SMALL_SET_LR, VQGAN_TRAIN, Preset, PresetName, PriorPresetName,
+                  PriorRunConfig, RunConfig, prior_for_data, run_config)
 from .sample import CHOICE_TEMPERATURE, SampleConfig, SamplePrecision, check_sampling
 
 __all__ = [

@@ -7,15 +7,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
-from .autoencoder import (
-    VQVAEConfig,
-    _defaults,
-    architecture_options,
-    default_model,
-    quantizer_options,
-    seed_model,
-    vqgan_model,
-)
+from .autoencoder import (VQVAEConfig, _defaults, architecture_options, default_model,
+                          quantizer_options, seed_model, vqgan_model)
 from .base import _check
 from .data import DataConfig
 from .loop import LoopConfig, PriorTrainConfig, TrainConfig

@@ -18,15 +18,8 @@ import torch.nn.functional as F
 
 from ..config import PriorConfig, SampleConfig
 from ..errors import CheckpointError
-from .transformer import (
-    GPTStack,
-    GridTransformer,
-    SeedStack,
-    filter_logits,
-    init_gpt_model,
-    init_keras,
-    sample_next,
-)
+from .transformer import (GPTStack, GridTransformer, SeedStack, filter_logits, init_gpt_model,
+                          init_keras, sample_next)
 
 
 def masked_fraction(r: torch.Tensor, schedule: str = "cosine") -> torch.Tensor:

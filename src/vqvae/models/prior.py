@@ -16,15 +16,8 @@ from torch import nn
 from ..config import PriorConfig, PriorVariant, SampleConfig
 from .graphs import WARMUP, CapturedStep
 from .maskgit import MaskGITPrior
-from .transformer import (
-    STACKS,
-    GridTransformer,
-    KVCache,
-    StaticKVCache,
-    init_gpt_model,
-    init_keras,
-    sample_next,
-)
+from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, init_gpt_model,
+                          init_keras, sample_next)
 
 # --- the model -----------------------------------------------------------------------------------
 

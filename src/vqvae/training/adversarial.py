@@ -16,15 +16,8 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..distributed import Runtime, all_reduce_sum, data_parallel
-from ..models.discriminator import (
-    LeCam,
-    PatchDiscriminator,
-    adaptive_weight,
-    diff_augment,
-    discriminator_loss,
-    generator_loss,
-    patchgan_layers,
-)
+from ..models.discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
+                                    discriminator_loss, generator_loss, patchgan_layers)
 from ..precision import autocast
 from ..store.checkpoint import Companions
 

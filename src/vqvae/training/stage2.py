@@ -18,44 +18,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import (
-    PRIOR_PRESETS,
-    PriorConfig,
-    PriorPresetName,
-    PriorRunConfig,
-    PriorTrainConfig,
-    SampleConfig,
-    prior_for_data,
-)
+from ..config import (PRIOR_PRESETS, PriorConfig, PriorPresetName, PriorRunConfig, PriorTrainConfig,
+                      SampleConfig, prior_for_data)
 from ..data.loader import RESIDENT_BYTES
 from ..data.sources import BatchStream
 from ..distributed import Runtime, data_parallel, launch, pick_device
 from ..errors import ConfigError, DataError
 from ..evaluation.metrics import evaluate_prior
 from ..evaluation.plots import plot_curves
-from ..generation.codes import (
-    Codes,
-    check_stage1,
-    encode_dataset,
-    load_codes,
-    load_stage1,
-    save_codes,
-)
+from ..generation.codes import (Codes, check_stage1, encode_dataset, load_codes, load_stage1,
+                                save_codes)
 from ..generation.grids import samples_grid, save_png
 from ..generation.sample import draw
 from ..models.prior import Prior, build_prior
 from ..precision import autocast, loss_scaler
 from ..store import runs
-from ..store.checkpoint import (
-    CHECKPOINTS,
-    PRIOR_KIND,
-    needs,
-    protect,
-    step_folders,
-    step_name,
-    step_of,
-    unprotect,
-)
+from ..store.checkpoint import (CHECKPOINTS, PRIOR_KIND, needs, protect, step_folders, step_name,
+                                step_of, unprotect)
 from ..store.runs import TrainingState
 from .driver import RunResult, Scored, run
 from .loggers import check_loggers
