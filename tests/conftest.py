@@ -1,3 +1,6 @@
+"""Fixtures for every test (tests/README.md). The tiny command-line settings the tests train with
+are a module, tests/tiny.py: module constants and spawned workers use them too."""
+
 import shutil
 from pathlib import Path
 

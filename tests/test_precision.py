@@ -15,10 +15,10 @@ from vqvae.precision import CUBLAS_WORKSPACE, autocast, loss_scaler, numerics
 from vqvae.store.runs import read_jsonl
 from vqvae.training.stage2 import resident
 
-TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "64"]
-PRIOR = ["--d-model", "16", "--layers", "1", "--heads", "2", "--batch-size", "16",
-         "--every", "10", "--eval-count", "64"]
+from tests import tiny
+
+TINY, PRIOR = tiny.STAGE1, tiny.PRIOR
+
 CUDA = pytest.mark.cuda
 
 
@@ -118,7 +118,7 @@ def test_deterministic_resume_is_exact_on_cuda(tmp_path, precision):
     for bit (without it, atomics in convolution backward and index_add make them drift)."""
     a, b = tmp_path / "a", tmp_path / "b"
     options = [*TINY, "--device", "cuda", "--deterministic", "--precision", precision,
-               "--schedule", "constant"]  # see tests/test_cli.py's resume test
+               "--schedule", "constant"]  # see tests/cli/test_cli.py's resume test
     assert main(["train", *options, "--steps", "30", "--out", str(a)]) == 0
     assert main(["train", *options, "--steps", "15", "--out", str(b)]) == 0
     assert main(["train", "--resume", str(b), "--steps", "30"]) == 0

@@ -13,9 +13,9 @@ from vqvae.config import ConfigError, TrainConfig
 from vqvae.training.frequency import focal_frequency_loss
 from vqvae.training.stage1 import vqvae_losses
 
-TINY = ["--data", "digits", "--size", "16", "--hidden-channels", "8", "--code-dim", "4",
-        "--codebook-size", "16", "--batch-size", "8", "--every", "4", "--eval-count", "32",
-        "--device", "cpu"]
+from tests import tiny
+
+TINY = tiny.STAGE1_16PX
 
 
 def dft2(x: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,14 @@ import pytest
 from vqvae import load_autoencoder
 from vqvae.cli import main
 
-TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "16", "--batch-size", "16", "--eval-count", "32", "--grid", "2"]
+from tests import tiny
+
+TINY = tiny.stage1(every=None, eval_count=32, grid=2)
 
 
 def _start(run: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
     return subprocess.Popen([sys.executable, "-m", "vqvae", "train", *TINY, "--steps", "100000",
                              "--every", "3", "--out", str(run)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

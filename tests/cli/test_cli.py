@@ -13,8 +13,9 @@ from vqvae.config import run_config
 from vqvae.options import given
 from vqvae.store.runs import read_jsonl
 
-TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "64"]
+from tests import tiny
+
+TINY = tiny.STAGE1
 
 
 def test_help_for_every_command(capsys):
@@ -69,7 +70,8 @@ def test_train_resume_reconstruct_interpolate_eval(tmp_path, capsys):
 def test_resume_matches_uninterrupted_run(tmp_path):
     """On the CPU, bit-exact kernels: no option needed (CUDA: tests/test_precision.py). The
     shorter run stands for an interrupted one at a constant rate: resumed to more --steps, a
-    cosine schedule anneals differently (the cosine's own exact resume: tests/test_schedule.py)."""
+    cosine schedule anneals differently (the cosine's own exact resume:
+    tests/training/test_schedule.py)."""
     a, b = tmp_path / "a", tmp_path / "b"
     cpu = [*TINY, "--device", "cpu", "--schedule", "constant"]
     assert main(["train", *cpu, "--steps", "30", "--out", str(a)]) == 0
@@ -189,9 +191,8 @@ def test_tensorboard_run_and_resume(tmp_path):
 def test_bf16_training_of_both_stages(tmp_path):
     run, prior = tmp_path / "run", tmp_path / "prior"
     assert main(["train", *TINY, "--steps", "15", "--precision", "bf16", "--out", str(run)]) == 0
-    assert main(["train-prior", "--stage1", str(run), "--d-model", "16", "--layers", "1",
-                 "--heads", "2", "--batch-size", "16", "--steps", "10", "--every", "10",
-                 "--precision", "bf16", "--out", str(prior)]) == 0
+    options = tiny.prior(eval_count=None, steps=10, precision="bf16")
+    assert main(["train-prior", "--stage1", str(run), *options, "--out", str(prior)]) == 0
     for folder in (run, prior):
         assert json.loads((folder / "config.json").read_text())["config"]["train"][
             "precision"] == "bf16"
@@ -209,7 +210,7 @@ def test_a_data_set_smaller_than_the_grids_trains(tmp_path):
     data = tmp_path / "few.npz"
     rng = np.random.default_rng(0)
     np.savez(data, images=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
-    options = [*TINY[2:], "--data", str(data), "--batch-size", "4", "--steps", "2", "--every", "2"]
+    options = tiny.stage1(data=data, batch_size=4, steps=2, every=2)
     assert main(["train", *options, "--out", str(tmp_path / "run")]) == 0
     grid = Image.open(tmp_path / "run" / "sample_ae_2.png")
     assert grid.size == Image.open(tmp_path / "run" / "sample_ae_1.png").size

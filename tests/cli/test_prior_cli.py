@@ -10,13 +10,12 @@ from vqvae.cli import main
 from vqvae.generation.codes import CodeSplit, load_codes, save_codes
 from vqvae.store.runs import read_jsonl
 from vqvae.training.stage2 import BEST, overfit_note
-from script_module import load_script
 
-STAGE1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-          "--codebook-size", "16", "--batch-size", "16", "--every", "15", "--eval-count", "32",
-          "--steps", "15"]
-PRIOR = ["--d-model", "16", "--layers", "1", "--heads", "2", "--batch-size", "16",
-         "--every", "10", "--eval-count", "64", "--grid", "3"]
+from tests import tiny
+from tests.script_module import load_script
+
+STAGE1 = tiny.stage1(eval_count=32, steps=15)
+PRIOR = tiny.prior(grid=3)
 
 
 @pytest.fixture(scope="module")
@@ -335,11 +334,10 @@ def test_a_prior_that_overfits_says_so(stage1, tmp_path):
     path = tmp_path / "few.safetensors"
     save_codes(replace(codes, splits=few, classes=None), path)
     run = tmp_path / "prior"
+    options = tiny.prior(d_model=32, batch_size=4, eval_count=180, grid=2, lr="1e-2",
+                         schedule="constant", steps=150, device="cpu")
     with pytest.warns(UserWarning, match="the prior overfits its training codes") as caught:
-        assert main(["train-prior", "--codes", str(path), "--d-model", "32", "--layers", "1",
-                     "--heads", "2", "--batch-size", "4", "--every", "10", "--eval-count",
-                     "180", "--grid", "2", "--lr", "1e-2", "--schedule", "constant", "--steps",
-                     "150", "--device", "cpu", "--out", str(run)]) == 0
+        assert main(["train-prior", "--codes", str(path), *options, "--out", str(run)]) == 0
     bits = [r["bits_per_code"] for r in read_jsonl(run / "metrics.jsonl")]
     assert bits[-1] > min(bits) * 1.02  # the setup overfits
     best = read_jsonl(run / "metrics.jsonl")[bits.index(min(bits))]["step"]

@@ -4,7 +4,8 @@ natural-image tiles never share a pixel with the training tiles."""
 import pytest
 import torch
 import torch.nn.functional as F
-from script_module import load_script
+
+from tests.script_module import load_script
 
 sharpness = load_script("benchmarks/sharpness.py")
 natural = load_script("benchmarks/natural_images.py")

@@ -17,7 +17,7 @@ from vqvae import CheckpointError, Prior, PriorConfig, VQVAE, VQVAEConfig
 from vqvae.config import ConfigError
 from vqvae.models.maskgit import MaskGITPrior
 
-FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "legacy_run"
 STEP = "checkpoints/step-0000004"
 FILES = {"model.safetensors", "config.json", "README.md"}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

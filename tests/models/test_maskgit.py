@@ -17,6 +17,8 @@ from vqvae.models.prior import build_prior
 from vqvae.store.runs import read_jsonl
 from vqvae.models.transformer import SeedStack
 
+from tests.tiny import prior as tiny_prior, stage1 as tiny_stage1  # tiny(): a MaskGITPrior
+
 
 def tiny(num_classes: int = 0, k: int = 16, h: int = 3, w: int = 4) -> MaskGITPrior:
     cfg = PriorConfig(codebook_size=k, height=h, width=w, num_classes=num_classes,
@@ -127,11 +129,9 @@ def test_maskgit_on_the_seeds_blocks_is_bidirectional_and_round_trips(tmp_path):
 
 
 def test_maskgit_through_the_cli(tmp_path, capsys):
-    stage1 = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-              "--codebook-size", "16", "--batch-size", "16", "--eval-count", "32", "--steps",
-              "10", "--every", "10"]
-    prior = ["--variant", "maskgit", "--d-model", "16", "--layers", "1", "--heads", "2",
-             "--batch-size", "16", "--every", "5", "--eval-count", "64", "--grid", "2"]
+    stage1 = tiny_stage1(eval_count=32, steps=10, every=10)
+    autoregressive = tiny_prior(every=5, grid=2)
+    prior = ["--variant", "maskgit", *autoregressive]
     assert main(["train", *stage1, "--out", str(tmp_path / "s")]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train-prior", "--stage1", str(tmp_path / "s"), *prior, "--steps", "10",
@@ -140,7 +140,7 @@ def test_maskgit_through_the_cli(tmp_path, capsys):
     assert 0 < read_jsonl(a / "metrics.jsonl")[-1]["bits_per_code"] < 8
     assert main(["train-prior", "--stage1", str(tmp_path / "s"), *prior, "--steps", "5",
                  "--out", str(b)]) == 0
-    assert main(["train-prior", "--stage1", str(tmp_path / "s"), *prior[2:], "--steps", "1",
+    assert main(["train-prior", "--stage1", str(tmp_path / "s"), *autoregressive, "--steps", "1",
                  "--every", "1", "--out", str(tmp_path / "ar")]) == 0
     assert main(["train-prior", "--resume", str(b), "--steps", "10"]) == 0
     wa, wb = load_prior(a).state_dict(), load_prior(b).state_dict()

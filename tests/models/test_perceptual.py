@@ -12,7 +12,8 @@ from torch import nn
 
 from vqvae import LPIPS, PerceptualWeightsError, load_perceptual
 from vqvae.models.lpips import unit_normalize
-from script_module import load_script
+
+from tests.script_module import load_script
 
 # torchvision's vgg16().features: (index, in, out) of its 13 convolutions, written out here
 # independently of the module so that a naming slip in either shows up.

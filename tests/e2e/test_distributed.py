@@ -28,6 +28,8 @@ from vqvae import load_autoencoder
 from vqvae.cli import main
 from vqvae.store.runs import read_jsonl
 
+from tests import tiny
+
 WORLD, BATCH, STEPS = 2, 8, 20  # per-rank batch; the 1-process reference uses WORLD * BATCH
 LIMIT_S = 120  # per group of processes; a healthy run takes a few seconds
 # 2 x B vs 1 x 2B: only the order of floating-point sums differs (gradients, BatchNorm statistics,
@@ -38,10 +40,10 @@ LIMIT_S = 120  # per group of processes; a healthy run takes a few seconds
 # with the default preset's L1 + cosine the ema runs drifted 4.5% apart by step 20 (measured), so
 # these runs keep MSE; the data-parallel machinery tested is the same.
 EARLY, EARLY_TOL, RUN_TOL = 5, 2e-4, 1e-2
-TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "32", "--every", "10", "--eval-count", "64", "--steps", str(STEPS),
-        "--kmeans-init", "true", "--restart-after", "3", "--device", "cpu",
-        "--recon-loss", "mse", "--schedule", "constant"]
+# No --batch-size: each run names its own (BATCH per rank, WORLD * BATCH in one process).
+TINY = tiny.stage1(codebook_size=32, batch_size=None, every=10, steps=STEPS, kmeans_init="true",
+                   restart_after=3, device="cpu", recon_loss="mse", schedule="constant")
+PRIOR = tiny.prior(d_model=32, batch_size=8, eval_count=None, grid=2, device="cpu")
 QUANTIZERS = ("vq", "ema")
 RUNS, RESUMED = (*QUANTIZERS, "vq-resume"), 5  # vq-resume: the vq run resumed by 2 ranks
 # In this configuration 1-6 codes are restarted at every step from step 4 on (counted by hand),
@@ -198,8 +200,7 @@ def _torchrun(*argv: str) -> str:
 def test_torchrun_trains_the_prior(two_ranks, tmp_path):
     prior = tmp_path / "prior"
     out = _torchrun("train-prior", "--stage1", str(two_ranks / "vq"), "--out", str(prior),
-                    "--d-model", "32", "--layers", "1", "--heads", "2", "--batch-size", "8",
-                    "--steps", "6", "--every", "3", "--grid", "2", "--device", "cpu")
+                    *tiny.edit(PRIOR, steps=6, every=3))
     assert out.count("trained the prior to step 6") == 1  # rank 0 alone prints
     assert [m["step"] for m in read_jsonl(prior / "metrics.jsonl")] == [3, 6]
     result = json.loads((prior / "eval.json").read_text())
@@ -237,9 +238,8 @@ def _timed_worker(rank: int, ports: list[int], stage1: str, out: str) -> None:
 
     stage2.data_parallel = keep
     run = str(Path(out) / "prior")
-    first = ["--stage1", stage1, "--out", run, "--d-model", "32", "--layers", "1", "--heads",
-             "2", "--batch-size", "8", "--steps", "1000000", "--every", "100000", "--grid", "2",
-             "--schedule", "cosine", "--device", "cpu"]
+    first = ["--stage1", stage1, "--out", run,
+             *tiny.edit(PRIOR, steps=1000000, every=100000, schedule="cosine")]
     for name, port, argv in (("first", ports[0], first),
                              ("resumed", ports[1], ["--resume", run])):
         os.environ["MASTER_PORT"] = str(port)

@@ -20,6 +20,8 @@ from vqvae.data.shards import (INDEX_SUFFIX, MANIFEST, epoch_plan, expand_patter
                           pack, shard_groups, shard_paths)
 from vqvae.data.sources import cache_mode
 
+from tests import tiny
+
 N = 40  # images per folder; pixel value 5 * i + 2 identifies image i after any centre resize
 
 
@@ -157,9 +159,9 @@ def test_pack_then_train_keeps_the_labels(tmp_path):
     assert len(shards.train) + len(shards.test) == N
     run, codes = tmp_path / "run", tmp_path / "codes.safetensors"
     pattern = f"{source}/train-{{000000..000006}}.tar"
-    assert main(["train", "--data", pattern, "--size", "8", "--hidden-channels", "8",
-                 "--code-dim", "4", "--codebook-size", "16", "--steps", "4", "--every", "2",
-                 "--batch-size", "4", "--cache", "stream", "--out", str(run)]) == 0
+    options = tiny.stage1(data=pattern, hidden_channels=8, code_dim=4, batch_size=4, every=2,
+                          eval_count=None, steps=4, cache="stream")
+    assert main(["train", *options, "--out", str(run)]) == 0
     assert main(["encode", str(run), "--out", str(codes)]) == 0
     loaded = load_codes(codes)
     assert loaded.classes == ("cat", "dog") and len(loaded.splits["train"]) == len(shards.train)
@@ -248,13 +250,13 @@ def test_shard_patterns_expand_like_webdataset(tmp_path):
 
 def test_cli_resume_of_a_streamed_augmented_run_is_exact(tmp_path):
     folder = _folder(tmp_path / "img", noise=True)
-    tiny = ["--data", str(folder), "--size", "8", "--hidden-channels", "8", "--code-dim", "4",
-            "--codebook-size", "16", "--every", "4", "--batch-size", "4", "--cache", "stream",
-            "--workers", "2", "--crop", "random", "--flip", "--device", "cpu",
-            "--schedule", "constant"]  # see tests/test_cli.py's resume test
+    # constant: see tests/cli/test_cli.py's resume test
+    options = tiny.stage1(data=folder, hidden_channels=8, code_dim=4, batch_size=4, every=4,
+                          eval_count=None, cache="stream", workers=2, crop="random", flip=True,
+                          device="cpu", schedule="constant")
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["train", *tiny, "--steps", "8", "--out", str(a)]) == 0
-    assert main(["train", *tiny, "--steps", "4", "--out", str(b)]) == 0  # mid-epoch (36 / 4)
+    assert main(["train", *options, "--steps", "8", "--out", str(a)]) == 0
+    assert main(["train", *options, "--steps", "4", "--out", str(b)]) == 0  # mid-epoch (36 / 4)
     assert main(["train", "--resume", str(b), "--steps", "8"]) == 0
     wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
     for key in wa:

@@ -16,6 +16,8 @@ from vqvae.evaluation.metrics import evaluate_autoencoder, psnr
 from vqvae.options import given
 from vqvae.models.vqgan import GroupNormResBlock, SelfAttention, Upsample
 
+from tests.tiny import stage1 as tiny_stage1  # tiny(): a vqgan config
+
 
 def tiny(size=8, channels=1, channel_mult=(1, 2), **kw):
     """A vqgan small enough for CPU tests: widths 8 x channel_mult, GroupNorm of 4 groups."""
@@ -245,10 +247,9 @@ def test_train_preset_vqgan_runs(tmp_path, capsys):
     """``vqvae train --preset vqgan`` on small grayscale images: f2 at 16 px, an 8x8 grid."""
     run, data = tmp_path / "run", tmp_path / "images.npy"
     np.save(data, np.random.default_rng(0).integers(0, 256, (40, 16, 16), dtype=np.uint8))
-    assert main(["train", "--preset", "vqgan", "--data", str(data), "--size", "16",
-                 "--hidden-channels", "16", "--norm-groups", "8", "--res-blocks", "1",
-                 "--code-dim", "8", "--codebook-size", "16", "--batch-size", "8", "--steps", "2",
-                 "--every", "2", "--eval-count", "16", "--out", str(run)]) == 0
+    options = tiny_stage1(data=data, size=16, batch_size=8, every=2, eval_count=16, steps=2,
+                          norm_groups=8, res_blocks=1)
+    assert main(["train", "--preset", "vqgan", *options, "--out", str(run)]) == 0
     assert "PSNR" in capsys.readouterr().out
     saved = json.loads((run / "config.json").read_text())["config"]
     assert saved["preset"] == "vqgan" and saved["train"]["lr"] == 1e-4

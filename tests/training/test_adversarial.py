@@ -9,10 +9,10 @@ from vqvae.cli import main
 from vqvae.models.discriminator import (LeCam, PatchDiscriminator, adaptive_weight, diff_augment,
                                  discriminator_loss, generator_loss, patchgan_layers)
 
-TINY = ["--data", "digits", "--size", "16", "--hidden-channels", "8", "--code-dim", "4",
-        "--codebook-size", "16", "--batch-size", "8", "--every", "4", "--eval-count", "32",
-        "--device", "cpu", "--gan-weight", "0.5", "--gan-start", "2", "--disc-channels", "8",
-        "--lecam", "0.01", "--diffaug"]
+from tests import tiny
+
+BASE = tiny.STAGE1_16PX
+TINY = tiny.edit(BASE, gan_weight="0.5", gan_start=2, disc_channels=8, lecam="0.01", diffaug=True)
 
 
 @pytest.mark.parametrize("size,channels", [(16, 1), (32, 3), (64, 3)])
@@ -74,7 +74,7 @@ def test_diff_augment_is_differentiable_and_seeded():
 
 def test_gan_run_resumes_exactly_with_its_discriminator(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    flat = [*TINY, "--schedule", "constant"]  # see tests/test_cli.py's resume test
+    flat = [*TINY, "--schedule", "constant"]  # see tests/cli/test_cli.py's resume test
     with pytest.warns(UserWarning, match="--diffaug at 16 px kept the discriminator"):
         assert main(["train", *flat, "--steps", "8", "--out", str(a)]) == 0
     assert main(["train", *flat, "--steps", "4", "--out", str(b)]) == 0
@@ -106,9 +106,6 @@ def test_perceptual_loss_without_weights_is_an_error(tmp_path, capsys):
     assert "perceptual-weights" in capsys.readouterr().err
 
 
-BASE = TINY[:TINY.index("--gan-weight")]
-
-
 def test_finetune_decoder_keeps_the_codes_and_the_priors_on_them(tmp_path, capsys):
     from vqvae import encode_dataset, load_autoencoder
 
@@ -132,9 +129,8 @@ def test_finetune_decoder_keeps_the_codes_and_the_priors_on_them(tmp_path, capsy
     assert tuned_codes.stage1_sha256 != codes.stage1_sha256  # its own checkpoint ...
     codes_file, prior = tmp_path / "codes.safetensors", tmp_path / "prior"
     assert main(["encode", str(base), "--out", str(codes_file)]) == 0
-    assert main(["train-prior", "--codes", str(codes_file), "--d-model", "16", "--layers", "1",
-                 "--heads", "2", "--steps", "2", "--every", "2", "--batch-size", "4",
-                 "--out", str(prior)]) == 0
+    options = tiny.prior(batch_size=4, every=2, eval_count=None, steps=2)
+    assert main(["train-prior", "--codes", str(codes_file), *options, "--out", str(prior)]) == 0
     # ... but it decodes the base model's codes: priors trained on them sample through it
     assert main(["sample", str(prior), "--decoder", str(tuned), "--n", "4",
                  "--out", str(tmp_path / "s")]) == 0

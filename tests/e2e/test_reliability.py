@@ -20,10 +20,10 @@ from vqvae import load_autoencoder
 from vqvae.cli import main
 from vqvae.store.runs import read_jsonl
 
-TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "16", "--batch-size", "16", "--eval-count", "32", "--grid", "2"]
-PRIOR = ["--d-model", "16", "--layers", "1", "--heads", "2", "--batch-size", "16",
-         "--eval-count", "32", "--grid", "2"]
+from tests import tiny
+
+TINY = tiny.stage1(every=None, eval_count=32, grid=2)
+PRIOR = tiny.prior(every=None, eval_count=32, grid=2)
 
 
 def one_line(capsys) -> str:
@@ -146,7 +146,7 @@ def test_encode_reads_the_runs_own_data(tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
     s = tmp_path / "s"
-    assert main(["train", *TINY[2:], "--data", str(data), "--steps", "4", "--every", "4",
+    assert main(["train", *tiny.edit(TINY, data=data), "--steps", "4", "--every", "4",
                  "--out", str(s)]) == 0
     assert main(["encode", str(s / "checkpoints"), "--out", str(tmp_path / "c.safetensors")]) == 0
     from vqvae import load_codes
@@ -173,7 +173,7 @@ def test_latest_outside_the_run_is_ignored(tmp_path, stage1):
 def test_huge_labels_are_one_line(tmp_path, capsys):
     data = tmp_path / "x.npz"
     np.savez(data, images=np.zeros((10, 8, 8), np.uint8), labels=np.full(10, 10**12))
-    assert main(["train", *TINY[2:], "--data", str(data), "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", *tiny.edit(TINY, data=data), "--out", str(tmp_path / "r")]) == 2
     assert "class ids" in one_line(capsys)
 
 

@@ -4,7 +4,7 @@ CUDA. Its figures come from a GPU; here only the code paths are checked."""
 import pytest
 import torch
 
-from script_module import load_script
+from tests.script_module import load_script
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Stage 1's learning-rate schedule (--warmup, --schedule cosine): what it logs, and a cosine run
-that resumes exactly (the schedule itself: tests/test_prior.py)."""
+that resumes exactly (the schedule itself: tests/models/test_prior.py)."""
 
 import warnings
 from dataclasses import replace
@@ -12,9 +12,9 @@ from vqvae.cli import main
 from vqvae.config import resumed, run_config
 from vqvae.store.runs import read_jsonl
 
-TINY = ["--data", "digits", "--size", "8", "--hidden-channels", "16", "--code-dim", "8",
-        "--codebook-size", "16", "--batch-size", "16", "--every", "10", "--eval-count", "64",
-        "--device", "cpu", "--lr", "2e-3"]
+from tests import tiny
+
+TINY = tiny.stage1(every=10, device="cpu", lr="2e-3")
 
 
 def test_a_cosine_run_anneals_to_zero_and_resumes_exactly(tmp_path):

@@ -13,9 +13,9 @@ from vqvae.cli import main
 from vqvae.config import ConfigError, TrainConfig, run_config
 from vqvae.training.stage1 import vqvae_losses
 
-TINY = ["--data", "digits", "--size", "16", "--hidden-channels", "8", "--code-dim", "4",
-        "--codebook-size", "16", "--batch-size", "8", "--every", "4", "--eval-count", "32",
-        "--device", "cpu"]
+from tests import tiny
+
+TINY = tiny.STAGE1_16PX
 
 
 def test_the_pixel_term_is_the_chosen_loss_and_mse_is_still_logged(tiny_cfg):
