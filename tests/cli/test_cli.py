@@ -116,7 +116,8 @@ def test_resume_refuses_changed_model(tmp_path, capsys):
 
 def test_minutes_budget_stops_early_with_a_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--steps", "100000", "--minutes", "0.0001", "--out", str(run)]) == 0
+    assert main(["train", *TINY, "--steps", "100000", "--minutes", "0.0001",
+                 "--out", str(run)]) == 0
     step = int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert 1 <= step < 100000
     assert f"step {step}" in capsys.readouterr().out

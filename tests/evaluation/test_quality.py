@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import vqvae
-from vqvae.evaluation.quality import (Classifier, ClassifierConfig, accuracy, copied_share, features,
-                           frechet_distance, judge, train_classifier)
+from vqvae.evaluation.quality import (Classifier, ClassifierConfig, accuracy, copied_share,
+                                      features, frechet_distance, judge, train_classifier)
 
 
 def gaussian(n=400, dim=6, shift=0.0, seed=0):

@@ -117,7 +117,8 @@ def test_maskgit_on_the_seeds_blocks_is_bidirectional_and_round_trips(tmp_path):
     later[:, -1] = (later[:, -1] + 1) % 16  # only the last code differs
     first, first_later = prior(tokens)[:, 0], prior(later)[:, 0]
     assert not torch.allclose(first, first_later)  # the first position sees the last one
-    nats, weights = prior.loss_terms(tokens.view(2, 3, 4), generator=torch.Generator().manual_seed(0))
+    nats, weights = prior.loss_terms(tokens.view(2, 3, 4),
+                                     generator=torch.Generator().manual_seed(0))
     assert nats.shape == weights.shape == (2, 12) and torch.all(nats[weights == 0] == 0)
     grids = prior.generate(n=3, steps=4, generator=torch.Generator().manual_seed(0))
     assert grids.shape == (3, 3, 4) and int(grids.max()) < 16

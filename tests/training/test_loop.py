@@ -1,4 +1,5 @@
-"""The shared training loop (vqvae.training.loop) and run folder (vqvae.store.runs), with a stand-in stage."""
+"""The shared training loop (vqvae.training.loop) and run folder (vqvae.store.runs), with a
+stand-in stage."""
 
 import json
 import time

@@ -58,7 +58,8 @@ def test_an_l1_run_saves_logs_and_balances_the_gan_against_it(tmp_path, monkeypa
     assert {"l1_x", "mse_x", "mse_e", "mse_z"} <= set(record)
 
     pixel_terms, balanced = [], []
-    real_losses, real_weight = vqvae.training.stage1.vqvae_losses, vqvae.training.adversarial.adaptive_weight
+    real_losses = vqvae.training.stage1.vqvae_losses
+    real_weight = vqvae.training.adversarial.adaptive_weight
 
     def losses(x, out, recon="mse", *frequency):
         terms = real_losses(x, out, recon, *frequency)
