@@ -2,10 +2,11 @@
 (default: resnet; vqgan: GroupNorm blocks and attention, Esser et al. 2021) per image size.
 
 Per (size, preset): the preset's model for RGB images of that size, the loop's own step
-(``training_forward`` with TrainConfig's defaults, so channels-last; ``vqvae_losses``; Adam) on
-random images in [-1, 1] (the time does not depend on the content). One warm-up step each (it
-also runs the k-means initialisation), then blocks of ``--steps`` steps, presets interleaved,
-``--rounds`` times; medians. Ratios are to the first preset at the same size.
+(``vqvae.training.stage1.train_step`` through ``training_forward`` with TrainConfig's defaults,
+so channels-last; the seed's MSE loss; Adam) on random images in [-1, 1] (the time does not
+depend on the content). One warm-up step each (it also runs the k-means initialisation), then
+blocks of ``--steps`` steps, presets interleaved, ``--rounds`` times; medians. Ratios are to
+the first preset at the same size.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/arch_speed.py          # 32 and 128 px
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/arch_speed.py --sizes 32 --rounds 5
@@ -14,8 +15,6 @@ also runs the k-means initialisation), then blocks of ``--steps`` steps, presets
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
 import time
 
@@ -23,8 +22,8 @@ import torch
 
 from vqvae import PRESETS, VQVAE
 from vqvae.config import TrainConfig
-from vqvae.distributed import Runtime
-from vqvae.training.stage1 import training_forward, vqvae_losses
+
+from common import environment, interleaved_seconds, stage1_trainer, timing_options
 
 
 class Subject:
@@ -33,9 +32,8 @@ class Subject:
     def __init__(self, preset: str, size: int, batch: int, device: torch.device):
         torch.manual_seed(0)
         self.model = VQVAE(PRESETS[preset].model(size, 3)).to(device).train()
-        tc = TrainConfig(batch_size=batch)
-        self.forward = training_forward(self.model, tc, Runtime(device))
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        tc = TrainConfig(batch_size=batch, lr=1e-4, recon_loss="mse")
+        self.train_step = stage1_trainer(self.model, tc, device)
         self.x = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(
             memory_format=torch.channels_last)
 
@@ -44,11 +42,7 @@ class Subject:
         return sum(p.numel() for p in module.parameters()) / 1e6
 
     def step(self) -> None:
-        losses = vqvae_losses(self.x, self.forward(self.x))
-        self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.opt.step()
-        for value in losses.values():  # the loop reads every loss term back each step
+        for value in self.train_step(self.x).values():  # the loop reads every loss term back
             value.item()
 
 
@@ -59,16 +53,10 @@ def measure(size: int, args: argparse.Namespace, device: torch.device) -> list[s
         sub.step()
         print(f"  {size}px {name}: warm-up {time.perf_counter() - t:.1f} s", file=sys.stderr,
               flush=True)
-    times: dict[str, list[float]] = {p: [] for p in subjects}
-    for r in range(args.rounds):
-        for name in subjects if r % 2 == 0 else reversed(subjects):
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                subjects[name].step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t) / args.steps)
-    step = {name: statistics.median(v) for name, v in times.items()}
+    blocks = {name: lambda sub=sub: [sub.step() for _ in range(args.steps)]
+              for name, sub in subjects.items()}
+    step = {name: sec / args.steps
+            for name, sec in interleaved_seconds(blocks, args.rounds, device).items()}
     base = step[args.presets[0]]
     rows = []
     for name, sub in subjects.items():
@@ -86,16 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--presets", nargs="+", default=["default", "vqgan"], choices=sorted(PRESETS))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=2, help="steps per timed block")
-    p.add_argument("--rounds", type=int, default=3, help="medians over this many rounds")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    timing_options(p, steps=2, rounds=3)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {platform.machine()}, {device}, {args.threads} "
-          f"thread(s), batch {args.batch}, median of {args.rounds} rounds of {args.steps} "
-          f"steps\n")
+    print(f"{environment(device)}, batch {args.batch}, median of {args.rounds} rounds of "
+          f"{args.steps} steps\n")
     print("| images | preset | code grid | params (M): encoder + decoder (all) | ms / step | "
           f"img/s | time vs {args.presets[0]} |", "|---|---|---|---:|---:|---:|---:|", sep="\n",
           flush=True)

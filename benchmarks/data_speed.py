@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import torch
 
 from vqvae import DataConfig, load_splits
 from vqvae.data.loader import train_batches
+
+from common import environment
 
 CLASSES = 10
 
@@ -178,8 +179,7 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"packed in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
-    print(f"# data_speed: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {args.workers} workers\n")
+    print(f"# data_speed: {environment()}, {args.workers} workers\n")
     if not args.skip_decode:
         print(f"## Decoding {args.decode_count} JPEGs of 128-256 px to 128 px\n")
         print("| path | images/s | vs plain PIL |\n|---|---:|---:|")

@@ -13,7 +13,6 @@ alternate (order flipped every round) ``--rounds`` times; figures are medians.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -22,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqvae.store import checkpoint as ckpt
 from vqvae import VQVAE, DataConfig, load_splits, to_float
-from vqvae.generation.codes import encode_dataset
 from vqvae.config import RunConfig, TrainConfig, seed_model, to_dict
+from vqvae.generation.codes import encode_dataset
+from vqvae.store import checkpoint as ckpt
 from vqvae.store.runs import prepare_run
+
+from common import environment
 
 
 def make_run(root: Path, n: int) -> tuple[Path, Path]:
@@ -82,9 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                 t, n = runs[name]()
                 times[name].append(n / t)
     ips = {k: statistics.median(v) for k, v in times.items()}
-    print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), seed "
-          f"preset 32 x 32 x 1, {args.images} images, batch {args.batch_size}, median of "
-          f"{args.rounds} alternating runs\n")
+    print(f"{environment()}, seed preset 32 x 32 x 1, {args.images} images, batch "
+          f"{args.batch_size}, median of {args.rounds} alternating runs\n")
     print("| path | images/s | vs bare |\n|---|---:|---:|")
     for name, v in ips.items():
         print(f"| {name} | {v:,.0f} | {100 * v / ips['bare encode']:.1f}% |")

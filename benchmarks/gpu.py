@@ -7,9 +7,10 @@ Every figure is a median over ``--repeats`` timings (CUDA synchronised) and ever
 baseline measured in the same run: the quantizer's to the floor (one distance matmul + argmin,
 the gather and the loss's backward: the faster of the whole (N, K) matrix and vqvae's chunks);
 stage 1's and the prior's to ``tf32`` eager (what ``--precision auto`` ran before this script);
-sampling's to the eager fp32 cached sampler. Stage-1 and prior rows time the loop's own step
-(forward under autocast, loss, backward through the loss scaler, fused Adam) on random uint8
-images / codes already on the GPU; "CLI" rows run ``vqvae train`` on the embedded digits and
+sampling's to the eager fp32 cached sampler. Stage-1 and prior rows time the library's training
+step, the loop's own (``train_step`` of ``vqvae.training.stage1`` / ``stage2``: forward under
+autocast, loss, backward through the loss scaler, fused Adam / AdamW) on random uint8 images /
+codes already on the GPU; "CLI" rows run ``vqvae train`` on the embedded digits and
 report the loop's own steps/s (data, logging and all). Achieved TFLOP/s counts the step's
 matmul and convolution FLOPs (``torch.utils.flop_counter``, forward + backward).
 
@@ -39,48 +40,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quantizer_speed import OURS, anchor, have_anchor  # noqa: E402
+from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, PRESETS, PRIOR_PRESETS,
+                          PriorTrainConfig, TrainConfig, prior_for_data)
+from vqvae.data.sources import to_float
+from vqvae.models.autoencoder import VQVAE
+from vqvae.models.prior import build_prior
+from vqvae.models.quantizers.vq import nearest_code
+from vqvae.precision import loss_scaler, numerics
+from vqvae.training.stage2 import PriorLoss, optimizer, train_step
 
-from vqvae.models.autoencoder import VQVAE  # noqa: E402
-from vqvae.config import (DEFAULT_PRIOR_TRAIN, LARGE_CODE_SET, PRESETS, PRIOR_PRESETS,  # noqa: E402
-                          TrainConfig, prior_for_data)
-from vqvae.data.sources import to_float  # noqa: E402
-from vqvae.distributed import Runtime  # noqa: E402
-from vqvae.precision import autocast, loss_scaler, numerics  # noqa: E402
-from vqvae.models.prior import build_prior  # noqa: E402
-from vqvae.models.quantizers.vq import nearest_code  # noqa: E402
-from vqvae.training.stage1 import training_forward, vqvae_losses  # noqa: E402
-from vqvae.training.stage2 import PriorLoss, optimizer  # noqa: E402
+from common import command_line, environment, median_seconds, stage1_trainer, sync
+from quantizer_speed import OURS, anchor, have_anchor
 
 QUANTIZER_SHAPES = [(16384, 64, 512), (65536, 64, 512), (65536, 64, 8192), (262144, 32, 16384)]
 QUICK_SHAPES = [(1024, 16, 64), (4096, 8, 256)]
 QUANTIZERS = {"vq": "vq", "ema": "ema", "default": "vq cosine d8 +restart (default)"}
 SIDE = 32  # latent grids (B, D, 32, 32)
+WARMUP = 2  # untimed calls before the timed ones (CUDA graphs and compiling take more)
 
 
 # --- timing ------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
-                   per_call: int = 1, warmup: int = 2) -> float:
-    """Median wall time of one call of ``fn``, timing ``per_call`` calls at a time."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(per_call):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - start) / per_call)
-    return statistics.median(times)
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -159,16 +138,18 @@ def quantizer_table(shapes: list, device: torch.device, repeats: int) -> list[st
              "vqvae MiB | vqp ms | vqp / vqvae | vqp MiB | vqvae / vqp memory |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, dim, k in shapes:
-        floor = min(median_seconds(quantizer_step(f, n, dim, k, device), device, repeats)
+        floor = min(median_seconds(quantizer_step(f, n, dim, k, device), repeats,
+                                   warmup=WARMUP, device=device)
                     for f in ("floor whole", "floor chunked"))
         for name in QUANTIZERS:
             step = quantizer_step(name, n, dim, k, device)
-            ours, ours_mib = median_seconds(step, device, repeats), peak_mib(step, device)
+            ours = median_seconds(step, repeats, warmup=WARMUP, device=device)
+            ours_mib = peak_mib(step, device)
             row = (f"| {n} x {dim} x {k} | {floor * 1e3:.2f} | {name} | {ours * 1e3:.2f} | "
                    f"{ours / floor:.2f}x | {_mib(ours_mib)} |")
             if anchors:
                 theirs_step = quantizer_step(f"vqp {name}", n, dim, k, device)
-                theirs = median_seconds(theirs_step, device, repeats)
+                theirs = median_seconds(theirs_step, repeats, warmup=WARMUP, device=device)
                 theirs_mib = peak_mib(theirs_step, device)
                 share = (f"{100 * ours_mib / theirs_mib:.1f}%" if ours_mib and theirs_mib
                          else "-")
@@ -196,29 +177,16 @@ def _free(device: torch.device) -> None:
 
 def stage1_step(preset: str, size: int, channels: int, batch: int, precision: str,
                 compile_mode: str | None, device: torch.device) -> Callable[[], None]:
-    """The loop's stage-1 step (Stage1.step without data loading and logging)."""
+    """The loop's stage-1 step (:func:`vqvae.training.stage1.train_step`, the seed's MSE loss)
+    on random uint8 images already on the device, without data loading and logging."""
     torch.manual_seed(0)
     model = VQVAE(PRESETS[preset].model(size, channels)).to(device).train()
-    tc = TrainConfig(precision=precision, batch_size=batch, compile=compile_mode is not None,
-                     compile_mode=compile_mode or "default")
-    net = training_forward(model, tc, Runtime(device))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    scaler = loss_scaler(precision, device)
+    tc = TrainConfig(precision=precision, batch_size=batch, lr=1e-4, recon_loss="mse",
+                     compile=compile_mode is not None, compile_mode=compile_mode or "default")
+    step = stage1_trainer(model, tc, device)
     images = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8,
                            device=device)
-
-    def step() -> None:
-        if compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        x = to_float(images).contiguous(memory_format=torch.channels_last)
-        with autocast(precision, device):
-            out = net(x)
-            loss = vqvae_losses(x, out)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    return step
+    return lambda: step(to_float(images).contiguous(memory_format=torch.channels_last))
 
 
 def stage1_table(cases: list, precisions: list[str], compiled: list, device: torch.device,
@@ -235,7 +203,7 @@ def stage1_table(cases: list, precisions: list[str], compiled: list, device: tor
             for precision, mode in runs:
                 with numerics(precision, device):
                     step = stage1_step(preset, size, channels, batch, precision, mode, device)
-                    seconds = median_seconds(step, device, repeats, per_call,
+                    seconds = median_seconds(step, repeats, per_call=per_call, device=device,
                                              warmup=3 if mode is None else 10)
                 base = seconds if precision == "tf32" and mode is None else base
                 label = precision + (f" + compile {mode}" if mode else "")
@@ -303,22 +271,16 @@ def prior_config(grid: int, codes: int, layers: int | None = None):
 
 
 def prior_step(cfg, batch: int, precision: str, device: torch.device) -> Callable[[], None]:
+    """The loop's stage-2 step (:func:`vqvae.training.stage2.train_step`: AdamW, weight decay
+    0.01, gradients clipped to 1) on random codes already on the device."""
     torch.manual_seed(0)
     prior = build_prior(cfg).to(device).train()
-    loss_fn, opt = PriorLoss(prior), optimizer(prior, 1e-3, 0.01)
-    scaler = loss_scaler(precision, device)
+    tc = PriorTrainConfig(precision=precision, batch_size=batch, lr=1e-3, weight_decay=0.01,
+                          grad_clip=1.0)
+    loss_fn, opt = PriorLoss(prior, tc.token_dropout), optimizer(prior, tc.lr, tc.weight_decay)
+    scaler = loss_scaler(tc.precision, device)
     codes = torch.randint(0, cfg.codebook_size, (batch, cfg.height, cfg.width), device=device)
-
-    def step() -> None:
-        with autocast(precision, device):
-            loss = loss_fn(codes)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-    return step
+    return lambda: train_step(loss_fn, prior, opt, scaler, codes, None, tc)
 
 
 def prior_table(cfg, batch: int, precisions: list[str], device: torch.device, repeats: int,
@@ -331,8 +293,8 @@ def prior_table(cfg, batch: int, precisions: list[str], device: torch.device, re
     base = None
     for precision in precisions:
         with numerics(precision, device):
-            seconds = median_seconds(prior_step(cfg, batch, precision, device), device,
-                                     repeats, per_call)
+            seconds = median_seconds(prior_step(cfg, batch, precision, device), repeats,
+                                     warmup=WARMUP, per_call=per_call, device=device)
         base = seconds if precision == "tf32" else base
         ratio = f"{base / seconds:.2f}x" if base else "-"
         lines.append(f"| {precision} | {seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {ratio} | "
@@ -357,7 +319,7 @@ def sampling_table(cfg, batches: list[int], device: torch.device) -> list[str]:
             def draw() -> torch.Tensor:
                 return prior.generate(n=batch, batch_size=batch, graph=graph, precision=precision,
                                       generator=torch.Generator().manual_seed(0))
-            seconds = median_seconds(draw, device, repeats=1, warmup=1)
+            seconds = median_seconds(draw, 1, warmup=1, device=device)
             base = base or seconds
             name = ("CUDA graph" if graph and device.type == "cuda" else
                     "static cache" if graph else "eager") + f", {precision}"
@@ -392,7 +354,7 @@ def parallel_table(grid: int, codes: int, batches: list[int], steps: int,
                 return priors[variant].generate(
                     n=batch, batch_size=batch, graph=graph, precision=precision, steps=steps,
                     generator=torch.Generator().manual_seed(0))
-            seconds = median_seconds(draw, device, repeats=1, warmup=1)
+            seconds = median_seconds(draw, 1, warmup=1, device=device)
             kind = ("CUDA graph" if graph and device.type == "cuda" else "static cache" if graph
                     else "eager")
             name = (f"maskgit, {precision}" if variant == "maskgit" else
@@ -424,10 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     sections = set(args.only or ["quantizer", "stage1", "cli", "prior", "sampling", "maskgit",
                                  "vqgan"])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"$ python3 benchmarks/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-          f"device: {name}; torch {torch.__version__}"
-          + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else "") + "\n")
+    print(f"{command_line(__file__, argv, python='python3')}\n{environment(device)}\n")
     precisions = ["fp32", "tf32", "bf16", "fp16"]
     out: list[str] = []
 

@@ -9,9 +9,10 @@ the table scores them on the held-out tiles (PSNR, SSIM, and the gradient ratio:
 absolute difference between neighbouring pixels of the reconstructions over the originals';
 blur lowers it, noise and artefacts raise it; and the grid peak, ``grid_peak``: 1 unless the
 reconstructions carry a pattern periodic in the decoder's upsampling stride, the checkerboard of
-transposed convs), and one PNG shows originals and each arm's reconstructions in rows. With ``--finetune-from N`` the GAN arm is a decoder-only fine-tune of
-the MSE run's step N, and ``--control OPTIONS`` adds the same fine-tune without the GAN (its
-lower learning rate alone can change the figures). Nothing is downloaded: the photos are files
+transposed convs), and one PNG shows originals and each arm's reconstructions in rows. With
+``--finetune-from N`` the GAN arm is a decoder-only fine-tune of the MSE run's step N, and
+``--control OPTIONS`` adds the same fine-tune without the GAN (its lower learning rate alone can
+change the figures). Nothing is downloaded: the photos are files
 of the two wheels (``skimage.data`` images fetched through pooch are not used).
 
     PYTHONPATH=src python benchmarks/natural_images.py --root runs/nat3k --steps 3000 \
@@ -34,14 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sample_quality import reconstructions  # noqa: E402
-from sharpness import MSE_RECIPE, parse_spec, seconds, slug, train  # noqa: E402
+from vqvae.data.augment import resize
+from vqvae.evaluation.metrics import evaluate_autoencoder
+from vqvae.generation.grids import save_png, tile
+from vqvae.store import checkpoint as ckpt
 
-from vqvae.store import checkpoint as ckpt  # noqa: E402
-from vqvae.data.augment import resize  # noqa: E402
-from vqvae.evaluation.metrics import evaluate_autoencoder  # noqa: E402
-from vqvae.generation.grids import save_png, tile  # noqa: E402
+from common import MSE_RECIPE, command_line, parse_spec, reconstructions, seconds, slug, train
 
 SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket")  # PNG/JPEG files inside the wheel
 STORED = 96  # side of the stored tiles, training and held-out alike
@@ -241,7 +240,7 @@ def main() -> None:
                     + ("|" if args.score else f"{arm_seconds(args, name):.0f} |"))
     how = (f"decoder-only fine-tune from the MSE run's step {args.finetune_from}"
            if args.finetune_from else f"from step {args.gan_start}")
-    print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/natural_images.py", *sys.argv[1:]]))
+    print(command_line(__file__))
     tiles = f"{len(list(folder.glob('*.png')))} training tiles, {len(held)} held-out tiles"
     if args.score:
         print(f"\n{tiles} at {args.size}px; the runs given, scored (trained elsewhere)\n")

@@ -12,24 +12,12 @@ timed calls per size; figures are medians. The forward alone (no graph) is timed
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
 
 from vqvae import LPIPS
 
-
-def seconds(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from common import environment, median_seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lpips = LPIPS()
-    print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), batch "
+    print(f"{environment()}, batch "
           f"{args.batch_size} x {args.channels} channels, median of {args.reps}\n")
     print("| size | forward + backward | per image | forward only |\n|---|---:|---:|---:|")
     for size in args.sizes:
@@ -60,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 lpips(x, y)
 
-        both = seconds(step, args.reps, args.warmup)
-        fwd = seconds(forward, args.reps, args.warmup)
+        both = median_seconds(step, args.reps, warmup=args.warmup)
+        fwd = median_seconds(forward, args.reps, warmup=args.warmup)
         print(f"| {size} px | {1e3 * both:,.0f} ms | {1e3 * both / args.batch_size:,.1f} ms | "
               f"{1e3 * fwd:,.0f} ms |")
 

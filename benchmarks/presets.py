@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
-import torch
+from vqvae import DataConfig
+from vqvae.store import checkpoint as ckpt
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sharpness import judging, score, train  # noqa: E402
-
-from vqvae.store import checkpoint as ckpt  # noqa: E402
+from common import command_line, environment, judging, score, train
 
 NO_STEP_LIMIT = 10**7  # the minutes end the run
 
@@ -47,14 +44,14 @@ def row(preset: str, run: Path, judged: dict[str, float]) -> str:
     side = cfg.image_size // 2 ** cfg.downsamples
     params = sum(p.numel() for p in model.parameters()) / 1e6
     state = json.loads((ckpt.resolve(run) / "state.json").read_text())  # the last checkpoint's
-    return (f"| {preset} | {cfg.architecture} | {params:.2f}M | {side}x{side} x {cfg.codebook_size}"
-            f" | {state['step']} | {state['seconds']:.0f} | {judged['psnr']:.2f} | {judged['ssim']:.4f}"
-            f" | {judged['fd']:.2f} |")
+    return (f"| {preset} | {cfg.architecture} | {params:.2f}M | {side}x{side} x "
+            f"{cfg.codebook_size} | {state['step']} | {state['seconds']:.0f} | "
+            f"{judged['psnr']:.2f} | {judged['ssim']:.4f} | {judged['fd']:.2f} |")
 
 
 def main() -> None:
     args = parse_args()
-    classifier, reference, held = judging(args.data, args.size, args.n)
+    judge_with = judging(DataConfig(source=args.data, size=args.size), args.n)
     rows = []
     for preset in args.presets:
         run = Path(args.root) / preset
@@ -62,13 +59,13 @@ def main() -> None:
                "--minutes", f"{args.minutes:g}", "--steps", str(NO_STEP_LIMIT),
                "--every", str(NO_STEP_LIMIT), "--seed", str(args.seed),
                *shlex.split(args.options)], run, 0)
-        rows.append(row(preset, run, score(run, held, classifier, reference)))
-    print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/presets.py", *sys.argv[1:]]))
+        rows.append(row(preset, run, score(run, judge_with)))
+    print(command_line(__file__))
     print(f"\n{args.data} at {args.size}px, {args.minutes:g} wall minutes per preset, seed "
-          f"{args.seed}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"{len(held)} held-out images\n")
+          f"{args.seed}, {environment()}; {len(judge_with.held)} held-out images\n")
     print("| preset | architecture | parameters | codes | steps | training seconds | PSNR (dB) "
-          "| SSIM | reconstruction Fréchet distance |\n|---|---|---:|---|---:|---:|---:|---:|---:|")
+          "| SSIM | reconstruction Fréchet distance |\n"
+          "|---|---|---:|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

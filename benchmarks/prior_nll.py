@@ -33,7 +33,11 @@ from pathlib import Path
 
 import torch
 
-from vqvae.generation.codes import load_codes
+from vqvae.evaluation.quality import copied_share
+from vqvae.generation.codes import load_codes, stage1_data
+from vqvae.store import checkpoint as ckpt
+
+from common import command_line, judged, judging, prior_samples
 
 
 @dataclass(frozen=True)
@@ -97,32 +101,18 @@ class Judge:
     its cached classifier and the training images' features, built once."""
 
     def __init__(self, stage1: str, args: argparse.Namespace, train_codes: torch.Tensor):
-        import sample_quality as sq  # beside this file
-        from vqvae.store import checkpoint as ckpt
-        from vqvae import load_splits
-        from vqvae.generation.codes import stage1_data
-        from vqvae.evaluation.quality import ClassifierConfig, features
-
-        self.sq, self.args = sq, args
-        data = stage1_data(stage1, ckpt.load_autoencoder(stage1))
-        splits = load_splits(data)
-        self.classifier, _ = sq.classifier_for(splits.train, data, ClassifierConfig(),
-                                               sq.default_cache(data))
-        self.reference = features(self.classifier, splits.train.images)
-        test = splits.test
-        self.n = min(args.n, len(test))
-        pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:self.n]
-        self.held = test.images[pick]
-        self.floor = sq.judged(self.classifier, [self.held], self.reference)
-        self.data, self.train_codes = data, train_codes
+        self.data = stage1_data(stage1, ckpt.load_autoencoder(stage1))
+        self.judging = judging(self.data, args.n)
+        self.n, self.args, self.train_codes = len(self.judging.held), args, train_codes
+        self.floor = judged(self.judging.classifier, [self.judging.held], self.judging.reference)
 
     def prior(self, run: Path) -> dict:
         """judged() over ``--draws`` sets of n samples (seeds 0, 1, ...), with ``copied``: the
         mean share of sampled grids that are copies of a training grid."""
-        from vqvae.evaluation.quality import copied_share
-
-        draws = self.sq.prior_samples(str(run), self.n, self.held.shape[1:], self.args.draws)
-        result = self.sq.judged(self.classifier, [d.images for d in draws], self.reference)
+        held = self.judging.held
+        draws = prior_samples(str(run), self.n, held.shape[1:], self.args.draws)
+        result = judged(self.judging.classifier, [d.images for d in draws],
+                        self.judging.reference)
         copied = [copied_share(d.codes.split("samples").codes, self.train_codes) for d in draws]
         return {**result, "copied": sum(copied) / len(copied)}
 
@@ -172,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     arms = [parse_arm(a) for a in args.arm] or [parse_arm(p) for p in args.presets]
     codes = load_codes(args.codes)
     test = codes.split("test").codes
-    print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/prior_nll.py", *sys.argv[1:]]))
+    print(command_line(__file__, argv))
     print(f"\ncodes: {args.codes} ({codes.grid[0]}x{codes.grid[1]} grids, K={codes.codebook_size},"
           f" {len(codes.split('train'))} train / {len(test)} test); unigram entropy of the test "
           f"codes {unigram_bits(test, codes.codebook_size):.3f} bits/code", flush=True)
@@ -191,9 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _params(run: Path) -> int:
-    from vqvae.store.checkpoint import load_prior
-
-    return sum(p.numel() for p in load_prior(run).parameters())
+    return sum(p.numel() for p in ckpt.load_prior(run).parameters())
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ floor measured in the same run. The input is a (B, D, 32, 32) latent grid, B = v
 the memory format training uses (``TrainConfig.channels_last``), as the encoder would hand it over.
 
 In train mode the quantized output is back-propagated with a fixed gradient (what the decoder
-would send), plus the quantizer's own loss. The floor is the unavoidable work: ``argmin(addmm(|e|^2, x, e^T, alpha=-2))`` over the (N, D)
-vectors; in train mode also the gather ``e[idx]``, ``mse(e[idx], x)`` and its backward into x and
-the codebook. It is timed two ways, over the whole (N, K) matrix and in row chunks that stay in
-cache (the same chunking as ``vqvae.models.quantizers.vq``), and the faster of the two is the floor.
+would send), plus the quantizer's own loss. The floor is the unavoidable work:
+``argmin(addmm(|e|^2, x, e^T, alpha=-2))`` over the (N, D) vectors; in train mode also the
+gather ``e[idx]``, ``mse(e[idx], x)`` and its backward into x and the codebook. It is timed two
+ways, over the whole (N, K) matrix and in row chunks that stay in cache (the same chunking as
+``vqvae.models.quantizers.vq``), and the faster of the two is the floor.
 
 Peak memory (Linux): each (subject, shape) runs one train step in a fresh process, inputs and
 modules already built; the figure is the resident high-water mark during the step (``VmHWM``,
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +40,8 @@ from torch import nn
 from vqvae.config import TrainConfig, fsq_levels_for
 from vqvae.models.quantizers.fsq import FiniteScalarQuantizer
 from vqvae.models.quantizers.vq import EMAVectorQuantizer, VectorQuantizer, lookup_rows
+
+from common import environment
 
 SHAPES = [(16384, 64, 512), (65536, 64, 512), (16384, 128, 64), (16384, 64, 8192)]
 SIDE = 32  # latent grids are (B, D, 32, 32)
@@ -283,8 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     if anchors:
         from importlib.metadata import version as pkg_version
         version = f", vector-quantize-pytorch {pkg_version('vector-quantize-pytorch')}"
-    print(f"torch {torch.__version__}{version}, {platform.machine()}, {args.threads} thread(s), "
-          f"median of {args.repeats} interleaved rounds, latents "
+    print(f"{environment()}{version}, median of {args.repeats} interleaved rounds, latents "
           f"{'channels-last' if args.channels_last else 'contiguous (NCHW)'}", flush=True)
     subjects = ["floor whole", "floor chunked"] + names + (
         [f"vqp {n}" for n in names] if anchors else [])

@@ -1,8 +1,10 @@
 """Quantizer benchmark: every variant trained for the same CPU time on Fashion-MNIST 32x32.
 
 Budgets are process CPU seconds (``time.process_time()``, one thread per run), not wall time, so
-a busy machine slows every variant alike instead of biasing the comparison. Scores are on the
-full held-out t10k set. Usage: ``python benchmarks/quantizers.py --cpu-minutes 2 --jobs 2``.
+a busy machine slows every variant alike instead of biasing the comparison. Every step is the
+training loop's (``vqvae.training.stage1.train_step``: the seed's MSE loss, Adam at ``--lr``).
+Scores are on the full held-out t10k set. Usage:
+``python benchmarks/quantizers.py --cpu-minutes 2 --jobs 2``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Callable
 import torch
 
 from vqvae import VQVAE, DataConfig, load_splits, to_float
-from vqvae.config import VQVAEConfig, default_model, seed_model
+from vqvae.config import TrainConfig, VQVAEConfig, default_model, seed_model
 from vqvae.data.sources import NAMED_IDX, BatchStream
 from vqvae.evaluation.metrics import evaluate_autoencoder
-from vqvae.training.stage1 import vqvae_losses
+
+from common import environment, stage1_trainer
 
 SIZE, CHANNELS = 32, 1
 RESTART_AFTER = 20  # steps: a code with a fair share of a 4096-vector batch expects ~8 hits/step
@@ -83,17 +86,15 @@ def run_variant(name: str, k: int, cpu_seconds: float, batch_size: int, lr: floa
     splits = _splits()
     cfg = replace(VARIANTS[name](k), image_size=SIZE, in_channels=CHANNELS)
     torch.manual_seed(seed)
-    model = VQVAE(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model = VQVAE(cfg).train()
+    # the seed's MSE loss, Adam at a constant rate, contiguous (NCHW) memory: what every row of
+    # docs/quantizers-benchmark.json trained with
+    tc = TrainConfig(batch_size=batch_size, lr=lr, recon_loss="mse", channels_last=False)
+    train_step = stage1_trainer(model, tc, torch.device("cpu"))
     stream = BatchStream(len(splits.train), batch_size, seed)
-    model.train()
     step, start = 0, time.process_time()
     while time.process_time() - start < cpu_seconds:
-        x = to_float(splits.train.images[stream.indices(step)])
-        loss = vqvae_losses(x, model(x))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(to_float(splits.train.images[stream.indices(step)]))
         step += 1
     spent = time.process_time() - start
     m = evaluate_autoencoder(model, splits.test.images)
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ensure_fashion_mnist()
     runs = [(name, k) for k in args.sizes for name in args.variants]
     print(f"# {len(runs)} runs x {args.cpu_minutes} CPU-min, Fashion-MNIST {SIZE}x{SIZE}, "
-          f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}, torch {torch.__version__}",
+          f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}, {environment(threads=1)} "
+          f"per run",
           flush=True)
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:

@@ -2,9 +2,10 @@
 
 Fifty et al., "Restructuring Vector Quantization with the Rotation Trick" (2024),
 arXiv:2410.06424. Every seed trains the ``default`` preset twice through
-:func:`vqvae.training.stage1.train_autoencoder`, with ``estimator="ste"`` and ``estimator="rotation"``: the
-same initial weights and batches, so the per-seed difference is paired. On the embedded digits
-(16 px) and, when /usr/share/datasets/fashion-mnist exists, Fashion-MNIST at 32 px. Usage (one
+:func:`vqvae.training.stage1.train_autoencoder`, with ``estimator="ste"`` and
+``estimator="rotation"``: the same initial weights and batches, so the per-seed difference is
+paired. On the embedded digits (16 px) and, when /usr/share/datasets/fashion-mnist exists,
+Fashion-MNIST at 32 px. Usage (one
 CPU thread, ~10 minutes): ``OMP_NUM_THREADS=1 python benchmarks/rotation_trick.py``.
 """
 
@@ -22,6 +23,8 @@ import torch
 
 from vqvae import DataConfig, Splits, load_splits, run_config, train_autoencoder
 from vqvae.data.sources import NAMED_IDX
+
+from common import environment
 
 ESTIMATORS = ("ste", "rotation")
 METRICS = (("psnr", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
@@ -118,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     sets = [("digits", DataConfig(source="digits", size=SIZES["digits"]), args.digits_steps, 0)
             ] if args.digits_steps else []
     if args.fashion_steps and Path(NAMED_IDX["fashion-mnist"][0]).is_dir():
-        sets.append(("fashion-mnist", DataConfig(source="fashion-mnist", size=SIZES["fashion-mnist"]),
-                     args.fashion_steps, args.fashion_eval))
+        fashion = DataConfig(source="fashion-mnist", size=SIZES["fashion-mnist"])
+        sets.append(("fashion-mnist", fashion, args.fashion_steps, args.fashion_eval))
     elif args.fashion_steps:
         print(f"{NAMED_IDX['fashion-mnist'][0]} not found: digits only", file=sys.stderr)
     all_rows, tables = [], []
@@ -140,8 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             tables.append(section(name, data.size, rows))
     if args.json:
         args.json.write_text(json.dumps(all_rows, indent=2) + "\n")
-    print(f"# rotation trick vs ste, seeds {args.seeds}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)\n")
+    print(f"# rotation trick vs ste, seeds {args.seeds}, {environment()}\n")
     print("\n\n".join(tables))
 
 

@@ -18,91 +18,15 @@ bias depends on n); a prior is judged on several draws of n, whose spread the ta
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
-import statistics
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
-from vqvae import (VQVAE, DataConfig, DataError, ImageSet, SampleConfig, Samples, load_samples,
-                   load_splits, sample_images, to_float, to_uint8)
-from vqvae.store import checkpoint as ckpt
+from vqvae import DataConfig, load_samples, load_splits
+from vqvae.evaluation.quality import ClassifierConfig, accuracy, judge
 from vqvae.generation.codes import stage1_data
-from vqvae.evaluation.quality import (Classifier, ClassifierConfig, accuracy, features, judge,
-                           train_classifier)
+from vqvae.store import checkpoint as ckpt
 
-FORMAT = "vqvae-quality-classifier/1"
-
-
-def classifier_for(train: ImageSet, data: DataConfig, cfg: ClassifierConfig,
-                   cache: Path) -> tuple[Classifier, bool]:
-    """The cached classifier when ``cache`` was trained on the same data with ``cfg``, else a
-    freshly trained one, written to ``cache``. Returns (classifier, loaded from the cache)."""
-    if train.labels is None:
-        raise DataError(f"{data.source} has no labels: the quality benchmark needs classes")
-    classes = len(train.classes) if train.classes else int(train.labels.max()) + 1
-    meta = {"format": FORMAT, "source": data.source, "size": str(data.size),
-            "channels": str(train.images.shape[1]), "classes": str(classes),
-            "train_images": str(len(train)), "config": json.dumps(asdict(cfg), sort_keys=True)}
-    model = Classifier(train.images.shape[1], data.size, classes)
-    if cache.exists():
-        try:
-            with safe_open(str(cache), framework="pt") as f:
-                stored = f.metadata() or {}
-            if stored == meta:
-                model.load_state_dict(load_file(str(cache)))
-                return model.eval(), True
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # retrain
-            print(f"ignoring the classifier cache {cache}: {e}", file=sys.stderr)
-    model = train_classifier(train.images, train.labels, classes, cfg)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, cache)
-    return model, False
-
-
-@torch.inference_mode()
-def reconstructions(model: VQVAE, images: torch.Tensor, run: str = "the model",
-                    batch_size: int = 256) -> torch.Tensor:
-    """uint8 images (N, C, S, S) -> the stage-1 model's quantized reconstructions, uint8;
-    ``run`` names the model in the error on images of another shape."""
-    if (model.cfg.in_channels, model.cfg.image_size) != tuple(images.shape[1:3]):
-        raise DataError(f"{run} expects {model.cfg.in_channels}x{model.cfg.image_size}px images, "
-                        f"the benchmark's are {images.shape[1]}x{images.shape[2]}px")
-    return torch.cat([to_uint8(model.reconstruct(to_float(images[s:s + batch_size])))
-                      for s in range(0, images.shape[0], batch_size)])
-
-
-def prior_samples(run: str, n: int, shape: torch.Size, draws: int, first_seed: int = 0,
-                  temperature: float = 1.0, top_k: int | None = None) -> list[Samples]:
-    """``draws`` sets of n samples (their images uint8 (n, C, S, S) and codes), drawn with seeds
-    first_seed, first_seed + 1, ..."""
-    sets = []
-    for seed in range(first_seed, first_seed + draws):
-        cfg = SampleConfig(n=n, temperature=temperature, top_k=top_k, seed=seed)
-        sets.append(sample_images(run, cfg))
-        if sets[-1].images.shape[1:] != shape:
-            raise DataError(f"{run} draws images shaped {tuple(sets[-1].images.shape[1:])}, "
-                            f"the benchmark's are {tuple(shape)}")
-    return sets
-
-
-def judged(classifier: Classifier, draws: list[torch.Tensor], reference) -> dict:
-    """judge() of each draw of n images, averaged; the Fréchet distance's spread over the draws
-    (sample standard deviation) when there are several."""
-    results = [judge(classifier, images, reference) for images in draws]
-    mean = {key: sum(r[key] for r in results) / len(results)
-            for key in ("frechet", "confidence", "confident", "coverage")}
-    sd = (statistics.stdev(r["frechet"] for r in results) if len(results) > 1 else None)
-    return {**mean, "frechet_sd": sd, "n": results[0]["n"], "draws": len(results),
-            "classes": results[0]["classes"]}
+from common import (classifier_for, command_line, default_cache, judged, judging,
+                    prior_samples, reconstructions)
 
 
 def row(name: str, result: dict) -> str:
@@ -112,12 +36,6 @@ def row(name: str, result: dict) -> str:
     return (f"| {name} | {result['n']} x {result['draws']} | {distance} | "
             f"{result['confidence']:.3f} | {100 * result['confident']:.1f}% | "
             f"{result['coverage']:g}/{result['classes']} |")
-
-
-def default_cache(data: DataConfig) -> Path:
-    """runs/quality/classifier-SOURCE-SIZEpx.safetensors: one cache per data source and size."""
-    slug = "".join(c if c.isalnum() else "-" for c in Path(data.source).name.lower())
-    return Path(f"runs/quality/classifier-{slug}-{data.size}px.safetensors")
 
 
 def judge_folder(folder: str, cfg: ClassifierConfig, cache: str | None = None) -> str:
@@ -179,17 +97,13 @@ def main(argv: list[str] | None = None) -> None:
             print(judge_folder(folder, cfg, args.cache), flush=True)
         return
     data = DataConfig(source=args.data, size=args.size)
-    splits = load_splits(data)
     cache = Path(args.cache) if args.cache else default_cache(data)
-    classifier, cached = classifier_for(splits.train, data, cfg, cache)
-    test = splits.test
-    n = min(args.n, len(test))
-    held = test.images[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]]
-    reference = features(classifier, splits.train.images)  # (N_train, F)
+    classifier, reference, held, splits, cached = judging(data, args.n, cfg, cache)
+    test, n = splits.test, len(held)
     held_out_accuracy = ("n/a (unlabelled)" if test.labels is None else
                          f"{100 * accuracy(classifier, test.images, test.labels):.2f}%")
 
-    print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/sample_quality.py", *sys.argv[1:]]))
+    print(command_line(__file__, argv))
     print(f"\ndata: {args.data} at {args.size}px, {len(splits.train)} train / {len(test)} "
           f"held-out images; classifier: {cfg.steps} steps, seed {cfg.seed}, "
           f"{classifier.feature_dim} features, held-out accuracy {held_out_accuracy} "

@@ -18,39 +18,28 @@ A second table compares parallel decoding (the same preset's sizes as a ``maskgi
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
+from dataclasses import replace
 
 import numpy as np
 import torch
-
-from dataclasses import replace
 
 from vqvae.config import PRIOR_PRESETS
 from vqvae.models.prior import Prior, build_prior
 from vqvae.models.transformer import sample_next
 
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from common import environment, median_seconds
 
 
 def cached_seconds(prior: Prior, batch: int, repeats: int) -> float:
     """Wall time of drawing ``batch`` whole grids with the KV cache."""
-    return _median_time(lambda: prior.generate(n=batch, batch_size=batch,
+    return median_seconds(lambda: prior.generate(n=batch, batch_size=batch,
                                                generator=torch.Generator().manual_seed(0)),
                         repeats)
 
 
 def full_exact_seconds(prior: Prior, batch: int, repeats: int) -> float:
     """Wall time of drawing ``batch`` whole grids recomputing the prefix at every step."""
-    return _median_time(lambda: prior.generate(n=batch, batch_size=batch, no_cache=True,
+    return median_seconds(lambda: prior.generate(n=batch, batch_size=batch, no_cache=True,
                                                generator=torch.Generator().manual_seed(0)),
                         repeats)
 
@@ -69,7 +58,7 @@ def full_estimated_seconds(prior: Prior, batch: int, points: int, repeats: int) 
         sample_next(prior(tokens[:, :t])[:, -1].float(), generator=gen)
 
     step(int(lengths[-1]))  # warm-up
-    timed = [_median_time(lambda t=int(t): step(t), repeats) for t in lengths]
+    timed = [median_seconds(lambda t=int(t): step(t), repeats) for t in lengths]
     return float(np.interp(np.arange(1, n + 1), lengths, timed).sum())
 
 
@@ -90,9 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), preset {args.preset}, K={args.codebook_size}, "
-          f"median of {args.repeats}\n")
+    print(f"{environment()}, preset {args.preset}, K={args.codebook_size}, median of "
+          f"{args.repeats}\n")
     if not args.maskgit_only:
         recompute_table(args)
     print(f"\n| grid | batch | cached AR tokens/s | maskgit tokens/s ({args.maskgit_steps} steps) "
@@ -104,7 +92,7 @@ def main() -> None:
         for batch in args.batches:
             tokens = batch * side * side
             cached = cached_seconds(prior, batch, args.repeats)
-            fast = _median_time(lambda: parallel.generate(
+            fast = median_seconds(lambda: parallel.generate(
                 n=batch, batch_size=batch, steps=args.maskgit_steps,
                 generator=torch.Generator().manual_seed(0)), args.repeats)
             print(f"| {side}x{side} | {batch} | {tokens / cached:,.0f} | {tokens / fast:,.0f} | "

@@ -23,24 +23,16 @@ but what an equal-CPU-time comparison needs, hence ``--mse-steps`` for longer MS
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import statistics
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
+from vqvae import DataConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sample_quality import classifier_for, default_cache, judged, reconstructions  # noqa: E402
-
-from vqvae import DataConfig, load_splits  # noqa: E402
-from vqvae.store import checkpoint as ckpt  # noqa: E402
-from vqvae.cli import main as vqvae  # noqa: E402
-from vqvae.evaluation.metrics import evaluate_autoencoder  # noqa: E402
-from vqvae.evaluation.quality import ClassifierConfig, features  # noqa: E402
+from common import (MSE_RECIPE, command_line, judging, parse_spec, score, seconds, slug,
+                    train)
 
 GAN = "--gan-weight 0.1"
 VARIANTS = {  # the rows without --variant / --finetune: name -> extra `vqvae train` options
@@ -59,14 +51,6 @@ class Arm(NamedTuple):
     options: tuple[str, ...] = ()
 
 
-def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
-    """'NAME=OPTIONS' -> (NAME, the options split as a shell would)."""
-    name, sep, options = spec.partition("=")
-    if not sep or not name.strip():
-        raise SystemExit(f"expected NAME=OPTIONS, got {spec!r}")
-    return name.strip(), tuple(shlex.split(options))
-
-
 def arms(args: argparse.Namespace) -> list[Arm]:
     """The rows to run: MSE first (the others are judged against ``mse @ steps``), then the
     fine-tunes (the cheaper GAN rows)."""
@@ -83,37 +67,14 @@ def _named(spec: str) -> dict:
     return {"name": name, "options": options}
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c == "." else "-" for c in name)
-
-
 def mse_stops(args: argparse.Namespace) -> list[int]:
     """Steps at which the MSE run must keep a checkpoint (rows and the fine-tunes' start)."""
     stops = {args.steps, *args.mse_steps}
     return sorted(stops | ({args.finetune_from} if args.finetune else set()))
 
 
-def train(options: list[str], run: Path, steps: int) -> None:
-    """``vqvae OPTIONS --out RUN`` unless RUN has finished its ``steps`` (a run stopped early
-    also writes eval.json, at the step it reached: resume or delete it)."""
-    if (run / "eval.json").exists():
-        reached = json.loads((run / "eval.json").read_text())["step"]
-        if reached >= steps:
-            return
-        raise SystemExit(f"{run} stopped at step {reached} of {steps}: resume or delete it")
-    options = [*options, "--out", str(run)]
-    print("$ vqvae " + shlex.join(options), file=sys.stderr, flush=True)
-    if vqvae(options) != 0:
-        raise SystemExit(f"{run} failed")
-
-
-# The MSE rows are the seed's recipe whatever the preset's (the `default` preset trains with L1
-# and a cosine schedule): a constant rate is what makes the checkpoint at S the S-step run.
-# --model-options come after it, so they can override it.
-MSE_RECIPE = ("--recon-loss", "mse", "--schedule", "constant")
-
-
-def common(args: argparse.Namespace, seed: int, steps: int, every: int) -> list[str]:
+def recipe(args: argparse.Namespace, seed: int, steps: int, every: int) -> list[str]:
+    """The `vqvae train` options every run from scratch shares: data, budget, seed, MSE."""
     return ["--data", args.data, "--size", str(args.size), "--steps", str(steps), "--every",
             str(every), "--batch-size", str(args.batch_size), "--seed", str(seed),
             *MSE_RECIPE, *shlex.split(args.model_options)]
@@ -126,38 +87,18 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, float]
     if arm.kind == "mse":
         stops = mse_stops(args)
         every = math.gcd(*stops)
-        train(["train", "--preset", args.preset, *common(args, seed, stops[-1], every),
+        train(["train", "--preset", args.preset, *recipe(args, seed, stops[-1], every),
                "--keep-every", str(every)], base, stops[-1])
         return base / "checkpoints" / f"step-{arm.steps:07d}", seconds(base, arm.steps)
     run = root / f"{slug(arm.name)}-seed{seed}"
     if arm.kind == "scratch":
-        train(["train", "--preset", args.preset, *common(args, seed, arm.steps, args.every),
+        train(["train", "--preset", args.preset, *recipe(args, seed, arm.steps, args.every),
                *arm.options, "--gan-start", str(args.gan_start)], run, arm.steps)
         return run, seconds(run, arm.steps)
     start, more = args.finetune_from, arm.steps - args.finetune_from
     train(["finetune-decoder", str(base / "checkpoints" / f"step-{start:07d}"), "--steps",
            str(more), "--every", str(args.every), *arm.options], run, more)
     return run, seconds(base, start) + seconds(run, more)
-
-
-def seconds(run: Path, step: int) -> float:
-    """Training-loop seconds of ``run`` up to ``step``, from train.jsonl's logged speeds."""
-    total, last = 0.0, 0
-    for line in (run / "train.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["step"] > step:
-            break
-        total += (record["step"] - last) / record["steps_per_s"]
-        last = record["step"]
-    return total
-
-
-def score(path: Path, held: torch.Tensor, classifier, reference) -> dict[str, float]:
-    """PSNR, SSIM and reconstruction Fréchet distance of one checkpoint on the held images."""
-    model = ckpt.load_autoencoder(path)
-    metrics = evaluate_autoencoder(model, held)
-    fd = judged(classifier, [reconstructions(model, held, str(path))], reference)["frechet"]
-    return {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "fd": fd}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,21 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def judging(source: str, size: int, n: int):
-    """(the cached classifier, its features of the training images, the held-out images judged:
-    at most ``n``, the same seeded pick every time) for data ``source`` at ``size`` px."""
-    data = DataConfig(source=source, size=size)
-    splits = load_splits(data)
-    classifier, _ = classifier_for(splits.train, data, ClassifierConfig(), default_cache(data))
-    reference = features(classifier, splits.train.images)
-    pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(0))
-    return classifier, reference, splits.test.images[pick[:min(n, len(splits.test))]]
-
-
 def main() -> None:
     args = parse_args()
-    classifier, reference, held = judging(args.data, args.size, args.n)
-    n = len(held)
+    judge_with = judging(DataConfig(source=args.data, size=args.size), args.n)
+    n = len(judge_with.held)
     results: dict[str, list[dict[str, float]]] = {}
     for arm in arms(args):
         if args.only and arm.name not in args.only and arm.kind != "mse":
@@ -211,8 +141,8 @@ def main() -> None:
         for seed in args.seeds:
             path, secs = run_arm(arm, args, seed)
             results.setdefault(arm.name, []).append(
-                {**score(path, held, classifier, reference), "seconds": secs, "seed": seed})
-    print("$ PYTHONPATH=src python " + shlex.join(["benchmarks/sharpness.py", *sys.argv[1:]]))
+                {**score(path, judge_with), "seconds": secs, "seed": seed})
+    print(command_line(__file__))
     print(header(args, n))
     print(table(results, f"mse @ {args.steps}"))
     if len(args.seeds) > 1:

@@ -5,13 +5,14 @@ pre-loaded float tensors, and with torch.compile and channels-last memory on and
 JPEGs written to a temporary directory (Fashion-MNIST images upsampled to 160 px and tinted to
 RGB), loaded by the ordinary folder source, which decodes, resizes and caches them as uint8 once.
 
-Per (size, variant) the train step is the loop's own (``training_forward``, ``vqvae_losses``,
-Adam); the batch comes either from the loop's ``next_batch`` (uint8 cache -> float, per step) or
-from a list of float tensors made before timing. "pipeline cost, measured" is preloaded / pipeline
+Per (size, variant) the train step is the loop's own (``vqvae.training.stage1.train_step``
+through ``training_forward``, Adam, the seed's MSE loss); the batch comes either from the loop's
+``next_batch`` (uint8 cache -> float, per step) or from a list of float tensors made before
+timing. "pipeline cost, measured" is preloaded / pipeline
 images/s - 1 (noisy: two timings); "next_batch / step" times the batch preparation alone (64
-batches) against a preloaded step, the cost the pipeline adds by construction. Blocks of ``--steps`` steps of every (variant,
-data) pair run interleaved, ``--rounds`` times; figures are medians over rounds, ratios are to the
-eager NCHW variant of the same run.
+batches) against a preloaded step, the cost the pipeline adds by construction. Blocks of
+``--steps`` steps of every (variant, data) pair run interleaved, ``--rounds`` times; figures are
+medians over rounds, ratios are to the eager NCHW variant of the same run.
 
     PYTHONPATH=src python benchmarks/train_speed.py                      # 1 thread
     PYTHONPATH=src python benchmarks/train_speed.py --sizes 32 --rounds 7
@@ -20,8 +21,6 @@ eager NCHW variant of the same run.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,8 +32,9 @@ import torch
 from vqvae import VQVAE, DataConfig, load_splits
 from vqvae.config import TrainConfig, seed_model
 from vqvae.data.sources import BatchStream
-from vqvae.distributed import Runtime
-from vqvae.training.stage1 import to_device, training_forward, vqvae_losses
+from vqvae.training.stage1 import to_device
+
+from common import environment, interleaved_seconds, stage1_trainer, timing_options
 
 VARIANTS = {  # name -> (channels_last, compile)
     "eager, NCHW": (False, False),
@@ -67,22 +67,18 @@ def jpeg_folder(root: Path, n: int, side: int = 160) -> Path:
 
 
 class Subject:
-    """One model (seed preset, fixed seed) in one variant, and its train step."""
+    """One model (seed preset, fixed seed) in one variant, and the loop's train step."""
 
     def __init__(self, size: int, channels: int, batch: int, channels_last: bool, compile: bool):
         torch.manual_seed(0)
         self.model = VQVAE(seed_model(size, channels)).train()
-        tc = TrainConfig(batch_size=batch, channels_last=channels_last, compile=compile)
+        tc = TrainConfig(batch_size=batch, lr=1e-3, recon_loss="mse",
+                         channels_last=channels_last, compile=compile)
         self.channels_last = channels_last
-        self.forward = training_forward(self.model, tc, Runtime(torch.device("cpu")))
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.train_step = stage1_trainer(self.model, tc, DEVICE)
 
     def step(self, x: torch.Tensor) -> None:
-        losses = vqvae_losses(x, self.forward(x))
-        self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.opt.step()
-        for value in losses.values():  # the loop reads every loss term back each step
+        for value in self.train_step(x).values():  # the loop reads every loss term back
             value.item()
 
 
@@ -107,19 +103,16 @@ def measure(size: int, source: str, batch: int, args: argparse.Namespace) -> lis
         subjects[n].step(next_batch(images, stream, 0, DEVICE, subjects[n].channels_last))
         print(f"  {size}px {n}: warm-up {time.perf_counter() - t:.1f} s", file=sys.stderr,
               flush=True)
-    times: dict[tuple[str, str], list[float]] = {(n, d): [] for n in names
-                                                 for d in ("pipeline", "preloaded")}
-    for r in range(args.rounds):
-        for n in names:
-            sub = subjects[n]
-            for data in ("preloaded", "pipeline") if r % 2 == 0 else ("pipeline", "preloaded"):
-                t = time.perf_counter()
-                for s in range(args.steps):
-                    x = (preloaded[n][s] if data == "preloaded"
-                         else next_batch(images, stream, s, DEVICE, sub.channels_last))
-                    sub.step(x)
-                times[n, data].append(args.steps * batch / (time.perf_counter() - t))
-    ips = {key: statistics.median(v) for key, v in times.items()}
+    def block(n: str, data: str) -> None:
+        sub = subjects[n]
+        for s in range(args.steps):
+            sub.step(preloaded[n][s] if data == "preloaded"
+                     else next_batch(images, stream, s, DEVICE, sub.channels_last))
+
+    blocks = {(n, data): lambda n=n, data=data: block(n, data) for n in names
+              for data in ("preloaded", "pipeline")}
+    ips = {key: args.steps * batch / sec
+           for key, sec in interleaved_seconds(blocks, args.rounds).items()}
     base = ips["eager, NCHW", "preloaded"]
     rows = []
     for n in names:
@@ -139,18 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-128", type=int, default=16,
                    help="batch at 128 px (default 16: a CPU step at 64 takes seconds)")
     p.add_argument("--images-128", type=int, default=2048, help="JPEGs in the 128 px folder")
-    p.add_argument("--steps", type=int, default=3, help="steps per timed block")
-    p.add_argument("--rounds", type=int, default=5, help="medians over this many rounds")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    timing_options(p, steps=3, rounds=5)
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile variants")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), seed "
-          f"preset, median of {args.rounds} rounds of {args.steps} steps\n")
+    print(f"{environment()}, seed preset, median of {args.rounds} rounds of {args.steps} "
+          f"steps\n")
     print("| images | batch | variant | preloaded img/s | pipeline img/s | pipeline cost, "
-          "measured | next_batch / step | vs eager NCHW |", "|---|---:|---|---:|---:|---:|---:|---:|",
-          sep="\n", flush=True)
+          "measured | next_batch / step | vs eager NCHW |",
+          "|---|---:|---|---:|---:|---:|---:|---:|", sep="\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             if size == 32:
