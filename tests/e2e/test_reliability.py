@@ -4,6 +4,7 @@ and the user saw one line (docs/reliability.md lists these guarantees)."""
 
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -279,3 +280,57 @@ def test_smaller_faults(tmp_path, stage1, capsys):
     assert main(["train", "--resume", str(stage1), "--steps", more]) == 0
     assert not leftover.exists() and not (stage1 / ".config.json.tmp999").exists()
 
+
+
+@pytest.mark.parametrize("where", ["buffer", "parameter", "optimizer"])
+def test_a_non_finite_buffer_parameter_or_optimizer_state_is_never_saved(tmp_path, capsys,
+                                                                        monkeypatch, where):
+    """The loss stays finite while something the checkpoint holds goes non-finite (as BatchNorm's
+    running_var does at --lr 1e9): the run stops naming it, the good checkpoint stays latest."""
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--steps", "6", "--every", "3", "--out", str(run)]) == 0
+    real, calls = vqvae.training.stage1.train_step, []
+
+    def planting(net, model, opt, *args, **kwargs):
+        out = real(net, model, opt, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # after step 9, the save's: its loss was finite
+            with torch.no_grad():
+                if where == "buffer":
+                    next(b for n, b in model.named_buffers() if "running_var" in n)[0] = math.inf
+                elif where == "parameter":
+                    next(model.decoder.parameters()).view(-1)[0] = math.nan
+                else:
+                    next(iter(opt.state.values()))["exp_avg_sq"].view(-1)[0] = math.inf
+        return out
+
+    monkeypatch.setattr(vqvae.training.stage1, "train_step", planting)
+    assert main(["train", "--resume", str(run), "--steps", "9"]) == 1
+    line = one_line(capsys)
+    named = {"buffer": "buffer encoder.", "parameter": "parameter decoder.",
+             "optimizer": "optimizer state exp_avg_sq of "}[where]
+    assert named in line and "non-finite by step 9" in line, line
+    assert latest(run) == "step-0000006"
+    monkeypatch.setattr(vqvae.training.stage1, "train_step", real)
+    assert main(["train", "--resume", str(run), "--steps", "9"]) == 0
+
+
+def test_a_step_folder_that_is_a_link_is_never_followed_nor_pruned(tmp_path):
+    """A step folder that is a symbolic link into another run is not this run's checkpoint:
+    ``latest`` naming it falls back to the newest real one (with a warning), and pruning leaves
+    the link and the other run's checkpoint alone."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    assert main(["train", *TINY, "--steps", "6", "--every", "3", "--keep", "5",
+                 "--out", str(mine)]) == 0
+    assert main(["train", *TINY, "--steps", "6", "--every", "3", "--seed", "1",
+                 "--out", str(other)]) == 0
+    linked = mine / "checkpoints" / "step-0000099"
+    linked.symlink_to(other / "checkpoints" / "step-0000006")
+    (mine / "checkpoints" / "latest").write_text("step-0000099\n")
+    with pytest.warns(UserWarning, match="symbolic link"):
+        assert ckpt.resolve(mine) == mine / "checkpoints" / "step-0000006"
+    with pytest.warns(UserWarning, match="symbolic link"):
+        assert main(["train", "--resume", str(mine), "--steps", "12", "--keep", "1"]) == 0
+    assert latest(mine) == "step-0000012" and linked.is_symlink()  # the link was not pruned
+    assert (other / "checkpoints" / "step-0000006" / "model.safetensors").is_file()
+    assert not (mine / "checkpoints" / "step-0000006").exists()  # its own were

@@ -168,6 +168,8 @@ def write_checkpoint(run_dir: Path, step: int, module: nn.Module, kind: str,
         for part, (companion, companion_opt) in (companions or {}).items():
             save_companion(tmp, part, companion, companion_opt)
         fsync_dir(tmp)
+        if final.is_symlink():  # a link in its place is not this run's: removed, not followed
+            final.unlink()
         if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
             old = root / f".old-{name}-{os.getpid()}"
             os.replace(final, old)
@@ -196,8 +198,19 @@ def step_of(checkpoint_dir: Path) -> int:
 
 
 def step_folders(root: Path) -> list[Path]:
-    """The checkpoint folders (named by :func:`step_name`) in ``root``, oldest first."""
-    return sorted(p for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name) and p.is_dir())
+    """The checkpoint folders (named by :func:`step_name`) in ``root``, oldest first. A symbolic
+    link is none of them (it may lead into another run): skipped with a warning, never pruned
+    or followed."""
+    found = []
+    for p in sorted(root.glob("step-*")):
+        if not STEP_NAME.fullmatch(p.name):
+            continue
+        if p.is_symlink():
+            warnings.warn(f"{p} is a symbolic link (to {os.readlink(p)}), not a checkpoint of "
+                          f"this run: ignored")
+        elif p.is_dir():
+            found.append(p)
+    return found
 
 
 def _needed_by(checkpoint_dir: Path) -> list[str]:
@@ -275,7 +288,7 @@ def _latest(root: Path) -> Path | None:
         name = pointer.read_bytes().decode("utf-8").strip()
     except (OSError, UnicodeDecodeError):
         name = None
-    if name and STEP_NAME.fullmatch(name) and _complete(root / name):
+    if name and STEP_NAME.fullmatch(name) and root / name in steps:
         return root / name
     if steps:
         warnings.warn(f"{pointer} does not name a checkpoint of this run ({name!r}): using the "

@@ -228,18 +228,46 @@ class TrainingState:
     companions: ckpt.Companions = field(default_factory=dict)
 
 
+def _tensors(state: TrainingState) -> Iterator[tuple[str, torch.Tensor]]:
+    """(what it is, tensor) for every floating-point tensor a checkpoint of ``state`` holds."""
+    parts = {"": (state.model, state.optimizer),
+             **{f"{name} ": pair for name, pair in state.companions.items()}}
+    for prefix, (module, optimizer) in parts.items():
+        names = {id(p): n for n, p in module.named_parameters()}
+        yield from ((f"{prefix}parameter {n}", p) for n, p in module.named_parameters())
+        yield from ((f"{prefix}buffer {n}", b) for n, b in module.named_buffers())
+        for param, slots in optimizer.state.items():
+            yield from ((f"{prefix}optimizer state {key} of {names.get(id(param), '?')}", v)
+                        for key, v in slots.items() if torch.is_tensor(v))
+
+
+def non_finite(state: TrainingState) -> str | None:
+    """What in ``state`` is not finite (``"buffer encoder.1.running_var"``, ``"parameter ..."``,
+    ``"optimizer state exp_avg of ..."``, a companion's prefixed by its name), or None: one
+    host sync when everything is finite."""
+    tensors = [(what, t) for what, t in _tensors(state) if t.is_floating_point()]
+    if not tensors:
+        return None
+    device = tensors[0][1].device  # the model's: CPU-held flags (Adam's step) copy over, no sync
+    flags = [t.detach().isfinite().all().to(device, non_blocking=True) for _, t in tensors]
+    if bool(torch.stack(flags).all()):
+        return None
+    return next(what for what, t in tensors if not bool(t.detach().isfinite().all()))
+
+
 def save_checkpoint(run_dir: Path, step: int, state: TrainingState, loop: LoopConfig,
                     runtime: Runtime, seconds: float = 0.0) -> Path:
     """``RUN/checkpoints/step-N``: weights and config, optimizer and RNG state, fp16's loss scale,
     the run's training ``seconds`` so far (its --minutes budget spans invocations) and the batch
     layout, so a resume with another process count can say what changed.
-    Non-finite weights are never written: :class:`NonFiniteError`, and ``latest`` stays on the
-    last good checkpoint."""
-    finite = torch.stack([p.detach().isfinite().all() for p in state.model.parameters()]).all()
-    if not bool(finite):  # one host sync per checkpoint
-        raise NonFiniteError(f"the weights became non-finite by step {step} (lower --lr?); "
-                             f"stopped without saving them: {run_dir / ckpt.CHECKPOINTS} keeps "
-                             f"the last good checkpoint as latest")
+    Nothing non-finite is ever written (a parameter, a buffer such as BatchNorm's statistics or
+    the EMA codebook's, a companion's, the optimizer's state): :class:`NonFiniteError` naming it,
+    and ``latest`` stays on the last good checkpoint."""
+    bad = non_finite(state)
+    if bad is not None:
+        raise NonFiniteError(f"{bad} became non-finite by step {step} (lower --lr?); stopped "
+                             f"without saving it: {run_dir / ckpt.CHECKPOINTS} keeps the last "
+                             f"good checkpoint as latest")
     scaler = state.scaler
     return ckpt.write_checkpoint(
         run_dir, step, state.model, state.kind, to_dict(state.config), state.optimizer, extra={
