@@ -19,6 +19,7 @@ from vqvae.data.loader import train_batches
 from vqvae.data.shards import (INDEX_SUFFIX, MANIFEST, epoch_plan, expand_pattern, index_shards,
                           pack, shard_groups, shard_paths)
 from vqvae.data.sources import cache_mode
+from vqvae.store.runs import read_jsonl
 
 from tests import tiny
 
@@ -271,3 +272,17 @@ def test_in_memory_batches_live_on_cuda_and_equal_the_host_ones():
     cuda = [b.images for b in islice(train_batches(train, data, 8, 0, 0,
                                                    device=torch.device("cuda")), 3)]
     assert all(c.device.type == "cuda" and torch.equal(c.cpu(), h) for c, h in zip(cuda, host))
+
+
+def test_unreadable_images_replaced_while_training_are_said_on_the_console(tmp_path, capsys):
+    """A streamed run that met unreadable files says how many were replaced when it ends (and
+    logs them in train.jsonl), instead of only counting them in the log."""
+    folder = _folder(tmp_path / "img", corrupt=3)
+    run = tmp_path / "run"
+    options = tiny.stage1(data=str(folder), hidden_channels=8, code_dim=4, batch_size=8,
+                          every=10, eval_count=None, steps=20, cache="stream", holdout="0.05")
+    assert main(["train", *options, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    logged = max(r.get("skipped_images", 0) for r in read_jsonl(run / "train.jsonl"))
+    assert logged > 0
+    assert f"{int(logged)} training image(s) could not be read and were replaced" in out

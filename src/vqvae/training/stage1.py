@@ -263,6 +263,8 @@ class Stage1:
                    else {})
                 | ({"g": f"{record['gan_g']:.3f}", "d": f"{record['gan_d']:.3f}"}
                    if "gan_d" in record else {})
+                | ({"unreadable": str(int(record["skipped_images"]))}
+                   if record.get("skipped_images") else {})
                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
 
     def curves(self, train: list[dict], evals: list[dict]) -> Path:
@@ -299,7 +301,9 @@ class Stage1:
                 f"quantization, {final['psnr_noq']:.2f} dB without; SSIM {final['ssim']:.4f} "
                 f"with, {final['ssim_noq']:.4f} without; codebook usage "
                 f"{final['usage']:.1f}% ({final['used_codes']}/{self.cfg.model.codebook_size}), "
-                f"perplexity {final['perplexity']:.1f}")
+                f"perplexity {final['perplexity']:.1f}"
+                + (f"\n{self.skipped} training image(s) could not be read and were replaced by "
+                   f"others (train.jsonl: skipped_images)" if self.skipped else ""))
 
 
 def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
