@@ -7,6 +7,7 @@ one, never half of either.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,20 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def write_json(path: str | Path, data: Any) -> Path:
     """Write JSON atomically and durably."""
     return write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256(data: bytes) -> str:
+    """The hex sha256 of ``data``: the checksum every artifact records for its reader."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_sha256(path: Path, data: bytes, recorded: Any, record: Path) -> None:
+    """``path``'s bytes ``data`` against the sha256 ``record`` holds for it from when it was
+    written; a mismatch is a :class:`CheckpointError` naming both in one line. No recorded
+    checksum (a file from before they were written) is accepted."""
+    if isinstance(recorded, str) and sha256(data) != recorded:
+        raise CheckpointError(f"{path} is corrupt: its sha256 differs from the one recorded in "
+                              f"{record} when it was written")
 
 
 def read_json(path: str | Path) -> Any:

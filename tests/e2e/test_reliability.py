@@ -143,6 +143,43 @@ def test_flipped_bytes_in_weights_are_refused(tmp_path, stage1, capsys):
     assert "is corrupt" in one_line(capsys)
 
 
+def tensor_bytes(path, name) -> tuple[int, int]:
+    """Where tensor ``name``'s data lies in the safetensors file ``path`` (start, end)."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + size])[name]["data_offsets"]
+    return 8 + size + start, 8 + size + end
+
+
+def test_flipped_bytes_in_training_state_are_refused(tmp_path, stage1, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(stage1, run)
+    step = run / "checkpoints" / latest(run)
+    assert json.loads((step / "state.json").read_text())["state_sha256"]
+    state = step / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    start, end = tensor_bytes(state, "rng.cpu")
+    data[end - 5] ^= 0xFF  # the random state: still a readable file, the run no longer the same
+    state.write_bytes(bytes(data))
+    assert main(["train", "--resume", str(run), "--steps", "40"]) == 2
+    line = one_line(capsys)
+    assert f"{state} is corrupt: its sha256 differs from the one recorded in " \
+           f"{step / 'state.json'}" in line
+
+
+def test_changed_codes_are_refused(tmp_path, stage1, capsys):
+    codes = tmp_path / "c.safetensors"
+    assert main(["encode", str(stage1), "--out", str(codes)]) == 0
+    data = bytearray(codes.read_bytes())
+    start, end = tensor_bytes(codes, "train")
+    for at in range(start, min(end, start + 300)):  # other ids inside the codebook: still valid
+        data[at] = (data[at] + 1) % 16
+    codes.write_bytes(bytes(data))
+    assert main(["train-prior", "--codes", str(codes), *PRIOR, "--steps", "2",
+                 "--out", str(tmp_path / "p")]) == 2
+    assert f"{codes} is corrupt: the sha256 of its code grids" in one_line(capsys)
+
+
 def test_encode_reads_the_runs_own_data(tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))

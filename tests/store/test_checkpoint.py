@@ -97,3 +97,51 @@ def test_config_json_is_plain_and_tagged(tmp_path, tiny_cfg):
     ckpt.save(tmp_path, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg))
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["kind"] == "vqvae" and meta["config"]["codebook_size"] == 16
+
+
+def _flip_last_tensor_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's data, not the header: still a readable file
+    path.write_bytes(bytes(data))
+
+
+def test_training_state_and_companions_are_checksummed(tmp_path, tiny_cfg):
+    model, opt = _trained(tiny_cfg)
+    disc = torch.nn.Linear(3, 2)
+    disc_opt = torch.optim.Adam(disc.parameters(), 1e-3)
+    disc(torch.rand(4, 3)).sum().backward()
+    disc_opt.step()
+    folder = ckpt.write_checkpoint(tmp_path, 2, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt,
+                                   companions={"adversary": (disc, disc_opt)})
+    fresh = torch.optim.Adam(VQVAE(tiny_cfg).parameters(), 1e-3)
+    ckpt.load_training_state(folder, fresh)
+    ckpt.load_companion(folder, "adversary", torch.nn.Linear(3, 2),
+                        torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), 1e-3))
+    for data, record in (("state.safetensors", "state.json"),
+                         ("adversary.safetensors", "adversary.json")):
+        assert json.loads((folder / record).read_text())["state_sha256"]
+        _flip_last_tensor_byte(folder / data)
+    with pytest.raises(CheckpointError) as error:
+        ckpt.load_training_state(folder, fresh)
+    assert str(error.value) == (f"{folder / 'state.safetensors'} is corrupt: its sha256 differs "
+                                f"from the one recorded in {folder / 'state.json'} when it was "
+                                f"written")
+    other = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match="adversary.safetensors is corrupt: its sha256 "
+                                              "differs from the one recorded in .*adversary.json"):
+        ckpt.load_companion(folder, "adversary", other, torch.optim.Adam(other.parameters()))
+
+
+def test_training_state_without_a_checksum_loads(tmp_path, tiny_cfg):
+    """Checkpoints written before the checksums were recorded load as they did."""
+    model, opt = _trained(tiny_cfg)
+    disc = torch.nn.Linear(3, 2)
+    disc_opt = torch.optim.Adam(disc.parameters(), 1e-3)
+    folder = ckpt.write_checkpoint(tmp_path, 2, model, ckpt.VQVAE_KIND, to_dict(tiny_cfg), opt,
+                                   companions={"adversary": (disc, disc_opt)})
+    for record in ("state.json", "adversary.json"):
+        meta = json.loads((folder / record).read_text())
+        del meta["state_sha256"]
+        (folder / record).write_text(json.dumps(meta))
+    assert ckpt.load_training_state(folder, torch.optim.Adam(model.parameters()))["step"] == 2
+    ckpt.load_companion(folder, "adversary", disc, disc_opt)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import vqvae
 from vqvae.cli import main
@@ -30,6 +31,11 @@ def test_priors_score_as_the_old_code_did(legacy_run, prior):
 
 
 def test_old_runs_resume_and_sample(legacy_run, tmp_path):
+    # written before state.json and codes files recorded the sha256 of their tensors
+    state = legacy_run / "checkpoints" / "step-0000004" / "state.json"
+    assert "state_sha256" not in json.loads(state.read_text())
+    with safe_open(str(legacy_run / "prior" / "codes.safetensors"), framework="pt") as f:
+        assert "contents_sha256" not in f.metadata()
     assert main(["train", "--resume", str(legacy_run), "--steps", "6", "--device", "cpu"]) == 0
     assert json.loads((legacy_run / "eval.json").read_text())["step"] == 6
     for prior in ("prior", "maskgit"):

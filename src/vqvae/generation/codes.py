@@ -3,7 +3,8 @@
 Tensors ``{split}`` (N, h, w) hold code ids in the smallest integer dtype that fits the codebook and
 ``{split}_labels`` (N,) the class ids when the source has them; string metadata names the codebook
 size, the source and the stage-1 checkpoint with its fingerprint (sha256 of its weights), so a
-prior never trains on, or decodes with, another model's codes. Nothing is pickled.
+prior never trains on, or decodes with, another model's codes, and the sha256 of the tensors
+themselves, checked on every load. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..store import checkpoint as ckpt
 from ..store import runs
 
 FORMAT = "vqvae-codes/1"
+CONTENTS_SHA256 = "contents_sha256"  # metadata: the checksum load_codes verifies
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,17 @@ def encode_to_file(run_dir: str | Path, out: str | Path, *, source: str | None =
 # --- the file -----------------------------------------------------------------------------------
 
 
+def contents_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a codes file's tensors, by name: each one's name, dtype, shape and bytes,
+    so it does not depend on how the container lays them out."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous().cpu()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_codes(codes: Codes, path: str | Path) -> Path:
     """Write ``codes`` to one safetensors file, atomically."""
     path = Path(path)
@@ -251,7 +264,8 @@ def save_codes(codes: Codes, path: str | Path) -> Path:
     meta = {"format": FORMAT, "codebook_size": str(codes.codebook_size), "grid": f"{h}x{w}",
             "splits": json.dumps(list(codes.splits)), "stage1": codes.stage1,
             "stage1_sha256": codes.stage1_sha256, "source": codes.source,
-            "classes": json.dumps(list(codes.classes) if codes.classes else None)}
+            "classes": json.dumps(list(codes.classes) if codes.classes else None),
+            CONTENTS_SHA256: contents_sha256(tensors)}
     ckpt.write_bytes(path, save(tensors, metadata=meta))
     if Path(codes.stage1).is_dir():  # these codes decode only with that checkpoint: keep it
         ckpt.protect(Path(codes.stage1), f"codes {path.resolve()}")
@@ -271,6 +285,10 @@ def load_codes(path: str | Path) -> Codes:
         raise DataError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
         raise DataError(f"{path} is not a vqvae codes file (written by `vqvae encode`)")
+    recorded = meta.get(CONTENTS_SHA256)  # absent from files written before it was recorded
+    if recorded is not None and contents_sha256(tensors) != recorded:
+        raise DataError(f"{path} is corrupt: the sha256 of its code grids and labels differs "
+                        f"from the one recorded in its metadata when it was written")
     try:
         k = int(meta["codebook_size"])
         names = json.loads(meta["splits"])

@@ -6,7 +6,6 @@ A folder of ``model.safetensors`` + a tagged ``config.json`` (with the weights' 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from ..config import from_dict, to_dict
 from ..distributed import pick_device
 from ..errors import CheckpointError, ConfigError
-from ..fileio import read_json, write_bytes, write_json
+from ..fileio import check_sha256, read_json, sha256, write_bytes, write_json
 
 FORMAT = 1
 MODEL_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
@@ -73,7 +72,7 @@ def save(directory: Path, module: nn.Module, kind: str, config: dict[str, Any]) 
     directory.mkdir(parents=True, exist_ok=True)
     data = st.save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
     write_bytes(directory / MODEL_FILE, data)
-    write_config(directory / CONFIG_FILE, kind, config, sha256=hashlib.sha256(data).hexdigest())
+    write_config(directory / CONFIG_FILE, kind, config, sha256=sha256(data))
 
 
 def load_config(directory: Path, kind: str) -> dict[str, Any]:
@@ -100,9 +99,7 @@ def load_weights(directory: Path, module: nn.Module) -> None:
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     _, _, recorded = read_config_meta(directory / CONFIG_FILE)
-    if recorded and hashlib.sha256(data).hexdigest() != recorded:
-        raise CheckpointError(f"{path} is corrupt: its sha256 differs from the one recorded in "
-                              f"{directory / CONFIG_FILE} when it was written")
+    check_sha256(path, data, recorded, directory / CONFIG_FILE)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

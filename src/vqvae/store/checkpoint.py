@@ -2,9 +2,10 @@
 
 Writes are atomic and durable (a temporary folder, fsynced, renamed into place, then a ``latest``
 pointer replaced), so a process killed at any moment, or a power cut, leaves the last good
-checkpoint readable. ``config.json`` records the weights' sha256, checked on every load. A
-checkpoint that codes or a prior depend on carries a ``keep.json`` and is never pruned. Nothing
-is ever unpickled. One folder's format (and ``save_pretrained``) is ``models/pretrained.py``'s.
+checkpoint readable. ``config.json`` records the weights' sha256 and ``state.json`` the training
+state's (a companion's ``NAME.json`` its own), each checked on every load. A checkpoint that
+codes or a prior depend on carries a ``keep.json`` and is never pruned. Nothing is ever
+unpickled. One folder's format (and ``save_pretrained``) is ``models/pretrained.py``'s.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import CheckpointError
-from ..fileio import fsync_dir, read_json, write_bytes, write_json
+from ..fileio import check_sha256, fsync_dir, read_json, sha256, write_bytes, write_json
 from ..models.autoencoder import VQVAE
 
 # The folder format lives with the models (their save_pretrained/from_pretrained); re-exported
@@ -48,6 +49,7 @@ from ..models.pretrained import (  # noqa: F401
 from ..models.prior import Prior
 
 STATE_FILE, STATE_META = "state.safetensors", "state.json"
+STATE_SHA256 = "state_sha256"  # in state.json (and a companion's NAME.json): its tensors' checksum
 CHECKPOINTS, LATEST, KEEP = "checkpoints", "latest", "keep.json"
 STEP_NAME = re.compile(r"step-\d{7,}")
 
@@ -80,6 +82,20 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _read_checked(path: Path, recorded: Any, record: Path, unreadable: str) -> dict[str, Any]:
+    """The tensors of ``path`` once its bytes match the sha256 ``record`` holds for them (none
+    recorded: a checkpoint from before they were, read as it is)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path} {unreadable}: {e}") from None
+    check_sha256(path, data, recorded, record)
+    try:
+        return st.load(data)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path} {unreadable}: {e}") from None
+
+
 def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, step: int,
                         extra: dict[str, Any] | None = None) -> None:
     tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
@@ -87,8 +103,10 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, step:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    write_bytes(directory / STATE_FILE, st.save(tensors))
-    write_json(directory / STATE_META, {"step": step, "optimizer": optim_meta, **(extra or {})})
+    data = st.save(tensors)
+    write_bytes(directory / STATE_FILE, data)
+    write_json(directory / STATE_META, {"step": step, "optimizer": optim_meta, **(extra or {}),
+                                        STATE_SHA256: sha256(data)})
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -98,10 +116,8 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{directory / STATE_META}: step must be an integer >= 0, got "
                               f"{step!r}")
-    try:
-        tensors = st.load_file(str(directory / STATE_FILE))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"{directory / STATE_FILE} is missing or unreadable: {e}") from None
+    tensors = _read_checked(directory / STATE_FILE, meta.get(STATE_SHA256), directory / STATE_META,
+                            "is missing or unreadable")
     try:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -124,20 +140,22 @@ def save_companion(directory: Path, name: str, module: nn.Module,
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     tensors |= {f"module.{k}": v.detach().contiguous().cpu()
                 for k, v in module.state_dict().items()}
-    write_bytes(directory / f"{name}.safetensors", st.save(tensors))
-    write_json(directory / f"{name}.json", {"optimizer": meta})
+    data = st.save(tensors)
+    write_bytes(directory / f"{name}.safetensors", data)
+    write_json(directory / f"{name}.json", {"optimizer": meta, STATE_SHA256: sha256(data)})
 
 
 def load_companion(directory: Path, name: str, module: nn.Module,
                    optimizer: torch.optim.Optimizer) -> None:
     """Restore what :func:`save_companion` wrote, naming any mismatch in one line."""
-    path = directory / f"{name}.safetensors"
-    try:
-        tensors = st.load_file(str(path))
-        meta = read_json(directory / f"{name}.json")
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"{directory} holds no readable {name} state ({e}): it was not "
-                              f"trained with one") from None
+    path, record = directory / f"{name}.safetensors", directory / f"{name}.json"
+    if not path.is_file() or not record.is_file():
+        raise CheckpointError(f"{directory} holds no {name} state ({path.name}, {record.name}): "
+                              f"it was not trained with one")
+    meta = read_json(record)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{record} is not a {name} state (expected a JSON object)")
+    tensors = _read_checked(path, meta.get(STATE_SHA256), record, "is unreadable")
     weights = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
     try:
         module.load_state_dict(weights)
