@@ -5,6 +5,9 @@ Stage 2 is a Transformer prior over its code grids (autoregressive, or MaskGIT's
 Every CLI command is one of the functions below (``vqvae.cli`` only parses and prints).
 """
 
+# first, before torch: Ctrl-C while the `vqvae` command imports is one line, not a traceback
+from . import launch
+
 # configs and presets
 from .config import (PRESETS, PRIOR_PRESETS, DataConfig, LoopConfig, PriorConfig, PriorRunConfig,
                      PriorTrainConfig, RunConfig, SampleConfig, TrainConfig, VQVAEConfig,
@@ -51,6 +54,8 @@ from .training.stage1 import finetune_decoder, load_run_config, train_autoencode
 from .training.stage2 import load_prior_run_config, prior_run_config, prior_setup, train_prior
 
 __version__ = "0.1.0"
+
+launch.imported()
 
 __all__ = [
     # configs

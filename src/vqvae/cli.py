@@ -21,7 +21,7 @@ from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, DataConfig, PriorConfig,
                      SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
 from .data.shards import pack
 from .distributed import torchrun_env
-from .errors import USER_ERRORS, ConfigError, NonFiniteError
+from .errors import USER_ERRORS, ConfigError, NonFiniteError, Terminated
 from .evaluation.evaluate import evaluate_run
 from .generation.codes import encode_to_file
 from .generation.grids import write_interpolation, write_reconstructions
@@ -223,13 +223,38 @@ def make_parser() -> argparse.ArgumentParser:
                 "those under it and a ring around it with a maskgit prior, decode; a mask on the "
                 "border outpaints.")
     p.add_argument("--image", required=True, help="the image (resized to the model's size)")
-    p.add_argument("--mask", required=True, help="an image, white where to redraw")
+    p.add_argument("--mask", required=True, help="an image of IMAGE's size, white (> 127) where "
+                   "to redraw")
     p.add_argument("--ring", type=int, default=1, help="code cells around the mask also "
                    "redrawn, so seams blend (default: 1)")
     p.add_argument("--out", help="result PNG (default: IMAGE.inpainted.png beside the image)")
     add_options(p, SampleConfig, "sampling", "sample",
                 skip=("n", "batch_size", "no_cache", "all_classes"))
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message; one re-raised by a DataLoader worker ("Caught DataError in DataLoader
+    worker process 0. Original Traceback ...") is cut down to the worker's own message."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "vqvae.errors.DataError: ..."
+    return text
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _stop_on_sigterm() -> Any:
+    """SIGTERM raises :class:`Terminated` (unless a host program handles it): a command stops as
+    on Ctrl-C, its atomic writes cleaned up. Returns the handler to restore."""
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            return signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: no signal handling
+        pass
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     original = warnings.formatwarning  # restored after: main() may run inside a host program
     warnings.formatwarning = lambda msg, cat, *a, **k: f"vqvae: warning: {msg}\n"  # one line
+    sigterm = _stop_on_sigterm()
     try:
         with warnings.catch_warnings():
             # Under torchrun rank 0 alone warns: every rank reads the same run and options
@@ -246,17 +272,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("default" if torchrun_env()[0] == 0 else "ignore")
             return args.func(args) or 0
     except USER_ERRORS as e:
-        print(f"vqvae: error: {e}", file=sys.stderr)
+        print(f"vqvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"vqvae: error: {e}", file=sys.stderr)
+        print(f"vqvae: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a folder that cannot be written: one line, not a trace
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or _one_line(e))
         print(f"vqvae: error: {reason}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (it checkpoints first)
+        sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"vqvae: {args.command}: interrupted by {sig.name}", file=sys.stderr)
+        return 128 + sig
     finally:
         warnings.formatwarning = original
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

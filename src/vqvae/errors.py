@@ -33,6 +33,11 @@ class NonFiniteError(FloatingPointError):
     """Training diverged (a NaN or infinite loss or weight); nothing non-finite was saved."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (which checkpoints first): the command stops as Ctrl-C
+    stops it, and exits 143 instead of 130."""
+
+
 class SkippedImagesWarning(UserWarning):
     """Some image files could not be decoded and were left out."""
 

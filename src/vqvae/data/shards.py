@@ -231,28 +231,28 @@ def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: st
     manifest = _read_manifest(out, listing, shard_size, prefix, len(files))
     done = sum(s["count"] for s in manifest["shards"])
     total_shards = -(-len(files) // shard_size)
-    bar = tqdm(total=len(files), initial=done, desc="packing", unit="img", disable=not progress)
-    for shard in range(len(manifest["shards"]), total_shards):
-        name = f"{prefix}-{shard:06d}.tar"
-        rows = range(shard * shard_size, min((shard + 1) * shard_size, len(files)))
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in rows:
-                suffix = Path(files.name(i)).suffix.lower()
-                _add(tar, f"{i:09d}{suffix}", files.read(i))
-                if labels is not None:
-                    _add(tar, f"{i:09d}.cls", str(int(labels[i])).encode())
-        buffer.seek(0)
-        with tarfile.open(fileobj=buffer, mode="r:") as tar:
-            samples = _scan(tar, out / name)
-        index = {"kind": INDEX_KIND, "format": 1, "tar_bytes": buffer.getbuffer().nbytes,
-                 "samples": samples}
-        write(out / (name + INDEX_SUFFIX), json.dumps(index).encode())
-        write(out / name, buffer.getvalue())
-        manifest["shards"].append({"name": name, "count": len(rows)})
-        write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-        bar.update(len(rows))
-    bar.close()
+    with tqdm(total=len(files), initial=done, desc="packing", unit="img",
+              disable=not progress) as bar:  # closed on Ctrl-C too
+        for shard in range(len(manifest["shards"]), total_shards):
+            name = f"{prefix}-{shard:06d}.tar"
+            rows = range(shard * shard_size, min((shard + 1) * shard_size, len(files)))
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for i in rows:
+                    suffix = Path(files.name(i)).suffix.lower()
+                    _add(tar, f"{i:09d}{suffix}", files.read(i))
+                    if labels is not None:
+                        _add(tar, f"{i:09d}.cls", str(int(labels[i])).encode())
+            buffer.seek(0)
+            with tarfile.open(fileobj=buffer, mode="r:") as tar:
+                samples = _scan(tar, out / name)
+            index = {"kind": INDEX_KIND, "format": 1, "tar_bytes": buffer.getbuffer().nbytes,
+                     "samples": samples}
+            write(out / (name + INDEX_SUFFIX), json.dumps(index).encode())
+            write(out / name, buffer.getvalue())
+            manifest["shards"].append({"name": name, "count": len(rows)})
+            write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+            bar.update(len(rows))
     manifest["classes"] = list(classes) if classes is not None else None
     write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return Packed(out, total_shards, len(files), done, prefix)

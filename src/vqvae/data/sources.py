@@ -25,7 +25,8 @@ from .images import ImageSet, decode_image, resize_square, set_channels, to_floa
 from .shards import held_out, index_shards, is_shard_source, manifest_classes, shard_paths
 
 __all__ = ["DataError", "ImageSet", "FileSet", "Splits", "SkippedImagesWarning", "load_splits",
-           "read_image", "to_float", "to_uint8", "BatchStream", "read_idx", "NAMED_IDX"]
+           "read_image", "read_mask", "to_float", "to_uint8", "BatchStream", "read_idx",
+           "NAMED_IDX"]
 
 # Named IDX data sets and where Debian's dataset packages put them.
 NAMED_IDX = {
@@ -119,6 +120,35 @@ def read_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     if isinstance(result, str):
         raise DataError(f"cannot read image {path}: {result}")
     return result.unsqueeze(0)
+
+
+def read_mask(path: str | Path, size: int, like: str | Path) -> torch.Tensor:
+    """A mask file, white (> 127) where to redraw -> bool (size, size), cropped and resized as
+    :func:`read_image` does with the image ``like``, which must have the mask's size; a cell keeps
+    every white pixel that falls in it. A clear error when the sizes differ or nothing is white."""
+    from PIL import Image
+
+    try:
+        with Image.open(like) as img:
+            want = img.size
+        with Image.open(path) as img:
+            white = img.convert("L").point(lambda v: 255 if v > 127 else 0)
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if white.size != want:
+        raise DataError(f"mask {path} is {white.size[0]}x{white.size[1]} but image {like} is "
+                        f"{want[0]}x{want[1]}: draw the mask at the image's size")
+    if white.getbbox() is None:
+        raise DataError(f"mask {path} has no white pixel (value > 127): nothing to redraw")
+    w, h = white.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2  # the centred square read_image keeps
+    small = white.resize((size, size), Image.BOX, box=(left, top, left + side, top + side))
+    mask = torch.from_numpy(np.asarray(small).copy()) > 0  # any white pixel in the cell
+    if not mask.any():
+        raise DataError(f"mask {path}: its white pixels lie outside the centred square of the "
+                        f"image that the model sees: nothing to redraw")
+    return mask
 
 
 def _array(path: Path) -> ImageSet:

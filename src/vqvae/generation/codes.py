@@ -140,15 +140,14 @@ def encode_set(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
     model.eval()
     dtype = code_dtype(model.cfg.codebook_size)
     parts, labels = [], []
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress,
-               dynamic_ncols=True)
-    for batch in images.batches(batch_size, workers=workers):
-        x = to_float(batch.images.to(device))
-        x = x.flip(-1) if flip else x
-        parts.append(model.encode(x).indices.to("cpu", dtype))
-        labels.append(batch.labels)
-        bar.update(x.shape[0] + batch.skipped)
-    bar.close()
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:  # closed on Ctrl-C too: the CLI's line comes after it
+        for batch in images.batches(batch_size, workers=workers):
+            x = to_float(batch.images.to(device))
+            x = x.flip(-1) if flip else x
+            parts.append(model.encode(x).indices.to("cpu", dtype))
+            labels.append(batch.labels)
+            bar.update(x.shape[0] + batch.skipped)
     if not parts:
         raise DataError("no images to encode")
     has_labels = images.labels is not None and all(part is not None for part in labels)

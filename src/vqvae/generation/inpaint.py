@@ -35,6 +35,11 @@ def code_mask(pixels: torch.Tensor, factor: int, ring: int = 1) -> torch.Tensor:
     return cells[0, 0] > 0
 
 
+def check_ring(ring: int) -> None:
+    if ring < 0:
+        raise ConfigError(f"--ring must be at least 0 (code cells around the mask), got {ring}")
+
+
 @torch.inference_mode()
 def inpaint_codes(prior: nn.Module, stage1: VQVAE, image: torch.Tensor, mask: torch.Tensor,
                   cfg: SampleConfig = SampleConfig(), ring: int = 1) -> Inpainted:
@@ -46,6 +51,9 @@ def inpaint_codes(prior: nn.Module, stage1: VQVAE, image: torch.Tensor, mask: to
     if image.shape[-2:] != (size, size) or mask.shape != (size, size):
         raise ConfigError(f"image and mask must be {size}x{size}, got {tuple(image.shape)} and "
                           f"{tuple(mask.shape)}")
+    if not mask.any():
+        raise ConfigError("the mask is empty (no pixel to redraw)")
+    check_ring(ring)
     if cfg.guidance != 1.0 and cfg.label is None:
         raise ConfigError("--guidance needs --class")
     if cfg.label is not None and not 0 <= cfg.label < prior.cfg.num_classes:

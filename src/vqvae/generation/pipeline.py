@@ -12,7 +12,7 @@ import torch
 
 from ..config import PriorRunConfig, SampleConfig
 from ..data.images import to_float
-from ..data.sources import read_image
+from ..data.sources import read_image, read_mask
 from ..distributed import pick_device
 from ..errors import ConfigError
 from ..models.autoencoder import VQVAE
@@ -21,7 +21,7 @@ from ..store import checkpoint as ckpt
 from ..store import runs
 from .codes import Codes, CodeSplit, load_stage1
 from .grids import decode_codes, save_png, tile
-from .inpaint import Inpainted, inpaint_codes
+from .inpaint import Inpainted, check_ring, inpaint_codes
 from .sample import Samples, draw, save_samples
 
 
@@ -117,14 +117,16 @@ def _check_parallel(prior_run: str | Path) -> None:
 def inpaint_files(prior_run: str | Path, image_path: str | Path, mask_path: str | Path,
                   cfg: SampleConfig = SampleConfig(), out: str | Path | None = None,
                   ring: int = 1, device: str | torch.device = "auto") -> tuple[Path, Path]:
-    """``vqvae inpaint``: :func:`inpaint` on an image file and a mask file (white = redraw), both
-    resized to the model's size; writes the result (default: ``IMAGE.inpainted.png`` beside the
-    input) and a comparison strip (original, mask, result). Returns both paths."""
+    """``vqvae inpaint``: :func:`inpaint` on an image file and a mask file of the same size
+    (white = redraw), both resized to the model's size; writes the result (default:
+    ``IMAGE.inpainted.png`` beside the input) and a comparison strip (original, mask, result).
+    Returns both paths."""
     _check_parallel(prior_run)
+    check_ring(ring)  # before loading the models
     pipe = Pipeline.from_run(prior_run, device)
     size, channels = pipe.stage1.cfg.image_size, pipe.stage1.cfg.in_channels
     image = read_image(image_path, size, channels)[0]
-    mask = read_image(mask_path, size, 1)[0, 0] > 127
+    mask = read_mask(mask_path, size, like=image_path)
     done = pipe.inpaint(image, mask, cfg, ring)
     out = Path(out) if out else Path(image_path).with_suffix(".inpainted.png")
     strip = torch.stack([image, torch.where(mask, 255, image).to(torch.uint8), done.image])
