@@ -18,7 +18,7 @@ LAYERS = [
     {"store"},
     {"evaluation", "generation"},
     {"training"},
-    {"api", "options", "cli", "launch", "__init__", "__main__"},
+    {"api", "options", "cli", "startup", "__init__", "__main__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -6,7 +6,7 @@ Every CLI command is one of the functions below (``vqvae.cli`` only parses and p
 """
 
 # first, before torch: Ctrl-C while the `vqvae` command imports is one line, not a traceback
-from . import launch
+from . import startup
 
 # configs and presets
 from .config import (PRESETS, PRIOR_PRESETS, DataConfig, LoopConfig, PriorConfig, PriorRunConfig,
@@ -55,7 +55,7 @@ from .training.stage2 import load_prior_run_config, prior_run_config, prior_setu
 
 __version__ = "0.1.0"
 
-launch.imported()
+startup.imported()
 
 __all__ = [
     # configs
