@@ -161,3 +161,18 @@ def test_folder_decoding_in_chunks_keeps_order_and_labels(tmp_path, monkeypatch)
     chunked = load_splits(DataConfig(source=str(tmp_path), size=4, holdout=0.5))
     assert torch.equal(whole.train.images, chunked.train.images)
     assert torch.equal(whole.test.labels, chunked.test.labels)
+
+
+def test_batch_order_is_reshuffled_every_epoch_and_the_same_on_resume():
+    """Each epoch is a new permutation (not the first one again), and the same (seed, epoch)
+    gives the same order in a fresh stream: what a resumed run sees."""
+    n = 32
+    stream = BatchStream(n, n, seed=5)  # one batch = one epoch
+    epochs = [stream.indices(e) for e in range(4)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(n))
+    assert len({tuple(order.tolist()) for order in epochs}) == 4  # every epoch its own order
+    resumed = BatchStream(n, n, seed=5)
+    assert torch.equal(resumed.indices(2), epochs[2]) and torch.equal(resumed.indices(1),
+                                                                      epochs[1])
+    assert not torch.equal(BatchStream(n, n, seed=6).indices(1), epochs[1])  # the seed counts

@@ -203,3 +203,34 @@ def test_the_choice_temperature_sets_the_unmasking_order(choice, most_confident_
         prior.generate(n=1, choice_temperature=-1.0)
     with pytest.raises(ValueError, match="choice_temperature must be"):
         SampleConfig(choice_temperature=float("nan"))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_guided_code_follows_uncond_plus_g_times_cond_minus_uncond_over_the_temperature(
+        temperature):
+    """A one-code grid decoded in one step: the code is drawn from softmax((u + g (c - u)) / T),
+    c and u the logits of the masked grid with the class and with the null class, computed here
+    by hand. A flipped guidance sign, or the temperature applied twice, draws from another."""
+    prior, g, label, n = tiny(3, k=5, h=1, w=1), 3.0, 1, 4000
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # N(0, 0.5) weights: logits of a few units, not near-uniform ones
+        for p in prior.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    prior.eval()
+    masked = torch.full((1, 1), prior.mask_token)
+    with torch.no_grad():
+        cond = prior(masked, torch.tensor([label]))[0, 0]
+        uncond = prior(masked, torch.tensor([prior.null_class]))[0, 0]
+    codes = prior.generate(n=n, batch_size=n, labels=label, guidance=g, steps=1,
+                           temperature=temperature,
+                           generator=torch.Generator().manual_seed(1)).flatten()
+    guided = uncond + g * (cond - uncond)
+    probs = (guided / temperature).softmax(-1).double()
+    wrongs = [((uncond - g * (cond - uncond)) / temperature).softmax(-1)]  # the sign flipped
+    if temperature != 1.0:
+        wrongs.append((guided / temperature ** 2).softmax(-1))  # the temperature twice
+    freq = torch.bincount(codes, minlength=5).double() / n
+    tol = 5 * (probs * (1 - probs) / n).sqrt() + 2e-3  # 5 binomial standard errors
+    for wrong in wrongs:
+        assert ((wrong.double() - probs).abs() > 2 * tol).any()  # the check can tell them apart
+    assert ((freq - probs).abs() <= tol).all(), f"draws {freq.tolist()} != {probs.tolist()}"

@@ -296,3 +296,57 @@ def test_token_dropout_corrupts_inputs_not_targets():
     noisy, _ = prior.loss_terms(codes, noise=0.9, generator=torch.Generator().manual_seed(0))
     assert torch.equal(clean, prior.nll(codes)) and not torch.equal(clean, noisy)
     assert torch.equal(clean[:, 0], noisy[:, 0])  # the first code is predicted from the start
+
+
+# --- the sampled distribution itself, against softmax computed by hand ------------------------
+
+DRAWS = 4000
+
+
+def sharp(prior, seed=0):
+    """``prior`` with N(0, 0.5) weights: logits of a few units, so that the distributions a
+    planted sampling bug would give are far apart (GPT-2's init gives near-uniform ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return prior.eval()
+
+
+def assert_draws_follow(codes, probs, wrong):
+    """The frequencies of ``codes`` match ``probs`` within 5 binomial standard errors, and
+    ``wrong`` (what a planted bug would give) lies outside that band: the check can tell."""
+    freq = torch.bincount(codes, minlength=probs.numel()).double() / codes.numel()
+    probs, wrong = probs.double(), wrong.double()
+    tol = 5 * (probs * (1 - probs) / codes.numel()).sqrt() + 2e-3
+    assert ((wrong - probs).abs() > 2 * tol).any(), "the test cannot tell the bug apart"
+    assert ((freq - probs).abs() <= tol).all(), f"draws {freq.tolist()} != {probs.tolist()}"
+
+
+@pytest.mark.parametrize("variant", ["gpt", "seed"])
+def test_guided_first_code_follows_uncond_plus_g_times_cond_minus_uncond(variant):
+    """Classifier-free guidance draws the first code from softmax(u + g (c - u)), c and u the
+    logits with the class and with the null class; a flipped sign (pushing away from the class)
+    would draw from softmax(u - g (c - u))."""
+    prior, g, label = sharp(Prior(tiny(variant, 3, h=1, w=2, k=5))), 3.0, 1
+    start = torch.full((1, 1), prior.start_token)
+    with torch.no_grad():
+        cond = prior(start, torch.tensor([label]))[0, -1]
+        uncond = prior(start, torch.tensor([prior.null_class]))[0, -1]
+    codes = prior.generate(n=DRAWS, batch_size=DRAWS, labels=label, guidance=g,
+                           generator=torch.Generator().manual_seed(1))[:, 0, 0]
+    assert_draws_follow(codes, (uncond + g * (cond - uncond)).softmax(-1),
+                        (uncond - g * (cond - uncond)).softmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_first_code_follows_softmax_of_logits_over_the_temperature(temperature):
+    """At T != 1 the first code is drawn from softmax(logits / T), computed here by hand; the
+    temperature applied twice would give softmax(logits / T^2)."""
+    prior = sharp(Prior(tiny("gpt", h=1, w=2, k=5)), seed=2)
+    with torch.no_grad():
+        logits = prior(torch.full((1, 1), prior.start_token))[0, -1]
+    codes = prior.generate(n=DRAWS, batch_size=DRAWS, temperature=temperature,
+                           generator=torch.Generator().manual_seed(1))[:, 0, 0]
+    assert_draws_follow(codes, (logits / temperature).softmax(-1),
+                        (logits / temperature ** 2).softmax(-1))

@@ -112,6 +112,25 @@ def test_ema_update_equals_hand_computed():
     assert torch.equal(q.codebook, before)
 
 
+def test_ema_update_with_decay_0_9_equals_hand_computed():
+    """With decay 0.9 (not 0.5, where decay and 1 - decay are equal): the old state keeps
+    weight 0.9 and the batch 0.1; a swap of the two gives other numbers."""
+    q = EMAVectorQuantizer(2, 2, decay=0.9, epsilon=0.1)
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    q.cluster_size.copy_(torch.tensor([2.0, 1.0]))
+    q.embed_sum.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    z = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 2.0], [9.0, 8.0]]).t().reshape(1, 2, 2, 2)
+    q.train()(z)  # codes 0, 0, 0, 1: counts (3, 1), sums ((9, 8), (9, 8))
+    cluster = torch.tensor([0.9 * 2 + 0.1 * 3, 0.9 * 1 + 0.1 * 1])  # (2.1, 1.0)
+    embed = torch.tensor([[0.9 * 0 + 0.1 * 9, 0.9 * 0 + 0.1 * 8],
+                          [0.9 * 10 + 0.1 * 9, 0.9 * 10 + 0.1 * 8]])  # ((0.9, 0.8), (9.9, 9.8))
+    assert torch.allclose(q.cluster_size, cluster)
+    assert torch.allclose(q.embed_sum, embed)
+    n = cluster.sum()  # Laplace smoothing: (N_i + eps) / (n + K eps) * n
+    smoothed = (cluster + 0.1) / (n + 2 * 0.1) * n
+    assert torch.allclose(q.codebook, embed / smoothed.unsqueeze(1))
+
+
 def _mixture(centres, per=200, spread=0.05):
     return torch.cat([c + spread * torch.randn(per, c.numel()) for c in centres])
 
