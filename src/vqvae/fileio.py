@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 
 def fsync_dir(folder: Path) -> None:
@@ -24,22 +24,52 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def named(error: OSError, path: str | Path, *names: str | Path) -> OSError:
+    """``error`` naming ``path`` when it names no file, or one of ``names`` (a temporary file
+    the user never sees): a full disk during ``write`` or ``fsync`` has no filename, and the
+    message should say which file could not be written."""
+    if error.filename is None or str(error.filename) in map(str, names):
+        return type(error)(error.errno, error.strerror or str(error), str(path))
+    return error
+
+
 def write_with(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Atomically and durably write ``path`` with ``write(file)`` (e.g. a PIL image's or a
-    figure's ``save``); its folder is created if needed."""
+    figure's ``save``); its folder is created if needed. An :class:`OSError` (a full disk)
+    names ``path``, and no temporary file is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise named(e, path, tmp) from None
+    return path
+
+
+def check_writable(path: str | Path, what: str = "file to write") -> Path:
+    """Refuse, before any work, an output ``path`` that cannot be written as a file: one that is
+    a folder, or whose nearest existing parent is a file or not writable: a :class:`DataError`
+    naming it (one line, exit 2)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: name the {what}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"{parent} is a file: {path} cannot be written below it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"{parent} is not writable: {path} cannot be written")
     return path
 
 

@@ -214,7 +214,8 @@ def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: st
     shards of ``shard_size`` images each under ``out``, the files' bytes unchanged.
 
     Each shard is written to a temporary name and renamed when complete, and ``shards.json``
-    records the finished ones, so an interrupted call continues where it stopped; a folder that
+    records the finished ones, so an interrupted call continues where it stopped (a killed call's
+    temporary files are removed first); a folder that
     changed since then is an error rather than a mix of two listings.
     """
     from ..fileio import write_bytes
@@ -228,6 +229,9 @@ def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: st
     files, labels, classes = folder_files(folder)
     listing = hashlib.sha256(b"\n".join(files.paths.tolist())).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob(f".{prefix}-*.tmp*"), *out.glob(f".{MANIFEST}.tmp*")]:
+        if stale.is_file():  # a killed pack's temporary shard, index or manifest
+            stale.unlink(missing_ok=True)
     manifest = _read_manifest(out, listing, shard_size, prefix, len(files))
     done = sum(s["count"] for s in manifest["shards"])
     total_shards = -(-len(files) // shard_size)

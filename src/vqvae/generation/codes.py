@@ -23,6 +23,7 @@ from ..config import DataConfig, PriorRunConfig
 from ..data.files import FileSet
 from ..data.sources import ImageSet, Splits, load_splits, to_float
 from ..distributed import pick_device
+from ..fileio import check_writable
 from ..errors import CheckpointError, DataError
 from ..models.autoencoder import VQVAE
 from ..store import checkpoint as ckpt
@@ -225,7 +226,8 @@ def encode_to_file(run_dir: str | Path, out: str | Path, *, source: str | None =
                    batch_size: int = 256, device: str | torch.device = "auto",
                    flip: bool = False, progress: bool = True) -> tuple[Codes, Path]:
     """``vqvae encode``: :func:`encode_dataset` on ``device`` (``auto``: the best there is),
-    written to the codes file ``out``."""
+    written to the codes file ``out`` (checked first: a folder is refused before encoding)."""
+    check_writable(out, "codes file to write (e.g. codes.safetensors)")
     codes = encode_dataset(run_dir, source, batch_size, pick_device(device), progress, flip)
     return codes, save_codes(codes, out)
 

@@ -14,6 +14,7 @@ from ..config import PriorRunConfig, SampleConfig
 from ..data.images import to_float
 from ..data.sources import read_image, read_mask
 from ..distributed import pick_device
+from ..fileio import check_writable
 from ..errors import ConfigError
 from ..models.autoencoder import VQVAE
 from ..models.prior import Prior
@@ -123,12 +124,15 @@ def inpaint_files(prior_run: str | Path, image_path: str | Path, mask_path: str 
     Returns both paths."""
     _check_parallel(prior_run)
     check_ring(ring)  # before loading the models
+    out = Path(out) if out else Path(image_path).with_suffix(".inpainted.png")
+    compare = out.with_name(out.stem + ".compare.png")
+    for path in (out, compare):
+        check_writable(path, "result PNG to write (e.g. result.png)")
     pipe = Pipeline.from_run(prior_run, device)
     size, channels = pipe.stage1.cfg.image_size, pipe.stage1.cfg.in_channels
     image = read_image(image_path, size, channels)[0]
     mask = read_mask(mask_path, size, like=image_path)
     done = pipe.inpaint(image, mask, cfg, ring)
-    out = Path(out) if out else Path(image_path).with_suffix(".inpainted.png")
     strip = torch.stack([image, torch.where(mask, 255, image).to(torch.uint8), done.image])
     return (save_png(tile(done.image[None], 1, min_tile=1, gap=0), out),
-            save_png(tile(strip, 3), out.with_name(out.stem + ".compare.png")))
+            save_png(tile(strip, 3), compare))

@@ -26,7 +26,7 @@ from torch import nn
 from ..config import LoopConfig, PriorRunConfig, RunConfig, from_dict, to_dict
 from ..distributed import Runtime, main_does
 from ..errors import CheckpointError, ConfigError, NonFiniteError, RunLockedError
-from ..fileio import write_bytes, write_json
+from ..fileio import named, write_bytes, write_json
 from . import checkpoint as ckpt
 
 RUN_CONFIG = ckpt.CONFIG_FILE  # config.json, tagged "<stage>-run"; a checkpoint's is "<stage>"
@@ -112,17 +112,26 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 if not self._stale():
-                    holder = self._holder()
-                    raise RunLockedError(
-                        f"{self.path.parent} is in use by pid {holder.get('pid', '?')} on "
-                        f"{holder.get('host', '?')}: wait for it to finish, or delete "
-                        f"{self.path} if that process is gone") from None
+                    raise RunLockedError(self._refusal()) from None
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
             return
         raise RunLockedError(f"could not take {self.path}: other processes keep taking it")
+
+    def _refusal(self) -> str:
+        """Why the lock is refused, and how to clear it: a live pid on this host may be another
+        program that reused a dead run's pid (its command line is named where it can be read)."""
+        holder = self._holder()
+        pid, host = holder.get("pid", "?"), holder.get("host", "?")
+        where = f"{self.path.parent} is in use by pid {pid} on {host}"
+        if host == socket.gethostname() and isinstance(pid, int):
+            command = _command_line(pid)
+            return (f"{where}{f' ({command})' if command else ''}, which is alive but may not "
+                    f"be vqvae: wait for it to finish, or delete {self.path} if no vqvae run "
+                    f"uses this folder")
+        return f"{where}: wait for it to finish, or delete {self.path} if that process is gone"
 
     def _holder(self) -> dict[str, Any]:
         try:
@@ -156,6 +165,16 @@ class RunLock:
             self.held = False
 
 
+def _command_line(pid: int, limit: int = 60) -> str | None:
+    """A process's command line, shortened (Linux's /proc); None where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    text = " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    return (text if len(text) <= limit else text[:limit - 3] + "...") or None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -164,6 +183,28 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+STARTED_BY_PREPARE = (RUN_CONFIG, COMMANDS, TRAIN_LOG, METRICS_LOG)  # and the lock
+
+
+def _never_started(run_dir: Path) -> bool:
+    """True for a run folder holding only what :func:`prepare_run` writes (a run config, the
+    command line, empty logs), a lock and a killed writer's temporary files: a run whose start
+    failed (its data's first batch, say) before it trained a step."""
+    names = {p.name for p in run_dir.iterdir()
+             if not (p.name.startswith(".") and ".tmp" in p.name and p.is_file())}
+    if RUN_CONFIG not in names or not names <= {*STARTED_BY_PREPARE, LOCK}:
+        return False
+    if any(not (run_dir / name).is_file() for name in names):
+        return False
+    if any((run_dir / log).stat().st_size for log in (TRAIN_LOG, METRICS_LOG) if log in names):
+        return False
+    try:
+        kind, _ = ckpt.read_config(run_dir / RUN_CONFIG)
+    except (CheckpointError, OSError):
+        return False
+    return kind is not None and kind.endswith("-run")
 
 
 @contextmanager
@@ -178,6 +219,14 @@ def opened(run_dir: Path, resume: bool, runtime: Runtime) -> Iterator[None]:
         if resume and not run_dir.is_dir():
             raise CheckpointError(f"{run_dir} not found: nothing to resume")
         if not resume and run_dir.exists() and any(run_dir.iterdir()):
+            if _never_started(run_dir):
+                lock.acquire()  # a run starting there now still holds it: refused
+                for name in STARTED_BY_PREPARE:
+                    (run_dir / name).unlink(missing_ok=True)
+                ckpt.clean_stale(run_dir)
+                warnings.warn(f"{run_dir} held only the config of a run whose start failed "
+                              f"before its first step: it is reused")
+                return
             raise FileExistsError(f"{run_dir} already exists and is not empty: pass --resume "
                                   f"{run_dir} to continue it, or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,8 +257,7 @@ def prepare_run(run_dir: Path, stage: str, cfg: Any, start: int) -> None:
     """Write a held run folder's tagged config and the command line (first, before anything
     else); logs written after ``start`` (the step resumed from) are dropped."""
     ckpt.write_config(run_dir / RUN_CONFIG, run_kind(stage), to_dict(cfg))
-    with open(run_dir / COMMANDS, "a") as f:
-        f.write(" ".join(sys.argv) + "\n")
+    append_line(run_dir / COMMANDS, " ".join(sys.argv))
     for log in (TRAIN_LOG, METRICS_LOG):
         truncate_log(run_dir / log, start)
 
@@ -319,9 +367,17 @@ def write_eval(run_dir: Path, step: int, metrics: dict[str, float]) -> None:
 # --- jsonl logs ---------------------------------------------------------------------------------
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path``; an :class:`OSError` (a full disk) names ``path``."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise named(e, path) from None
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(path, json.dumps(record))
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
