@@ -18,8 +18,8 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """What both stages' training loops share (:func:`vqvae.loop.fit`): the budget, the batch, the
-    step size, the seed, how often to save and score, where to run and what to log."""
+    """What both stages' training loops share (:func:`vqvae.training.loop.fit`): the budget, the
+    batch, the step size, the seed, how often to save and score, where to run and what to log."""
 
     steps: int = field(default=2000, metadata=_help("total optimisation steps"))
     minutes: float | None = field(default=None, metadata=_help(

@@ -34,7 +34,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How ``vqvae sample`` (:func:`vqvae.sample.sample_images`) draws new images from a prior."""
+    """How ``vqvae sample`` (:func:`vqvae.generation.pipeline.sample_images`) draws new images
+    from a prior."""
 
     n: int = field(default=64, metadata=_help(
         "images to draw, laid out ceil(sqrt(n)) per row (64: an 8 x 8 grid)"))

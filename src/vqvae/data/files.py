@@ -3,7 +3,7 @@ shards, read by index.
 
 A :class:`FileSet` holds only where each image's bytes are (paths, or shard offsets) in numpy
 arrays, not Python objects, so worker processes forked from it share those pages instead of
-copying them. It reads like an in-memory :class:`~vqvae.images.ImageSet` (``take``, ordered
+copying them. It reads like an in-memory :class:`~vqvae.data.images.ImageSet` (``take``, ordered
 ``batches`` decoded by worker processes) and can be decoded whole into one (``load``).
 """
 

@@ -122,7 +122,7 @@ def decode_image(data: bytes | str, size: int, channels: int | None = None,
                  flip: bool = False) -> torch.Tensor | str:
     """One image file (its bytes or its path) -> uint8 (C, size, size), or the reason it could
     not be read. ``center``: the largest centred square, resized to ``size``; ``random`` (a
-    :func:`~vqvae.augment.crop_box` square) and ``flip`` draw from ``gen``. Cropping and
+    :func:`~vqvae.data.augment.crop_box` square) and ``flip`` draw from ``gen``. Cropping and
     antialiased resizing are one Pillow call; JPEGs decode at a reduced scale (Pillow's draft
     mode) when they are at least twice the size needed: 2-8x faster on large photos."""
     from PIL import Image

@@ -3,10 +3,10 @@
 The batch of step t on rank r is a function of (seed, t, r) and, for shards, of the number of
 readers (``DataConfig.workers``, saved with the run): a resumed run continues with exactly the
 batches an uninterrupted one sees, however many processes decode them. In-memory sets and
-folders draw a seeded permutation per epoch (:class:`~vqvae.data.BatchStream`), a folder's files
-decoded by ``workers`` processes; shards are read shard by shard (:func:`~vqvae.shards.epoch_plan`),
-each rank and reader its own. An unreadable file is replaced by another image of its batch and
-counted (:attr:`Batch.skipped`), never fatal.
+folders draw a seeded permutation per epoch (:class:`~vqvae.data.sources.BatchStream`), a
+folder's files decoded by ``workers`` processes; shards are read shard by shard
+(:func:`~vqvae.data.shards.epoch_plan`), each rank and reader its own. An unreadable file is
+replaced by another image of its batch and counted (:attr:`Batch.skipped`), never fatal.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def fill_unreadable(images: Sequence[torch.Tensor | str]) -> Batch:
 
 class ShardStream(IterableDataset):
     """Batches read shard by shard. Each rank has ``readers`` = max(1, workers) readers, reader
-    g = rank * readers + r of all of them reads its :func:`~vqvae.shards.epoch_plan` epoch after
-    epoch; step t's batch is batch t // readers of reader t % readers. Worker w of a loader
+    g = rank * readers + r of all of them reads its :func:`~vqvae.data.shards.epoch_plan` epoch
+    after epoch; step t's batch is batch t // readers of reader t % readers. Worker w of a loader
     started at step s is the reader of steps s + w, s + w + workers, ...: it skips the samples
     of its earlier batches (counting them, without reading them) and goes on from there."""
 

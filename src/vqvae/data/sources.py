@@ -286,7 +286,7 @@ def cache_mode(cfg: DataConfig, images: int, channels: int) -> str:
 def load_splits(cfg: DataConfig) -> Splits:
     """``cfg.source`` as train and test image sets at ``cfg.size`` px: in memory
     (:class:`ImageSet`, uint8 (N, C, size, size)) or, for folders and shards with
-    ``cfg.cache`` stream, as :class:`~vqvae.files.FileSet` read when needed.
+    ``cfg.cache`` stream, as :class:`~vqvae.data.files.FileSet` read when needed.
 
     Sources with their own test split (IDX ``t10k`` files) use it; others hold out
     ``cfg.holdout`` of the images (seeded by ``cfg.split_seed``).

@@ -4,7 +4,7 @@ in a few iterations of confidence-based unmasking instead of one code per step.
 Chang et al., "MaskGIT: Masked Generative Image Transformer" (2022), arXiv:2202.04200: cosine
 masking schedule, iterative decoding keeping the most confident codes, Gumbel noise on the
 confidences annealed to zero. ``generate`` has the autoregressive prior's signature and returns
-code grids only (decoding them is :mod:`vqvae.sample`'s job).
+code grids only (decoding them is :mod:`vqvae.generation.sample`'s job).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Vaswani et al., "Attention Is All You Need" (2017); Radford et al., GPT-2 (2019). The ``seed``
 variant is the blog post's Keras model; ``generate`` returns code grids and knows nothing about
-pixels (decoding them is :mod:`vqvae.sample`'s job).
+pixels (decoding them is :mod:`vqvae.generation.sample`'s job).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ dead-code restarts: Dhariwal et al., "Jukebox" (2020), arXiv:2005.00341; cosine 
 projected lookup space: Yu et al., "Vector-quantized Image Modeling with Improved VQGAN" (2021),
 arXiv:2110.04627; the rotation trick (estimator "rotation"): Fifty et al., "Restructuring Vector
 Quantization with the Rotation Trick" (2024), arXiv:2410.06424. The implicit codebook of FSQ,
-with the same API, is in :mod:`vqvae.fsq`.
+with the same API, is in :mod:`vqvae.models.quantizers.fsq`.
 """
 
 from __future__ import annotations
