@@ -24,9 +24,7 @@ from pathlib import Path
 import safetensors.torch as st
 import torch
 
-from vqvae.models.lpips import LPIPS, load_perceptual
-
-VGG_SHA256_PREFIX = "397923af"  # torchvision names its files after their sha256's first digits
+from vqvae.models.lpips import LPIPS, VGG_SHA256_PREFIX, load_perceptual
 
 
 def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 key layout and the conversion script."""
 
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,22 @@ def test_convert_script(torchvision_features, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--lin file has no lin4.model.1.weight"):
         script.main(["--vgg", str(tmp_path / "vgg16-397923af.pth"),
                      "--lin", str(tmp_path / "vgg.pth"), "--out", str(out)])
+
+
+def test_weights_not_from_the_published_vgg16_are_warned_about(state, tmp_path):
+    """Names and shapes cannot tell trained weights from random ones: the converter's record of
+    its source files is checked (torchvision's file is vgg16-397923af.pth, named by its sha256)."""
+    plain = tmp_path / "plain.safetensors"
+    save_file(state, str(plain))
+    with pytest.warns(UserWarning, match="records no source files"):
+        load_perceptual(plain)
+    other = tmp_path / "other.safetensors"
+    save_file(state, str(other), metadata={"vgg_sha256": "0" * 64, "lin_sha256": "1" * 64})
+    with pytest.warns(UserWarning, match="not torchvision's vgg16-397923af.pth"):
+        load_perceptual(other)
+    published = tmp_path / "published.safetensors"
+    save_file(state, str(published), metadata={"vgg_sha256": "397923af" + "0" * 56,
+                                               "lin_sha256": "1" * 64})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_perceptual(published)

@@ -7,12 +7,13 @@ arXiv:1801.03924; VGG16: Simonyan & Zisserman (2014), arXiv:1409.1556.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import safetensors.torch as st
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import PerceptualWeightsError
@@ -164,4 +165,27 @@ def load_perceptual(path: str | Path, device: str | torch.device = "cpu") -> LPI
             raise PerceptualWeightsError(f"{path}: {key} has negative weights; LPIPS's are "
                                          f"non-negative")
     model.load_state_dict(tensors)
+    _check_sources(path)
     return model.to(device)
+
+
+# torchvision names its weight files after the first digits of their sha256: vgg16-397923af.pth
+VGG_SHA256_PREFIX = "397923af"
+
+
+def _check_sources(path: Path) -> None:
+    """Warn when a weights file does not say it was converted from torchvision's published VGG16
+    (scripts/convert_lpips.py records its source files' sha256): names and shapes alone cannot
+    tell trained weights from random ones, and a loss over random features trains nothing."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            vgg = (f.metadata() or {}).get("vgg_sha256")
+    except (SafetensorError, OSError):
+        vgg = None
+    if vgg is None:
+        warnings.warn(f"{path} records no source files (not written by scripts/convert_lpips.py): "
+                      f"nothing says its VGG16 weights are torchvision's trained ones")
+    elif not vgg.startswith(VGG_SHA256_PREFIX):
+        warnings.warn(f"{path} was converted from a VGG16 file that is not torchvision's "
+                      f"vgg16-{VGG_SHA256_PREFIX}.pth (sha256 {vgg[:8]}...): the perceptual "
+                      f"loss may measure nothing useful")
