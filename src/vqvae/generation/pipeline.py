@@ -5,6 +5,7 @@ split; diffusers' pipeline objects). ``vqvae sample`` and ``vqvae inpaint`` go t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ class Pipeline:
         """``cfg.n`` new images (``overrides`` replace fields of ``cfg``; ``labels``, default
         ``cfg``'s class or classes, for a conditional prior) and their codes, which name the
         stage-1 model that decodes them."""
-        cfg = SampleConfig(**{**cfg.__dict__, **overrides}) if overrides else cfg
+        cfg = replace(cfg, **overrides) if overrides else cfg
         classes = self.prior.cfg.num_classes
         labels = cfg.labels(classes) if labels is None else labels
         images, codes = draw(self.prior, self.stage1, cfg, labels)
@@ -79,9 +80,7 @@ class Pipeline:
         """Redraw the part of ``image`` (uint8 (C, H, W) at the stage-1 model's size) under
         ``mask`` ((H, W) bool, True = redraw) and ``ring`` code cells around it (a maskgit
         prior's parallel decoding, ``cfg.steps`` iterations)."""
-        if self.prior.cfg.variant != "maskgit":
-            raise ConfigError(f"{self.name}: inpainting needs a parallel-decoding prior "
-                              f"(train-prior --variant maskgit)")
+        require_parallel(self.prior.cfg.variant, self.name)
         return inpaint_codes(self.prior, self.stage1, image, mask, cfg, ring)
 
 
@@ -109,10 +108,18 @@ def inpaint(prior_run: str | Path, image: torch.Tensor, mask: torch.Tensor,
     return Pipeline.from_run(prior_run, device).inpaint(image, mask, cfg, ring)
 
 
-def _check_parallel(prior_run: str | Path) -> None:
-    if ckpt.load_model_config(ckpt.resolve(prior_run), ckpt.PRIOR_KIND).variant != "maskgit":
-        raise ConfigError(f"{prior_run}: inpainting needs a parallel-decoding prior "
+def require_parallel(variant: str, name: str | Path) -> None:
+    """Inpainting redraws codes given the others around them: a maskgit prior's parallel decoding,
+    not an autoregressive prior's left-to-right one."""
+    if variant != "maskgit":
+        raise ConfigError(f"{name}: inpainting needs a parallel-decoding prior "
                           f"(train-prior --variant maskgit)")
+
+
+def _check_parallel(prior_run: str | Path) -> None:
+    """:func:`require_parallel` from the prior's saved config, before anything is loaded."""
+    require_parallel(ckpt.load_model_config(ckpt.resolve(prior_run), ckpt.PRIOR_KIND).variant,
+                     prior_run)
 
 
 def inpaint_files(prior_run: str | Path, image_path: str | Path, mask_path: str | Path,

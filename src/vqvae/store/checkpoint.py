@@ -31,21 +31,9 @@ from ..models.autoencoder import VQVAE
 
 # The folder format lives with the models (their save_pretrained/from_pretrained); re-exported
 # here, where run folders and every caller have always found it.
-from ..models.pretrained import (  # noqa: F401
-    CONFIG_FILE,
-    FORMAT,
-    MODEL_FILE,
-    PRIOR_KIND,
-    VQVAE_KIND,
-    PretrainedMixin,
-    load_config,
-    load_weights,
-    locate,
-    read_config,
-    read_config_meta,
-    save,
-    write_config,
-)
+from ..models.pretrained import (CONFIG_FILE, FORMAT, MODEL_FILE, PRIOR_KIND,  # noqa: F401
+                                 VQVAE_KIND, PretrainedMixin, load_config, load_weights, locate,
+                                 read_config, read_config_meta, save, write_config)
 from ..models.prior import Prior
 
 STATE_FILE, STATE_META = "state.safetensors", "state.json"
