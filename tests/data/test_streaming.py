@@ -215,7 +215,8 @@ def test_the_index_beside_packed_shards_equals_reading_their_headers(tmp_path):
     indexes[1].with_suffix(".moved").rename(indexes[1])
     with open(paths[1], "ab") as f:  # the shard changed after its index was written
         f.write(b"\0" * 512)
-    assert np.array_equal(index_shards(paths, progress=False).keys, scanned.keys)
+    with pytest.warns(UserWarning, match=f"{indexes[0].name} is corrupt"):  # the damaged one
+        assert np.array_equal(index_shards(paths, progress=False).keys, scanned.keys)
 
 
 def test_cache_auto_picks_memory_for_small_sets(tmp_path, monkeypatch):
@@ -286,3 +287,33 @@ def test_unreadable_images_replaced_while_training_are_said_on_the_console(tmp_p
     logged = max(r.get("skipped_images", 0) for r in read_jsonl(run / "train.jsonl"))
     assert logged > 0
     assert f"{int(logged)} training image(s) could not be read and were replaced" in out
+
+
+def test_packed_shards_manifest_and_indexes_carry_checksums_the_readers_check(tmp_path):
+    """An index edited so that it still parses (an offset changed) is not trusted: a warning
+    names it and the shard's headers are read; a changed manifest is refused in one line; a
+    finished shard changed before a resumed pack is refused."""
+    folder = _folder(tmp_path / "img")
+    shards = Path(_shards(tmp_path, folder))
+    paths = shard_paths(str(shards))
+    truth = index_shards(paths, progress=False)
+    index = paths[0].with_name(paths[0].name + INDEX_SUFFIX)
+    text = index.read_text()
+    first = str(truth.files.offsets[0])
+    index.write_text(text.replace(f"[{first},", f"[{int(first) + 512},", 1))
+    assert index.read_text() != text
+    with pytest.warns(UserWarning, match=f"{index.name} is corrupt"):
+        read = index_shards(paths, progress=False)
+    assert np.array_equal(read.files.offsets, truth.files.offsets)
+    index.write_text(text)
+    manifest = shards / MANIFEST
+    original = manifest.read_text()
+    manifest.write_text(original.replace('"cat"', '"cow"'))
+    with pytest.raises(DataError, match=f"{MANIFEST} is corrupt"):
+        load_splits(DataConfig(source=str(shards / "train-{000000..000006}.tar"), size=8))
+    manifest.write_text(original)
+    with open(paths[2], "r+b") as f:  # a finished shard's bytes changed
+        f.seek(700)
+        f.write(b"X")
+    with pytest.raises(DataError, match=f"{paths[2].name} is corrupt"):
+        pack(folder, shards, 6, progress=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -217,6 +218,12 @@ def test_convert_script(torchvision_features, tmp_path, capsys):
     assert set(tensors) == set(torchvision_features) | {f"lins.{k}.weight" for k in range(5)}
     assert torch.equal(tensors["lins.3.weight"], lin["lin3.model.1.weight"])
     assert torch.equal(load_perceptual(out).features[28].bias, vgg["features.28.bias"])
+    with safe_open(str(out), "pt") as f:  # a changed value under the converter's metadata
+        meta = f.metadata()
+    tensors["features.0.bias"][3] += 1e-3
+    save_file(tensors, str(out), metadata=meta)
+    with pytest.raises(PerceptualWeightsError, match="is corrupt: its weights' sha256"):
+        load_perceptual(out)
     del lin["lin4.model.1.weight"]
     torch.save(lin, tmp_path / "vgg.pth")
     with pytest.raises(SystemExit, match="--lin file has no lin4.model.1.weight"):

@@ -6,7 +6,8 @@ as text). This is the convention of WebDataset (Aizman et al., "High Performance
 Scale Deep Learning", 2019) and img2dataset; shards written by those tools read here too.
 :func:`pack` writes shards from an image folder, resumably, with a ``shards.json`` manifest that
 keeps the class names, and beside every shard an index of its samples (``NAME.tar.idx.json``)
-that lets a training run skip reading the shard's member headers.
+that lets a training run skip reading the shard's member headers. The manifest records the
+sha256 of each shard and index and of its own contents; readers check what they trust.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import json
 import re
 import tarfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..fileio import sha256
 from .files import IMAGE_EXTENSIONS, TarFiles, folder_files
 
 MANIFEST = "shards.json"
@@ -104,9 +107,12 @@ def index_shards(paths: list[Path], progress: bool = True) -> ShardIndex:
     label. A shard written by :func:`pack` is indexed from the file beside it; any other is read
     member header by member header (not the images)."""
     shard_ids, offsets, lengths, names, keys, labels = [], [], [], [], [], []
+    manifest = read_manifest(paths[0].parent) if paths else None
+    records = {s.get("name"): s for s in (manifest or {}).get("shards", [])
+               if isinstance(s, dict)}
     for shard_id, path in enumerate(tqdm(paths, desc="indexing shards", unit="shard",
                                          disable=not progress or len(paths) < 8, leave=False)):
-        samples = _read_index(path)
+        samples = _read_index(path, records.get(path.name))
         if samples is None:
             try:
                 with tarfile.open(path, "r:") as tar:
@@ -146,11 +152,24 @@ def _scan(tar: tarfile.TarFile, path: Path) -> list[Sample]:
             for member, label in samples.values() if member is not None]
 
 
-def _read_index(path: Path) -> list[Sample] | None:
+def _read_index(path: Path, record: dict | None = None) -> list[Sample] | None:
     """The samples recorded beside a shard by :func:`pack`, if that index is there and was made
-    for this very file (same size in bytes); None otherwise (the shard is scanned instead)."""
+    for this very file (same size in bytes); None otherwise (the shard is scanned instead). An
+    index whose bytes differ from the sha256 the manifest's ``record`` of the shard holds is not
+    trusted either (its offsets would be read blindly): a warning names it."""
+    index_path = path.with_name(path.name + INDEX_SUFFIX)
     try:
-        index = json.loads(path.with_name(path.name + INDEX_SUFFIX).read_text())
+        raw = index_path.read_bytes()
+    except OSError:
+        return None
+    recorded = (record or {}).get("index_sha256")
+    if isinstance(recorded, str) and sha256(raw) != recorded:
+        warnings.warn(f"{index_path} is corrupt: its sha256 differs from the one recorded in "
+                      f"{path.parent / MANIFEST}; reading {path.name}'s member headers instead",
+                      stacklevel=2)
+        return None
+    try:
+        index = json.loads(raw)
         if (index.get("kind"), index.get("tar_bytes")) != (INDEX_KIND, path.stat().st_size):
             return None
         return [(int(o), int(n), str(name), int(label))
@@ -175,15 +194,39 @@ def held_out(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.array([zlib.crc32(prefix + key) < cut for key in keys], dtype=bool)
 
 
+def _contents_sha256(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "contents_sha256"}
+    return sha256(json.dumps(body, sort_keys=True).encode())
+
+
+def _seal(manifest: dict) -> bytes:
+    """The manifest as written: its JSON with the sha256 of its other contents inside."""
+    return json.dumps({**manifest, "contents_sha256": _contents_sha256(manifest)},
+                      indent=1).encode()
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """``folder``'s ``shards.json`` written by :func:`pack`, its recorded sha256 checked (one
+    from before they were recorded is accepted); None when there is none or it is not one."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is damaged ({e}): pack into a new folder") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        return None
+    if "contents_sha256" in manifest and _contents_sha256(manifest) != manifest[
+            "contents_sha256"]:
+        raise DataError(f"{path} is corrupt: its sha256 differs from the one recorded in it "
+                        f"when it was written")
+    return manifest
+
+
 def manifest_classes(paths: list[Path]) -> tuple[str, ...] | None:
     """The class names recorded by :func:`pack` beside the shards, if any."""
-    manifest = paths[0].parent / MANIFEST
-    if not manifest.exists():
-        return None
-    try:
-        classes = json.loads(manifest.read_text()).get("classes")
-    except (OSError, ValueError, AttributeError):
-        return None
+    classes = (read_manifest(paths[0].parent) or {}).get("classes")
     return tuple(classes) if classes else None
 
 
@@ -252,13 +295,16 @@ def pack(folder: str | Path, out: str | Path, shard_size: int = 2000, prefix: st
                 samples = _scan(tar, out / name)
             index = {"kind": INDEX_KIND, "format": 1, "tar_bytes": buffer.getbuffer().nbytes,
                      "samples": samples}
-            write(out / (name + INDEX_SUFFIX), json.dumps(index).encode())
+            index_bytes = json.dumps(index).encode()
+            write(out / (name + INDEX_SUFFIX), index_bytes)
             write(out / name, buffer.getvalue())
-            manifest["shards"].append({"name": name, "count": len(rows)})
-            write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+            manifest["shards"].append({"name": name, "count": len(rows),
+                                       "sha256": sha256(buffer.getvalue()),
+                                       "index_sha256": sha256(index_bytes)})
+            write(out / MANIFEST, _seal(manifest))
             bar.update(len(rows))
     manifest["classes"] = list(classes) if classes is not None else None
-    write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write(out / MANIFEST, _seal(manifest))
     return Packed(out, total_shards, len(files), done, prefix)
 
 
@@ -277,11 +323,8 @@ def _read_manifest(out: Path, listing: str, shard_size: int, prefix: str, n: int
             raise DataError(f"{out} already holds {prefix}-*.tar shards but no {MANIFEST}: pack "
                             f"into an empty folder")
         return fresh
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} is damaged ({e}): pack into a new folder") from None
-    if manifest.get("kind") != MANIFEST_KIND:
+    manifest = read_manifest(out)
+    if manifest is None:
         raise DataError(f"{path} is not a vqvae shards manifest")
     if (manifest.get("listing_sha256"), manifest.get("shard_size"),
             manifest.get("prefix")) != (listing, shard_size, prefix):
@@ -291,6 +334,9 @@ def _read_manifest(out: Path, listing: str, shard_size: int, prefix: str, n: int
     for shard in manifest["shards"]:  # finished shards must still be there, whole
         if not (out / shard["name"]).is_file():
             raise DataError(f"{out / shard['name']} is missing: pack into a new folder")
+        if "sha256" in shard and sha256((out / shard["name"]).read_bytes()) != shard["sha256"]:
+            raise DataError(f"{out / shard['name']} is corrupt: its sha256 differs from the one "
+                            f"recorded in {path}: pack into a new folder")
     return manifest
 
 

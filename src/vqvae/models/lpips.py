@@ -6,6 +6,7 @@ arXiv:1801.03924; VGG16: Simonyan & Zisserman (2014), arXiv:1409.1556.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -164,24 +165,49 @@ def load_perceptual(path: str | Path, device: str | torch.device = "cpu") -> LPI
         if key.startswith("lins.") and bool((got < 0).any()):
             raise PerceptualWeightsError(f"{path}: {key} has negative weights; LPIPS's are "
                                          f"non-negative")
+    _check_contents(path, tensors)
     model.load_state_dict(tensors)
     _check_sources(path)
     return model.to(device)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a state dict's names, dtypes, shapes and values (in name order): what
+    ``scripts/convert_lpips.py`` records in the file's metadata, so a changed byte is seen."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # torchvision names its weight files after the first digits of their sha256: vgg16-397923af.pth
 VGG_SHA256_PREFIX = "397923af"
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}
+
+
+def _check_contents(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The weights against the checksum the converter recorded in the file (files without one,
+    from before it did, are accepted)."""
+    recorded = _metadata(path).get("tensors_sha256")
+    if recorded is not None and tensors_sha256(tensors) != recorded:
+        raise PerceptualWeightsError(f"{path} is corrupt: its weights' sha256 differs from the "
+                                     f"one recorded in it when it was converted")
+
+
 def _check_sources(path: Path) -> None:
     """Warn when a weights file does not say it was converted from torchvision's published VGG16
     (scripts/convert_lpips.py records its source files' sha256): names and shapes alone cannot
     tell trained weights from random ones, and a loss over random features trains nothing."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            vgg = (f.metadata() or {}).get("vgg_sha256")
-    except (SafetensorError, OSError):
-        vgg = None
+    vgg = _metadata(path).get("vgg_sha256")
     if vgg is None:
         warnings.warn(f"{path} records no source files (not written by scripts/convert_lpips.py): "
                       f"nothing says its VGG16 weights are torchvision's trained ones")
