@@ -281,7 +281,8 @@ def test_unreadable_images_replaced_while_training_are_said_on_the_console(tmp_p
     folder = _folder(tmp_path / "img", corrupt=3)
     run = tmp_path / "run"
     options = tiny.stage1(data=str(folder), hidden_channels=8, code_dim=4, batch_size=8,
-                          every=10, eval_count=None, steps=20, cache="stream", holdout="0.05")
+                          every=10, eval_count=None, steps=20, cache="stream", holdout="0.05",
+                          max_unreadable="0.3")
     assert main(["train", *options, "--out", str(run)]) == 0
     out = capsys.readouterr().out
     logged = max(r.get("skipped_images", 0) for r in read_jsonl(run / "train.jsonl"))
@@ -317,3 +318,32 @@ def test_packed_shards_manifest_and_indexes_carry_checksums_the_readers_check(tm
         f.write(b"X")
     with pytest.raises(DataError, match=f"{paths[2].name} is corrupt"):
         pack(folder, shards, 6, progress=False)
+
+
+def test_a_run_whose_files_go_missing_stops_after_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """Past --max-unreadable (5%) of a log window's training images unreadable, or of the
+    held-out set, the run saves and stops with one line naming the cause, instead of training
+    on duplicates; the checkpoint is there to resume from."""
+    folder = _folder(tmp_path / "img", corrupt=6)  # 6 of 46 files: 13%
+    options = tiny.stage1(data=str(folder), hidden_channels=8, code_dim=4, batch_size=8,
+                          every=50, eval_count=None, steps=100, cache="stream", holdout="0.05")
+    assert main(["train", *options, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "of the training images of the last steps could not be read" in err
+    assert "step 10 is saved" in err and "Traceback" not in err
+    assert (tmp_path / "a" / "checkpoints" / "step-0000010").is_dir()
+
+    import vqvae.training.stage1 as stage1
+
+    def held_out_deleted(cfg):  # half the held-out files vanish once the run has listed them
+        splits = load_splits(cfg)
+        for i in range(1, len(splits.test), 2):
+            Path(splits.test.files.paths[i].decode()).unlink()
+        return splits
+
+    clean = _folder(tmp_path / "clean")
+    monkeypatch.setattr(stage1, "load_splits", held_out_deleted)
+    options = tiny.edit(options, data=str(clean), holdout="0.2", steps=20, every=10)
+    assert main(["train", *options, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "held-out images could be read" in err and "step 10 is saved" in err

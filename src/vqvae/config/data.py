@@ -35,6 +35,9 @@ class DataConfig:
     workers: int = field(default=2, metadata=_help(
         "worker processes decoding streamed images (0: decode in the training process); with "
         "shards, also the readers each rank splits its shards over"))
+    max_unreadable: float = field(default=0.05, metadata=_help(
+        "stop training (after a checkpoint) when more than this share of the images of a log "
+        "window, or of the held-out set, could not be read (files deleted or damaged meanwhile)"))
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "data source is empty")
@@ -47,6 +50,8 @@ class DataConfig:
                f"crop must be one of {get_args(CropMode)}, got {self.crop!r}")
         _check(isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}")
         _check(0 <= self.workers <= 64, f"workers must be in [0, 64], got {self.workers}")
+        _check(0.0 <= self.max_unreadable <= 1.0,
+               f"max_unreadable must be in [0, 1], got {self.max_unreadable}")
 
     @property
     def augmented(self) -> bool:

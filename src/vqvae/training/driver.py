@@ -36,6 +36,7 @@ class Stage(Protocol):
     runtime: Runtime
     state: TrainingState
     desc: str  # the progress bar's label
+    halt: str | None  # why to stop after the next save (data gone bad), set alike on every rank
 
     @property
     def loop(self) -> LoopConfig: ...
@@ -96,6 +97,10 @@ class _Hooks:
     def __init__(self, stage: Stage, clock: RunClock):
         self.stage, self.clock = stage, clock
         self.step, self.describe, self.postfix = stage.step, stage.describe, stage.postfix
+
+    @property
+    def halt(self) -> str | None:
+        return self.stage.halt
 
     def save(self, step: int) -> Saved:
         stage, main = self.stage, self.stage.runtime.is_main

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import LoopConfig
 from ..distributed import Runtime, any_rank, mean_over_ranks, stop_and_seconds
-from ..errors import NonFiniteError
+from ..errors import DataError, NonFiniteError
 from .loggers import Logger
 from .schedule import RunClock
 
@@ -123,6 +123,9 @@ class Saved(NamedTuple):
 class Stage(Protocol):
     """What a stage brings to :func:`fit`."""
 
+    # Set (on every rank alike) when the stage's data went bad: fit saves, then stops with it.
+    halt: str | None
+
     def step(self, step: int) -> dict[str, torch.Tensor]:
         """One optimisation step after ``step`` steps -> its loss terms (0-d tensors on the
         device, never read here: the loop reads their window means at log time)."""
@@ -148,7 +151,8 @@ def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Lo
     ``clock``: the one the stage's schedule reads and its checkpoints save) or a signal: a log
     line every :data:`LOG_EVERY` steps, a save every ``loop.every`` steps and at the end. A
     non-finite loss term raises :class:`NonFiniteError` before anything after the last good
-    checkpoint is saved (checked at every save and log line, one host sync each)."""
+    checkpoint is saved (checked at every save and log line, one host sync each); a stage that
+    sets ``halt`` is saved, then stopped with a :class:`DataError` saying why."""
     clock = clock or RunClock(loop.steps, loop.minutes)
     step, metrics, saved = start, {}, start
     window: dict[str, torch.Tensor] = {}
@@ -172,6 +176,7 @@ def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Lo
                 bar.set_postfix(stage.postfix(record, metrics))
             bar.update(step)
             save, stop = budget.check(step)
+            save = save or stage.halt is not None
             if save and window and any_rank(not _finite(window), runtime):
                 raise NonFiniteError(_diverged(step, saved))
             if save:
@@ -179,6 +184,9 @@ def fit(stage: Stage, loop: LoopConfig, runtime: Runtime, start: int, logger: Lo
                 saved = step
                 logger.eval(step, metrics)
                 logger.pictures(step, pictures)
+            if stage.halt is not None:
+                raise DataError(f"{stage.halt}: stopped; step {step} is saved (resume with "
+                                f"--resume once the data is whole)")
             if stop:
                 break
     return Finished(step, budget.signum)

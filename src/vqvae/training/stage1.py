@@ -24,7 +24,7 @@ from ..config import ReconLoss, RunConfig, TrainConfig
 from ..data.images import Batch
 from ..data.loader import train_batches
 from ..data.sources import Splits, load_splits, to_float
-from ..distributed import Runtime, data_parallel, launch
+from ..distributed import Runtime, any_rank, data_parallel, launch
 from ..evaluation.metrics import CodeUsage, score_autoencoder
 from ..evaluation.plots import plot_code_usage, plot_curves
 from ..generation.grids import grid_pairs, interpolation_picture, reconstruction_pictures
@@ -206,6 +206,8 @@ class Stage1:
         self.usage = CodeUsage(cfg.model.codebook_size, tc.every, runtime.device)
         self.grid = grid_images(splits, tc.grid)
         self.waited, self.window_start, self.skipped = 0.0, perf_counter(), 0
+        self.window_skipped = self.window_images = 0
+        self.halt: str | None = None
 
     @property
     def loop(self) -> TrainConfig:
@@ -234,6 +236,8 @@ class Stage1:
         batch = next(self.batches)
         self.waited += perf_counter() - began
         self.skipped += batch.skipped
+        self.window_skipped += batch.skipped
+        self.window_images += len(batch.images)
         return batch.images
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
@@ -250,9 +254,16 @@ class Stage1:
         now = perf_counter()
         wait = self.waited / max(now - self.window_start, 1e-9)
         self.waited, self.window_start = 0.0, now
+        share = self.window_skipped / max(self.window_images, 1)
+        self.window_skipped = self.window_images = 0
+        limit = self.cfg.data.max_unreadable
+        if any_rank(share > limit, self.runtime):
+            self.halt = (f"{share:.0%} of the training images of the last steps could not be read "
+                         f"(over --max-unreadable {limit:.0%}): were files deleted or damaged?")
         return ({f"window_{k}": health[k] for k in HEALTH} | {"data_wait": wait}
                 | {"lr": self.schedule.lr}  # the last step's
-                | ({"skipped_images": float(self.skipped)} if self.skipped else {}))
+                | ({"skipped_images": float(self.skipped), "skipped_share": share}
+                   if self.skipped else {}))
 
     def postfix(self, record: dict[str, float], metrics: dict[str, float]) -> dict[str, str]:
         return ({k: f"{record[k]:.4f}" for k in ("l1_x", "mse_x", "freq_x", "mse_e", "mse_z")
@@ -263,7 +274,8 @@ class Stage1:
                    else {})
                 | ({"g": f"{record['gan_g']:.3f}", "d": f"{record['gan_d']:.3f}"}
                    if "gan_d" in record else {})
-                | ({"unreadable": str(int(record["skipped_images"]))}
+                | ({"unreadable": f"{int(record['skipped_images'])} "
+                                  f"({record['skipped_share']:.0%})"}
                    if record.get("skipped_images") else {})
                 | ({"psnr": f"{metrics['psnr']:.2f}"} if metrics else {}))
 
@@ -276,10 +288,15 @@ class Stage1:
         test = self.splits.test
         if limit and limit < len(test):
             test = test.subset(torch.arange(limit))
-        return Scored(*score_autoencoder(self.model, test, self.cfg.train.batch_size,
-                                         device=self.runtime.device, rank=self.runtime.rank,
-                                         world_size=self.runtime.world_size,
-                                         workers=self.cfg.data.workers))
+        scored = Scored(*score_autoencoder(self.model, test, self.cfg.train.batch_size,
+                                           device=self.runtime.device, rank=self.runtime.rank,
+                                           world_size=self.runtime.world_size,
+                                           workers=self.cfg.data.workers))
+        read, limit = int(scored.metrics["images"]), self.cfg.data.max_unreadable
+        if read < (1 - limit) * len(test) and self.halt is None:  # alike on every rank
+            self.halt = (f"only {read} of the {len(test)} held-out images could be read (over "
+                         f"--max-unreadable {limit:.0%} missing): were files deleted or damaged?")
+        return scored
 
     def pictures(self, step: int | None) -> dict[str, Path]:
         """The seed's grids: under ``samples/`` per checkpoint, in the run folder at the end."""

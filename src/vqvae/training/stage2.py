@@ -186,6 +186,7 @@ class Stage2:
     written into the run folder so that a resume finds them."""
 
     desc = "train prior"
+    halt = None  # its codes are in memory: nothing to go missing while it trains
 
     def __init__(self, cfg: PriorRunConfig, run_dir: str | Path, runtime: Runtime,
                  codes: Codes | None = None):
