@@ -51,3 +51,38 @@ def test_codes_files_without_a_checksum_load(tmp_path):
     tensors["train"][0, 0, 0] = (tensors["train"][0, 0, 0] + 1) % 16
     save_file(tensors, str(path), meta)
     assert load_codes(path).split("train").codes[0, 0, 0] == tensors["train"][0, 0, 0]
+
+
+def test_encode_keeps_its_checkpoint_from_a_run_pruning_meanwhile(legacy_run, tmp_path,
+                                                                  monkeypatch):
+    """`vqvae encode` on a run that is still training: a checkpoint saved and old ones pruned
+    while it encodes never takes away the one it read (it is marked as needed first), and the
+    codes name it."""
+    import shutil
+    from pathlib import Path
+
+    import vqvae.generation.codes as codes_module
+    from vqvae.generation.codes import encode_to_file, fingerprint
+    from vqvae.store import checkpoint as ckpt
+
+    root = legacy_run / "checkpoints"
+    for mark in root.glob(f"*/{ckpt.KEEP}"):  # nothing else needs them
+        mark.unlink()
+    encode_set = codes_module.encode_set
+
+    def meanwhile(*args, **kwargs):  # the run saves a new checkpoint and prunes the others
+        newest = ckpt.step_folders(root)[-1]
+        later = root / ckpt.step_name(ckpt.step_of(newest) + 1000)
+        if not later.exists():
+            shutil.copytree(newest, later, ignore=shutil.ignore_patterns(ckpt.KEEP))
+            (root / ckpt.LATEST).write_text(later.name)
+            ckpt._prune(root, 1, 0, later.name)
+        return encode_set(*args, **kwargs)
+
+    read = ckpt.resolve(legacy_run)
+    monkeypatch.setattr(codes_module, "encode_set", meanwhile)
+    codes, path = encode_to_file(legacy_run, tmp_path / "c.safetensors", device="cpu",
+                                 progress=False)
+    assert Path(codes.stage1) == read.resolve() and read.is_dir()
+    assert load_codes(path).stage1_sha256 == fingerprint(read)
+    assert ckpt.needs(read, codes_module.codes_user(path))

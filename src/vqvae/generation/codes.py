@@ -206,6 +206,7 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
     photos, clothes, not digits or text); the test split stays as it is."""
     directory = ckpt.resolve(run_dir)
     model = ckpt.load_autoencoder(directory, device)
+    sha = fingerprint(directory)  # read now: nothing is read from the checkpoint after this
     data = stage1_data(run_dir, model, source)
     splits = load_splits(data)
     encoded = {name: encode_set(model, getattr(splits, name), batch_size, device,
@@ -218,8 +219,8 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
         encoded["train"] = CodeSplit(torch.cat([train.codes, mirrored.codes]),
                                      None if train.labels is None
                                      else torch.cat([train.labels, mirrored.labels]))
-    return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()),
-                 fingerprint(directory), data.source, splits.train.classes)
+    return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()), sha, data.source,
+                 splits.train.classes)
 
 
 def encode_to_file(run_dir: str | Path, out: str | Path, *, source: str | None = None,
@@ -228,8 +229,21 @@ def encode_to_file(run_dir: str | Path, out: str | Path, *, source: str | None =
     """``vqvae encode``: :func:`encode_dataset` on ``device`` (``auto``: the best there is),
     written to the codes file ``out`` (checked first: a folder is refused before encoding)."""
     check_writable(out, "codes file to write (e.g. codes.safetensors)")
-    codes = encode_dataset(run_dir, source, batch_size, pick_device(device), progress, flip)
+    # marked as needed before encoding: a run still training there cannot prune it meanwhile
+    checkpoint, added = ckpt.hold(run_dir, codes_user(out))
+    try:
+        codes = encode_dataset(checkpoint, source, batch_size, pick_device(device), progress,
+                               flip)
+    except BaseException:
+        if added:
+            ckpt.unprotect(checkpoint, codes_user(out))
+        raise
     return codes, save_codes(codes, out)
+
+
+def codes_user(path: str | Path) -> str:
+    """How a codes file marks the checkpoint its codes decode with (:func:`ckpt.protect`)."""
+    return f"codes {Path(path).resolve()}"
 
 
 # --- the file -----------------------------------------------------------------------------------
@@ -269,7 +283,7 @@ def save_codes(codes: Codes, path: str | Path) -> Path:
             CONTENTS_SHA256: contents_sha256(tensors)}
     ckpt.write_bytes(path, save(tensors, metadata=meta))
     if Path(codes.stage1).is_dir():  # these codes decode only with that checkpoint: keep it
-        ckpt.protect(Path(codes.stage1), f"codes {path.resolve()}")
+        ckpt.protect(Path(codes.stage1), codes_user(path))
     return path
 
 

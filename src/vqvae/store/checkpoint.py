@@ -256,6 +256,21 @@ def unprotect(checkpoint_dir: Path, by: str) -> None:
         pass  # a read-only checkpoint stays kept: nothing is lost
 
 
+def hold(path: str | Path, by: str, tries: int = 3) -> tuple[Path, bool]:
+    """:func:`resolve` ``path`` and :func:`protect` the checkpoint for ``by`` at once, so that a
+    run still training there cannot prune it while ``by`` reads it (a folder pruned between the
+    two is resolved again). Returns the folder and whether this call added the mark (to
+    :func:`unprotect` if ``by`` fails)."""
+    for _ in range(tries):
+        directory = resolve(path)
+        added = not needs(directory, by)
+        protect(directory, by)
+        if _complete(directory):
+            return directory, added
+    raise CheckpointError(f"the checkpoints of {path} were pruned while being read {tries} times "
+                          f"over: try again, or stop the run writing them")
+
+
 def needs(checkpoint_dir: Path, by: str) -> bool:
     """Whether :func:`protect` marked the checkpoint as needed by ``by``."""
     return by in _needed_by(checkpoint_dir)
