@@ -24,7 +24,8 @@ from pathlib import Path
 import safetensors.torch as st
 import torch
 
-from vqvae.models.lpips import LPIPS, VGG_SHA256_PREFIX, load_perceptual, tensors_sha256
+from vqvae.models.lpips import (LIN_SHA256, LPIPS, VGG_SHA256_PREFIX, load_perceptual,
+                                tensors_sha256)
 
 
 def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if not vgg_sha.startswith(VGG_SHA256_PREFIX):
         print(f"warning: {args.vgg} is not torchvision's vgg16-{VGG_SHA256_PREFIX}.pth "
               f"(sha256 {vgg_sha[:8]}...); converted anyway", file=sys.stderr)
+    if lin_sha != LIN_SHA256:
+        print(f"warning: {args.lin} is not LPIPS v0.1's published vgg.pth (sha256 "
+              f"{lin_sha[:8]}...); converted anyway", file=sys.stderr)
     meta = {"format": "lpips-vgg16", "vgg_sha256": vgg_sha, "lin_sha256": lin_sha,
             "tensors_sha256": tensors_sha256(tensors)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqvae import LPIPS, PerceptualWeightsError, load_perceptual
-from vqvae.models.lpips import unit_normalize
+from vqvae.models.lpips import LIN_SHA256, unit_normalize
 
 from tests.script_module import load_script
 
@@ -242,9 +242,14 @@ def test_weights_not_from_the_published_vgg16_are_warned_about(state, tmp_path):
     save_file(state, str(other), metadata={"vgg_sha256": "0" * 64, "lin_sha256": "1" * 64})
     with pytest.warns(UserWarning, match="not torchvision's vgg16-397923af.pth"):
         load_perceptual(other)
+    other_lin = tmp_path / "other_lin.safetensors"
+    save_file(state, str(other_lin), metadata={"vgg_sha256": "397923af" + "0" * 56,
+                                               "lin_sha256": "1" * 64})
+    with pytest.warns(UserWarning, match="lin layers that are not LPIPS v0.1's published"):
+        load_perceptual(other_lin)
     published = tmp_path / "published.safetensors"
     save_file(state, str(published), metadata={"vgg_sha256": "397923af" + "0" * 56,
-                                               "lin_sha256": "1" * 64})
+                                               "lin_sha256": LIN_SHA256})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_perceptual(published)

@@ -184,6 +184,9 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 # torchvision names its weight files after the first digits of their sha256: vgg16-397923af.pth
 VGG_SHA256_PREFIX = "397923af"
+# the sha256 of LPIPS v0.1's published lin layers for VGG (``lpips/weights/v0.1/vgg.pth`` of
+# richzhang/PerceptualSimilarity, 7,289 bytes, the file the pip package ships)
+LIN_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -205,9 +208,11 @@ def _check_contents(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def _check_sources(path: Path) -> None:
     """Warn when a weights file does not say it was converted from torchvision's published VGG16
-    (scripts/convert_lpips.py records its source files' sha256): names and shapes alone cannot
-    tell trained weights from random ones, and a loss over random features trains nothing."""
-    vgg = _metadata(path).get("vgg_sha256")
+    and LPIPS's published lin layers (scripts/convert_lpips.py records its source files'
+    sha256): names and shapes alone cannot tell trained weights from random ones, and a loss
+    over random features trains nothing."""
+    meta = _metadata(path)
+    vgg, lin = meta.get("vgg_sha256"), meta.get("lin_sha256")
     if vgg is None:
         warnings.warn(f"{path} records no source files (not written by scripts/convert_lpips.py): "
                       f"nothing says its VGG16 weights are torchvision's trained ones")
@@ -215,3 +220,7 @@ def _check_sources(path: Path) -> None:
         warnings.warn(f"{path} was converted from a VGG16 file that is not torchvision's "
                       f"vgg16-{VGG_SHA256_PREFIX}.pth (sha256 {vgg[:8]}...): the perceptual "
                       f"loss may measure nothing useful")
+    if vgg is not None and lin != LIN_SHA256:
+        warnings.warn(f"{path} was converted from lin layers that are not LPIPS v0.1's published "
+                      f"vgg.pth (sha256 {str(lin)[:8]}..., expected {LIN_SHA256[:8]}...): the "
+                      f"perceptual loss weighs its features differently")
