@@ -22,6 +22,10 @@ class DataConfig:
         "1 (grayscale) or 3 (RGB); default: the source's own (1 for digits/IDX, 3 for folders)"))
     holdout: float = field(default=0.1, metadata=_help(
         "fraction held out for evaluation when the source has no test split of its own"))
+    eval_source: str | None = field(default=None, metadata=_help(
+        "the held-out set: a source as --data (folder, shards, IDX, array) evaluated instead of "
+        "a share of --data (a --data folder with train/ and val/ or test/ inside needs none)",
+        flag="eval-data"))
     split_seed: int = field(default=0, metadata=_help("seed of the deterministic held-out split"))
     cache: CacheMode = field(default="auto", metadata=_help(
         "memory: decode every image into RAM before step 1 | stream: decode batches as they are "
@@ -41,6 +45,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "data source is empty")
+        _check(self.eval_source is None or bool(self.eval_source), "--eval-data is empty")
         _check(self.size >= 4, f"size must be at least 4 pixels, got {self.size}")
         _check(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
         _check(0.0 < self.holdout < 1.0, f"holdout must be in (0, 1), got {self.holdout}")

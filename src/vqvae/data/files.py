@@ -198,9 +198,11 @@ def _keep_readable(items: Sequence[tuple[torch.Tensor | None, int]]) -> Batch:
 # --- folders ---------------------------------------------------------------------------------
 
 
-def folder_files(directory: Path) -> tuple[FolderFiles, torch.Tensor | None, tuple | None]:
+def folder_files(directory: Path, min_classes: int = 2
+                 ) -> tuple[FolderFiles, torch.Tensor | None, tuple | None]:
     """The image files below ``directory`` (recursively, in path order) and their labels: one
-    sub-folder per class when every image sits below a first-level folder. Names are walked as
+    sub-folder per class when every image sits below a first-level folder (and there are at
+    least ``min_classes`` of them: a held-out folder may hold one class of several). Names are walked as
     strings, not Path objects: a million files cost their bytes, not ~1 KB each of objects whose
     freed pages every worker process would inherit."""
     root = os.fspath(directory)
@@ -210,17 +212,18 @@ def folder_files(directory: Path) -> tuple[FolderFiles, torch.Tensor | None, tup
         raise DataError(f"no images found in {directory} (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)})")
     paths.sort(key=lambda p: p.split(os.sep))  # the order of sorted Paths: split by part
-    labels, classes = _folder_labels(root, paths)
+    labels, classes = _folder_labels(root, paths, min_classes)
     return FolderFiles(np.array([os.fsencode(p) for p in paths])), labels, classes
 
 
-def _folder_labels(root: str, paths: list[str]) -> tuple[torch.Tensor | None, tuple | None]:
+def _folder_labels(root: str, paths: list[str],
+                   min_classes: int = 2) -> tuple[torch.Tensor | None, tuple | None]:
     start = len(os.path.join(root, ""))
     firsts = [p[start:].split(os.sep, 1) for p in paths]
     if any(len(parts) < 2 for parts in firsts):
         return None, None
     classes = tuple(sorted({parts[0] for parts in firsts}))
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         return None, None
     lookup = {name: i for i, name in enumerate(classes)}
     return torch.tensor([lookup[parts[0]] for parts in firsts], dtype=torch.long), classes

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ MEMORY_MAX_FRACTION = 0.25  # of physical memory
 class Splits:
     train: ImageSet | FileSet
     test: ImageSet | FileSet
+    held_out: str = ""  # which images the test set is, in words (for the console and logs)
 
 
 def _digits() -> ImageSet:
@@ -248,29 +249,36 @@ def _memory_source(cfg: DataConfig, path: Path | None) -> tuple[ImageSet, ImageS
                     f"of images or .tar shards)")
 
 
+def _whole_files(cfg: DataConfig, shards: bool, min_classes: int = 2
+                 ) -> tuple[FileSet, np.ndarray | None]:
+    """Every file of a folder (sorted; class folders when there are ``min_classes``) or sample of
+    tar shards (``shards``, with their keys), not yet decoded."""
+    channels = cfg.channels or 3
+    if not shards:
+        files, labels, classes = folder_files(Path(cfg.source).expanduser(), min_classes)
+        return FileSet(files, cfg.size, channels, labels, classes), None
+    paths = shard_paths(cfg.source)
+    index = index_shards(paths)
+    labels = torch.from_numpy(index.labels) if (index.labels >= 0).all() else None
+    classes = None if labels is None else (manifest_classes(paths)
+                                           or _class_names(labels, paths[0]))
+    return FileSet(index.files, cfg.size, channels, labels, classes), index.keys
+
+
 def _file_splits(cfg: DataConfig, shards: bool) -> Splits:
     """A folder's files or (``shards``) the samples of tar shards, split before decoding: a
     folder by a seeded permutation of its sorted file list, shards by a hash of each sample's
     key."""
-    channels = cfg.channels or 3
-    if shards:
-        paths = shard_paths(cfg.source)
-        index = index_shards(paths)
-        labels = torch.from_numpy(index.labels) if (index.labels >= 0).all() else None
-        classes = None if labels is None else (manifest_classes(paths)
-                                               or _class_names(labels, paths[0]))
-        full = FileSet(index.files, cfg.size, channels, labels, classes)
-        test = held_out(index.keys, cfg.holdout, cfg.split_seed)
+    full, keys = _whole_files(cfg, shards)
+    if keys is not None:
+        test = held_out(keys, cfg.holdout, cfg.split_seed)
         if test.all() or not test.any():
             raise DataError(f"{cfg.source}: {len(full)} image(s) leave no train or no held-out "
                             f"images at holdout {cfg.holdout}")
         return Splits(full.subset(torch.from_numpy(np.flatnonzero(~test))),
                       full.subset(torch.from_numpy(np.flatnonzero(test))))
-    directory = Path(cfg.source).expanduser()
-    files, labels, classes = folder_files(directory)
-    full = FileSet(files, cfg.size, channels, labels, classes)
     return Splits(*(full.subset(rows) for rows in _holdout_index(
-        len(full), cfg.holdout, cfg.split_seed, str(directory))))
+        len(full), cfg.holdout, cfg.split_seed, cfg.source)))
 
 
 def cache_mode(cfg: DataConfig, images: int, channels: int) -> str:
@@ -283,27 +291,29 @@ def cache_mode(cfg: DataConfig, images: int, channels: int) -> str:
     return "memory" if images <= MEMORY_MAX_IMAGES and fits else "stream"
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """``cfg.source`` as train and test image sets at ``cfg.size`` px: in memory
-    (:class:`ImageSet`, uint8 (N, C, size, size)) or, for folders and shards with
-    ``cfg.cache`` stream, as :class:`~vqvae.data.files.FileSet` read when needed.
-
-    Sources with their own test split (IDX ``t10k`` files) use it; others hold out
-    ``cfg.holdout`` of the images (seeded by ``cfg.split_seed``).
-    """
-    path = None if cfg.source == "digits" or cfg.source in NAMED_IDX else Path(
-        cfg.source).expanduser()
-    shards = path is not None and is_shard_source(cfg.source)
+def _locate(source: str) -> tuple[Path | None, bool, bool]:
+    """(path or None for a named set, whether it is tar shards, whether it is read file by file:
+    shards or a folder of images) of a source that exists."""
+    path = None if source == "digits" or source in NAMED_IDX else Path(source).expanduser()
+    shards = path is not None and is_shard_source(source)
     if path is not None and not path.exists() and not shards:
-        raise DataError(f"data source {cfg.source!r} not found (expected digits, "
+        raise DataError(f"data source {source!r} not found (expected digits, "
                         f"{', '.join(NAMED_IDX)}, a folder of images, .tar shards, or a "
                         f".npy/.npz file)")
-    if path is not None and (shards or (path.is_dir() and not _is_idx_dir(path))):
+    return path, shards, path is not None and (shards or (path.is_dir()
+                                                          and not _is_idx_dir(path)))
+
+
+def _split(cfg: DataConfig) -> Splits:
+    """One source split into train and held-out images (its own test split, or a share)."""
+    path, shards, files = _locate(cfg.source)
+    if files:
         splits = _file_splits(cfg, shards)
         images = len(splits.train) + len(splits.test)
+        held = f"{cfg.holdout:.0%} of {cfg.source} held out"
         if cache_mode(cfg, images, splits.train.channels) == "stream":
-            return splits
-        return Splits(*(s.load() for s in (splits.train, splits.test)))
+            return Splits(splits.train, splits.test, held)
+        return Splits(*(s.load() for s in (splits.train, splits.test)), held)
     if cfg.cache == "stream":
         raise DataError(f"--cache stream reads folders and shards; {cfg.source} is held in "
                         f"memory (use --cache auto)")
@@ -312,11 +322,88 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise DataError(f"{name} holds no images")
     if test is None:
         splits = Splits(*(train.subset(rows) for rows in _holdout_index(
-            len(train), cfg.holdout, cfg.split_seed, name)))
+            len(train), cfg.holdout, cfg.split_seed, name)),
+            f"{cfg.holdout:.0%} of {name} held out")
     else:
-        splits = Splits(train, test)
-    return Splits(*(ImageSet(set_channels(resize_square(s.images, cfg.size), cfg.channels),
-                             s.labels, s.classes) for s in (splits.train, splits.test)))
+        splits = Splits(train, test, f"the test split of {name}")
+    return Splits(*(_sized(s, cfg) for s in (splits.train, splits.test)), splits.held_out)
+
+
+def _sized(images: ImageSet, cfg: DataConfig) -> ImageSet:
+    return ImageSet(set_channels(resize_square(images.images, cfg.size), cfg.channels),
+                    images.labels, images.classes)
+
+
+# A folder holding these sub-folders is a training set and its held-out set (not two classes).
+TRAIN_FOLDER, EVAL_FOLDERS = "train", ("val", "validation", "test")
+
+
+def train_val_folders(source: str) -> tuple[Path, Path] | None:
+    """(``train/``, ``val/``) of a folder laid out as ImageNet is (``val/``, ``validation/`` or
+    ``test/`` beside ``train/``), else None."""
+    path = Path(source).expanduser()
+    if not path.is_dir() or is_shard_source(source) or not (path / TRAIN_FOLDER).is_dir():
+        return None
+    held = next((path / name for name in EVAL_FOLDERS if (path / name).is_dir()), None)
+    return None if held is None else (path / TRAIN_FOLDER, held)
+
+
+def load_whole(cfg: DataConfig, part: str = "train", min_classes: int = 2
+               ) -> ImageSet | FileSet:
+    """Every image of ``cfg.source`` at ``cfg.size`` px, none held out (a source with a test
+    split of its own gives that one for ``part`` test, its training images otherwise; a folder's
+    first-level folders are classes when there are ``min_classes`` of them)."""
+    path, shards, files = _locate(cfg.source)
+    if files:
+        whole, _ = _whole_files(cfg, shards, min_classes)
+        return whole if cache_mode(cfg, len(whole), whole.channels) == "stream" else whole.load()
+    train, test, name = _memory_source(cfg, path)
+    chosen = test if part == "test" and test is not None else train
+    if len(chosen) == 0:
+        raise DataError(f"{name} holds no images")
+    return _sized(chosen, cfg)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """``cfg.source`` as train and test image sets at ``cfg.size`` px: in memory
+    (:class:`ImageSet`, uint8 (N, C, size, size)) or, for folders and shards with
+    ``cfg.cache`` stream, as :class:`~vqvae.data.files.FileSet` read when needed.
+
+    The held-out set is ``cfg.eval_source`` when given, the ``val/`` (or ``test/``) folder
+    beside ``train/`` in a folder laid out so, a source's own test split (IDX ``t10k`` files),
+    or else ``cfg.holdout`` of the images (seeded by ``cfg.split_seed``).
+    """
+    layout = None if cfg.eval_source else train_val_folders(cfg.source)
+    if not cfg.eval_source and layout is None:
+        return _split(cfg)
+    train_source, eval_source = (str(layout[0]), str(layout[1])) if layout else (
+        cfg.source, cfg.eval_source)
+    train = load_whole(replace(cfg, source=train_source, eval_source=None), "train")
+    test = load_whole(replace(cfg, source=eval_source, eval_source=None), "test",
+                      1 if train.classes else 2)
+    if train.channels != test.channels:
+        raise DataError(f"the held-out set {eval_source} has {test.channels} channel(s), the "
+                        f"training set {train_source} {train.channels}: pass --channels")
+    return Splits(train, _same_classes(test, train, eval_source),
+                  f"{eval_source} ({'the folder beside train/' if layout else '--eval-data'})")
+
+
+def _same_classes(test: ImageSet | FileSet, train: ImageSet | FileSet,
+                  name: str) -> ImageSet | FileSet:
+    """``test`` with its labels renumbered to ``train``'s class names (a held-out folder may
+    lack some classes, not add any); without labels on either side, as it is."""
+    if train.labels is None or test.classes is None:
+        return replace(test, labels=None, classes=None)
+    if test.classes == train.classes:
+        return test
+    extra = sorted(set(test.classes) - set(train.classes))
+    if extra:
+        raise DataError(f"the held-out set {name} has classes the training set lacks: "
+                        f"{', '.join(extra[:5])}")
+    lookup = torch.tensor([train.classes.index(c) for c in test.classes])
+    return replace(test, labels=lookup[test.labels], classes=train.classes)
+
+
 
 
 class BatchStream:

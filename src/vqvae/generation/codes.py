@@ -180,7 +180,7 @@ def stage1_data(path: str | Path, model: VQVAE, source: str | None = None) -> Da
     data = (runs.read_run_config(run_dir, ckpt.VQVAE_KIND).data if run_dir is not None
             else DataConfig(size=model.cfg.image_size, channels=model.cfg.in_channels))
     if source:
-        data = replace(data, source=source, size=model.cfg.image_size,
+        data = replace(data, source=source, eval_source=None, size=model.cfg.image_size,
                        channels=model.cfg.in_channels)
     if data.size != model.cfg.image_size:
         raise DataError(f"the stage-1 model expects {model.cfg.image_size}px images")

@@ -215,6 +215,8 @@ class Stage1:
 
     def prepare(self, start: int) -> None:
         runs.prepare_run(self.run_dir, VQVAE_KIND, self.cfg, start)
+        print(f"training on {len(self.splits.train)} images; held out: "
+              f"{len(self.splits.test)} images, {self.splits.held_out or 'given'}", flush=True)
 
     def begin(self, clock: RunClock) -> None:
         # ``net`` trains; ``model`` is saved and evaluated (no wrapper prefixes in checkpoints)
@@ -314,7 +316,8 @@ class Stage1:
 
     def headline(self, step: int, final: dict[str, float]) -> str:
         return (f"trained to step {step}; run folder: {self.run_dir}\n"
-                f"held-out ({int(final['images'])} images): PSNR {final['psnr']:.2f} dB with "
+                f"held-out ({int(final['images'])} images, {self.splits.held_out or 'given'}): "
+                f"PSNR {final['psnr']:.2f} dB with "
                 f"quantization, {final['psnr_noq']:.2f} dB without; SSIM {final['ssim']:.4f} "
                 f"with, {final['ssim_noq']:.4f} without; codebook usage "
                 f"{final['usage']:.1f}% ({final['used_codes']}/{self.cfg.model.codebook_size}), "

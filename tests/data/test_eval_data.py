@@ -1,0 +1,72 @@
+"""Your own validation set: --eval-data SOURCE as the held-out set, a folder with train/ and
+val/ (or test/) inside understood as such (not as two classes), `vqvae eval --data` on every
+image of another source; the held-out metrics name the set."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqvae import DataConfig, DataError, load_splits
+from vqvae.cli import main
+from vqvae.generation.codes import load_codes
+
+from tests import tiny
+
+
+def _images(root, n, value, classes=("cat", "dog"), size=(12, 12, 3)):
+    for i in range(n):
+        folder = root / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full(size, value + i, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_a_train_val_folder_is_a_training_set_and_its_held_out_set(tmp_path):
+    _images(tmp_path / "set" / "train", 20, 0)
+    _images(tmp_path / "set" / "val", 6, 100, classes=("dog",))
+    splits = load_splits(DataConfig(source=str(tmp_path / "set"), size=8))
+    assert len(splits.train) == 20 and len(splits.test) == 6  # nothing of train/ held out
+    assert splits.train.classes == ("cat", "dog")  # not ("train", "val")
+    assert splits.test.classes == ("cat", "dog") and set(splits.test.labels.tolist()) == {1}
+    assert int(splits.test.images.min()) >= 100 and int(splits.train.images.max()) < 100
+    assert "val" in splits.held_out
+
+
+def test_eval_data_replaces_the_held_out_share(tmp_path):
+    _images(tmp_path / "val", 5, 200, classes=("",))  # no class folders
+    digits = load_splits(DataConfig(source="digits", size=8, channels=3,
+                                    eval_source=str(tmp_path / "val")))
+    assert len(digits.train) == 1797 and len(digits.test) == 5  # every digit trains
+    assert digits.test.labels is None
+    with pytest.raises(DataError, match="3 channel.*1.*pass --channels"):
+        load_splits(DataConfig(source="digits", size=8, eval_source=str(tmp_path / "val")))
+    _images(tmp_path / "more", 4, 50, classes=("cat", "cow"))
+    _images(tmp_path / "pets", 8, 0, classes=("cat", "dog"))
+    with pytest.raises(DataError, match="has classes the training set lacks: cow"):
+        load_splits(DataConfig(source=str(tmp_path / "pets"), size=8,
+                               eval_source=str(tmp_path / "more")))
+
+
+def test_train_with_eval_data_then_eval_and_encode_name_the_set(tmp_path, capsys):
+    _images(tmp_path / "set" / "train", 24, 0)
+    _images(tmp_path / "set" / "test", 8, 120)
+    run = tmp_path / "run"
+    options = tiny.stage1(data=str(tmp_path / "set"), hidden_channels=8, code_dim=4,
+                          batch_size=8, every=10, eval_count=None, steps=10)
+    assert main(["train", *options, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"held out: 8 images, {tmp_path / 'set' / 'test'}" in out
+    assert "held-out (8 images" in out
+    assert main(["eval", str(run)]) == 0
+    assert "the test split of the run's data" in capsys.readouterr().out
+    assert json.loads((run / "eval_test.json").read_text())["images"] == 8
+    _images(tmp_path / "other", 11, 60, classes=("a",))
+    assert main(["eval", str(run), "--data", str(tmp_path / "other"),
+                 "--out", str(tmp_path / "o.json")]) == 0
+    assert f"every image of {tmp_path / 'other'}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.json").read_text())["images"] == 11
+    assert main(["encode", str(run), "--out", str(tmp_path / "c.safetensors")]) == 0
+    codes = load_codes(tmp_path / "c.safetensors")
+    assert len(codes.split("train").codes) == 24 and len(codes.split("test").codes) == 8
