@@ -202,9 +202,9 @@ def folder_files(directory: Path, min_classes: int = 2
                  ) -> tuple[FolderFiles, torch.Tensor | None, tuple | None]:
     """The image files below ``directory`` (recursively, in path order) and their labels: one
     sub-folder per class when every image sits below a first-level folder (and there are at
-    least ``min_classes`` of them: a held-out folder may hold one class of several). Names are walked as
-    strings, not Path objects: a million files cost their bytes, not ~1 KB each of objects whose
-    freed pages every worker process would inherit."""
+    least ``min_classes`` of them: a held-out folder may hold one class of several). Names are
+    walked as strings, not Path objects: a million files cost their bytes, not ~1 KB each of
+    objects whose freed pages every worker process would inherit."""
     root = os.fspath(directory)
     paths = [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
              if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
