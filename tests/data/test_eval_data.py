@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from vqvae import DataConfig, DataError, load_splits
+from vqvae import DataConfig, DataError, load_splits, load_trained
+from vqvae.data.sources import load_whole
 from vqvae.cli import main
 from vqvae.generation.codes import load_codes
 
@@ -70,3 +72,30 @@ def test_train_with_eval_data_then_eval_and_encode_name_the_set(tmp_path, capsys
     assert main(["encode", str(run), "--out", str(tmp_path / "c.safetensors")]) == 0
     codes = load_codes(tmp_path / "c.safetensors")
     assert len(codes.split("train").codes) == 24 and len(codes.split("test").codes) == 8
+
+
+def test_codes_record_which_image_each_grid_came_from(tmp_path, legacy_run):
+    """Each grid's key (a folder's relative path, an array's index; mirrored copies marked) and
+    label are in the codes file, so codes join back to the data; files without keys say so."""
+    from vqvae.generation.codes import encode_to_file
+
+    _images(tmp_path / "set" / "train", 10, 0)
+    _images(tmp_path / "set" / "val", 4, 100)
+    codes, path = encode_to_file(legacy_run, tmp_path / "c.safetensors", device="cpu",
+                                 source=str(tmp_path / "set"), progress=False, flip=True)
+    loaded = load_codes(path)
+    train, test = loaded.keys("train"), loaded.keys("test")
+    assert test == ("cat/000.png", "cat/002.png", "dog/001.png", "dog/003.png")
+    assert train[:2] == ("cat/000.png", "cat/002.png") and train[10] == "cat/000.png#flipped"
+    assert loaded.split("test").labels.tolist() == [0, 0, 1, 1]
+    digits, _ = encode_to_file(legacy_run, tmp_path / "d.safetensors", device="cpu",
+                               progress=False)
+    held = digits.keys("test")
+    assert not set(held) & set(digits.keys("train"))  # indices into the one array, disjoint
+    model, splits = load_trained(legacy_run)
+    whole = load_whole(DataConfig(source="digits", size=model.cfg.image_size))
+    assert len(whole) == 1797 and len(held) == len(splits.test)
+    for j in (0, len(held) - 1):  # the key names the very image that was encoded
+        assert torch.equal(whole.images[int(held[j])], splits.test.images[j])
+    with pytest.raises(DataError, match="do not record which image"):
+        load_codes(legacy_run / "prior" / "codes.safetensors").keys("train")

@@ -30,9 +30,10 @@ DECODE_CHUNK = 256  # images decoded per batch of thread-pool tasks: bounds what
 
 @dataclass(frozen=True, eq=False)
 class FolderFiles:
-    """Image files by index: ``paths`` (N,) of encoded file names."""
+    """Image files by index: ``paths`` (N,) of encoded file names below ``root``."""
 
     paths: np.ndarray  # (N,) bytes
+    root: bytes = b""  # the folder they were listed from: keys are paths relative to it
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -40,12 +41,18 @@ class FolderFiles:
     def name(self, i: int) -> str:
         return os.fsdecode(self.paths[i])
 
+    def keys(self) -> np.ndarray:
+        """(N,) str: each file's path relative to ``root`` (``cat/001.png``), what joins its
+        codes back to it."""
+        start = len(os.path.join(self.root, b"")) if self.root else 0
+        return np.array([os.fsdecode(p[start:]) for p in self.paths.tolist()], dtype=object)
+
     def read(self, i: int) -> bytes:
         with open(self.paths[i], "rb") as f:
             return f.read()
 
     def subset(self, index: np.ndarray) -> FolderFiles:
-        return FolderFiles(self.paths[index])
+        return FolderFiles(self.paths[index], self.root)
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +71,14 @@ class TarFiles:
 
     def name(self, i: int) -> str:
         return f"{self.shards[self.shard_ids[i]]}:{self.names[i].decode()}"
+
+    def keys(self) -> np.ndarray:
+        """(N,) str: each sample's WebDataset key (its member name up to the first dot of the
+        base name: ``a/000123`` for ``a/000123.jpg``)."""
+        def key(name: bytes) -> str:
+            folder, _, base = name.decode().rpartition("/")
+            return f"{folder}/{base.partition('.')[0]}" if folder else base.partition(".")[0]
+        return np.array([key(n) for n in self.names.tolist()], dtype=object)
 
     def read(self, i: int) -> bytes:
         with open(self.shards[self.shard_ids[i]], "rb") as f:
@@ -162,7 +177,11 @@ class FileSet:
         if not images:
             raise DataError(f"none of the {len(self)} image files could be read")
         labels = None if self.labels is None else self.labels[kept]
-        return ImageSet(torch.stack(images), labels, self.classes)
+        return ImageSet(torch.stack(images), labels, self.classes, self.keys()[kept])
+
+    def keys(self) -> np.ndarray:
+        """(N,) str: what names each image in its source (a relative path, a shard key)."""
+        return self.files.keys()
 
 
 def warn_skipped(count: int, total: int | None, example: str, reason: str) -> None:
@@ -180,19 +199,19 @@ class _Ordered(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int]:
         image = self.files.decode(i)
         label = -1 if self.files.labels is None else int(self.files.labels[i])
-        return (None if isinstance(image, str) else image), label
+        return (None if isinstance(image, str) else image), label, i
 
 
-def _keep_readable(items: Sequence[tuple[torch.Tensor | None, int]]) -> Batch:
-    kept = [(image, label) for image, label in items if image is not None]
+def _keep_readable(items: Sequence[tuple[torch.Tensor | None, int, int]]) -> Batch:
+    kept = [item for item in items if item[0] is not None]
     if not kept:
-        return Batch(torch.empty(0, dtype=torch.uint8), None, len(items))
-    images = torch.stack([image for image, _ in kept])
-    labels = torch.tensor([label for _, label in kept]) if kept[0][1] >= 0 else None
-    return Batch(images, labels, len(items) - len(kept))
+        return Batch(torch.empty(0, dtype=torch.uint8), None, len(items), torch.empty(0))
+    images = torch.stack([image for image, _, _ in kept])
+    labels = torch.tensor([label for _, label, _ in kept]) if kept[0][1] >= 0 else None
+    return Batch(images, labels, len(items) - len(kept), torch.tensor([i for *_, i in kept]))
 
 
 # --- folders ---------------------------------------------------------------------------------
@@ -213,7 +232,8 @@ def folder_files(directory: Path, min_classes: int = 2
                         f"{', '.join(IMAGE_EXTENSIONS)})")
     paths.sort(key=lambda p: p.split(os.sep))  # the order of sorted Paths: split by part
     labels, classes = _folder_labels(root, paths, min_classes)
-    return FolderFiles(np.array([os.fsencode(p) for p in paths])), labels, classes
+    files = FolderFiles(np.array([os.fsencode(p) for p in paths]), os.fsencode(root))
+    return files, labels, classes
 
 
 def _folder_labels(root: str, paths: list[str],

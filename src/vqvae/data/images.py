@@ -24,6 +24,7 @@ class Batch(NamedTuple):
     images: torch.Tensor  # (B, C, S, S) uint8
     labels: torch.Tensor | None  # (B,) int64
     skipped: int = 0  # unreadable files left out of (or replaced in) this batch
+    rows: torch.Tensor | None = None  # (B,) int64: which images of the set (ordered batches)
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,17 @@ class ImageSet:
     images: torch.Tensor  # (N, C, S, S) uint8
     labels: torch.Tensor | None = None  # (N,) int64
     classes: tuple[str, ...] | None = None
+    names: np.ndarray | None = None  # (N,) str: each image's name in its source (keys())
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def keys(self) -> np.ndarray:
+        """(N,) str: what names each image in its source (a relative path, a shard key, an
+        array index)."""
+        if self.names is not None:
+            return self.names
+        return np.array([str(i) for i in range(len(self))], dtype=object)
 
     @property
     def channels(self) -> int:
@@ -43,7 +52,8 @@ class ImageSet:
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         labels = None if self.labels is None else self.labels[index]
-        return ImageSet(self.images[index], labels, self.classes)
+        return ImageSet(self.images[index], labels, self.classes,
+                        self.keys()[np.asarray(index)])
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         """The images at ``index`` (n,) as uint8 (n, C, S, S)."""
@@ -53,7 +63,8 @@ class ImageSet:
         """All images in order, ``batch_size`` at a time."""
         for start in range(0, len(self), batch_size):
             labels = None if self.labels is None else self.labels[start:start + batch_size]
-            yield Batch(self.images[start:start + batch_size], labels)
+            yield Batch(self.images[start:start + batch_size], labels, 0,
+                        torch.arange(start, min(start + batch_size, len(self))))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

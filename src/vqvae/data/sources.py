@@ -331,7 +331,7 @@ def _split(cfg: DataConfig) -> Splits:
 
 def _sized(images: ImageSet, cfg: DataConfig) -> ImageSet:
     return ImageSet(set_channels(resize_square(images.images, cfg.size), cfg.channels),
-                    images.labels, images.classes)
+                    images.labels, images.classes, images.keys())
 
 
 # A folder holding these sub-folders is a training set and its held-out set (not two classes).

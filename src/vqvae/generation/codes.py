@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,6 +38,7 @@ CONTENTS_SHA256 = "contents_sha256"  # metadata: the checksum load_codes verifie
 class CodeSplit:
     codes: torch.Tensor  # (N, h, w) integer code ids
     labels: torch.Tensor | None = None  # (N,) int64 class ids
+    keys: tuple[str, ...] | None = None  # (N,) each grid's image in the source (see ImageSet.keys)
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -74,6 +76,16 @@ class Codes:
             raise DataError(f"the codes hold no {name!r} split (they have: "
                             f"{', '.join(self.splits) or 'none'})")
         return self.splits[name]
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        """Which image of the source each grid of split ``name`` encodes (a relative path, a
+        shard key, an array index; ``#flipped`` marks a mirrored copy)."""
+        keys = self.split(name).keys
+        if keys is None:
+            raise DataError(f"these codes do not record which image each {name} grid came from "
+                            f"(written before codes did, or not encoded from images): encode "
+                            f"again with `vqvae encode`")
+        return keys
 
 
 def code_dtype(codebook_size: int) -> torch.dtype:
@@ -138,21 +150,33 @@ def encode_set(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
     """An image set -> its code ids (N, h, w) in :func:`code_dtype` and labels (of the images
     mirrored left-right with ``flip``); a streamed set is decoded by ``workers`` processes and
     its unreadable files are left out."""
+    parts = list(encode_batches(model, images, batch_size, device, desc, progress, workers, flip))
+    if not parts:
+        raise DataError("no images to encode")
+    labels = [part.labels for part in parts]
+    has_labels = images.labels is not None and all(part is not None for part in labels)
+    return CodeSplit(torch.cat([part.codes for part in parts]),
+                     torch.cat(labels) if has_labels else None,
+                     tuple(key for part in parts for key in part.keys))
+
+
+@torch.inference_mode()
+def encode_batches(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
+                   device: torch.device | str = "cpu", desc: str = "encode",
+                   progress: bool = True, workers: int = 2,
+                   flip: bool = False) -> Iterator[CodeSplit]:
+    """:func:`encode_set` a batch at a time, each with its images' keys (memory stays flat)."""
     model.eval()
     dtype = code_dtype(model.cfg.codebook_size)
-    parts, labels = [], []
+    names = images.keys()
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:  # closed on Ctrl-C too: the CLI's line comes after it
         for batch in images.batches(batch_size, workers=workers):
             x = to_float(batch.images.to(device))
             x = x.flip(-1) if flip else x
-            parts.append(model.encode(x).indices.to("cpu", dtype))
-            labels.append(batch.labels)
+            keys = tuple(f"{k}#flipped" if flip else str(k) for k in names[batch.rows.numpy()])
+            yield CodeSplit(model.encode(x).indices.to("cpu", dtype), batch.labels, keys)
             bar.update(x.shape[0] + batch.skipped)
-    if not parts:
-        raise DataError("no images to encode")
-    has_labels = images.labels is not None and all(part is not None for part in labels)
-    return CodeSplit(torch.cat(parts), torch.cat(labels) if has_labels else None)
 
 
 def load_stage1(cfg: PriorRunConfig, device: torch.device | str = "cpu",
@@ -218,7 +242,8 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
         train = encoded["train"]
         encoded["train"] = CodeSplit(torch.cat([train.codes, mirrored.codes]),
                                      None if train.labels is None
-                                     else torch.cat([train.labels, mirrored.labels]))
+                                     else torch.cat([train.labels, mirrored.labels]),
+                                     train.keys + mirrored.keys)
     return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()), sha, data.source,
                  splits.train.classes)
 
@@ -275,6 +300,9 @@ def save_codes(codes: Codes, path: str | Path) -> Path:
         tensors[name] = split.codes.to(dtype).contiguous()
         if split.labels is not None:
             tensors[f"{name}_labels"] = split.labels.to(torch.int64).contiguous()
+        if split.keys is not None:  # JSON text as bytes: covered by the contents' sha256
+            tensors[f"{name}_keys"] = torch.frombuffer(
+                bytearray(json.dumps(list(split.keys)).encode()), dtype=torch.uint8)
     h, w = codes.grid
     meta = {"format": FORMAT, "codebook_size": str(codes.codebook_size), "grid": f"{h}x{w}",
             "splits": json.dumps(list(codes.splits)), "stage1": codes.stage1,
@@ -316,7 +344,7 @@ def load_codes(path: str | Path) -> Codes:
         if name not in tensors:
             raise DataError(f"{path}: split {name!r} is missing")
         splits[name] = _check_split(path, name, tensors[name], tensors.get(f"{name}_labels"), k,
-                                    len(classes) if classes else 0)
+                                    len(classes) if classes else 0, tensors.get(f"{name}_keys"))
     if not splits or all(len(s) == 0 for s in splits.values()):
         raise DataError(f"{path} holds no code grids")
     if len({tuple(s.codes.shape[1:]) for s in splits.values()}) != 1:
@@ -326,7 +354,7 @@ def load_codes(path: str | Path) -> Codes:
 
 
 def _check_split(path: Path, name: str, codes: torch.Tensor, labels: torch.Tensor | None,
-                 k: int, num_classes: int) -> CodeSplit:
+                 k: int, num_classes: int, keys: torch.Tensor | None = None) -> CodeSplit:
     if codes.dim() != 3 or codes.dtype.is_floating_point:
         raise DataError(f"{path}: split {name!r} must be integer (N, h, w), got {codes.dtype} "
                         f"{tuple(codes.shape)}")
@@ -337,4 +365,12 @@ def _check_split(path: Path, name: str, codes: torch.Tensor, labels: torch.Tenso
             raise DataError(f"{path}: {labels.shape[0]} labels for {codes.shape[0]} {name} grids")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= max(num_classes, 1)):
             raise DataError(f"{path}: {name} labels outside the {num_classes} classes")
-    return CodeSplit(codes, labels)
+    names = None
+    if keys is not None:
+        try:
+            names = tuple(str(key) for key in json.loads(keys.numpy().tobytes()))
+        except (ValueError, TypeError):
+            raise DataError(f"{path}: damaged {name} keys") from None
+        if len(names) != codes.shape[0]:
+            raise DataError(f"{path}: {len(names)} keys for {codes.shape[0]} {name} grids")
+    return CodeSplit(codes, labels, names)
