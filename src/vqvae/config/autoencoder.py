@@ -213,7 +213,7 @@ class VQVAEConfig:
 
     @property
     def decoder_blocks(self) -> int:
-        """vqgan: residual blocks per decoder level (``decoder_res_blocks``, else ``res_blocks``)."""
+        """vqgan: residual blocks per decoder level: ``decoder_res_blocks``, else ``res_blocks``."""
         return self.decoder_res_blocks or self.res_blocks
 
     @property
