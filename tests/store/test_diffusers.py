@@ -151,6 +151,8 @@ def broken(folder: Path, problem: str) -> None:
     weights = folder / WEIGHTS_FILE
     if problem == "pickle only":
         weights.rename(folder / "diffusion_pytorch_model.bin")
+    elif problem == "no weights":
+        weights.unlink()
     elif problem == "AutoencoderKL":
         config["_class_name"] = "AutoencoderKL"
     elif problem == "spatial":
@@ -168,6 +170,7 @@ def broken(folder: Path, problem: str) -> None:
 
 @pytest.mark.parametrize("problem, says", [
     ("pickle only", "holds only diffusion_pytorch_model.bin, a pickle"),
+    ("no weights", f"holds no {WEIGHTS_FILE}"),
     ("AutoencoderKL", "'AutoencoderKL', not a VQModel"),
     ("spatial", "norm_type 'spatial'"),
     ("missing", "holds no tensor decoder.conv_out.bias"),

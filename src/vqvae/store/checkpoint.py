@@ -354,19 +354,14 @@ def weights_file(checkpoint_dir: str | Path) -> Path:
     return diffusers_weights(folder) if diffusers_class(folder) else folder / MODEL_FILE
 
 
-def _diffusers_stage1(folder: Path, kind: str) -> None:
-    """Refuse a diffusers folder where another kind of model is wanted."""
-    if kind != VQVAE_KIND:
-        raise CheckpointError(f"{folder} is a diffusers {diffusers_class(folder)} folder, "
-                              f"not a {kind} checkpoint")
-
-
 def load_model(path: str | Path, kind: str, device: str | torch.device = "cpu") -> nn.Module:
     """A trained ``kind`` model (eval mode) from a run folder or a checkpoint folder; stage 1
     also from a diffusers VQModel folder (converted, the same outputs: store/diffusers.py)."""
     folder = resolve(path)
     if diffusers_class(folder):
-        _diffusers_stage1(folder, kind)
+        if kind != VQVAE_KIND:
+            raise CheckpointError(f"{folder} is a diffusers {diffusers_class(folder)} folder, "
+                                  f"not a {kind} checkpoint")
         return load_diffusers(folder, device)
     return MODELS[kind].from_pretrained(folder, device)
 

@@ -379,7 +379,8 @@ def read_diffusers(folder: str | Path) -> tuple[VQVAEConfig, dict[str, torch.Ten
     if extra:
         raise CheckpointError(f"{where} holds {len(extra)} tensor(s) a VQModel of its "
                               f"config.json has not (e.g. {extra[0]})")
-    expected = VQVAE(cfg).state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = VQVAE(cfg).state_dict()
     for name, tensor in ours.items():
         if tensor.shape != expected[name].shape:
             their = next(e.theirs for e in weight_table(cfg) if e.ours == name)
