@@ -81,6 +81,27 @@ def test_a_vqmodel_folder_loads_with_the_same_outputs(tmp_path, attention):
     assert vqvae.load_autoencoder(tmp_path).cfg == cfg  # every stage-1 loader takes it
 
 
+def test_a_sharded_vqmodel_folder_loads_and_every_shard_is_fingerprinted(tmp_path):
+    import safetensors.torch as st
+
+    from vqvae.generation.codes import fingerprint
+
+    theirs, one, shards = vqmodel(), tmp_path / "one", tmp_path / "shards"
+    theirs.save_pretrained(one)
+    theirs.save_pretrained(shards, max_shard_size="40KB")
+    parts = sorted(shards.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(parts) > 1 and (shards / f"{WEIGHTS_FILE}.index.json").is_file()
+    whole = vqvae.from_pretrained(one).state_dict()
+    assert all(torch.equal(v, whole[k]) for k, v in vqvae.from_pretrained(shards)
+               .state_dict().items())
+    before = fingerprint(shards)
+    tensors = st.load_file(parts[-1])
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1  # another model in the last shard: another fingerprint
+    st.save_file(tensors, parts[-1])
+    assert fingerprint(shards) != before
+
+
 def tiny_vqgan(**changes) -> VQVAEConfig:
     settings = dict(image_size=16, in_channels=3, architecture="vqgan", hidden_channels=16,
                     channel_mult=(1, 2), downsamples=1, res_blocks=1, norm_groups=8,

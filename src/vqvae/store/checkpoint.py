@@ -37,7 +37,7 @@ from ..models.pretrained import (CONFIG_FILE, FORMAT, MODEL_FILE, PRIOR_KIND,  #
 from ..models.pretrained import load_weights as load_folder_weights
 from ..models.prior import Prior
 from .diffusers import copy_weights, diffusers_class, load_diffusers, read_diffusers
-from .diffusers import weights_file as diffusers_weights
+from .diffusers import weight_files as diffusers_weights
 
 STATE_FILE, STATE_META = "state.safetensors", "state.json"
 STATE_SHA256 = "state_sha256"  # in state.json (and a companion's NAME.json): its tensors' checksum
@@ -348,10 +348,11 @@ def load_model_config(directory: Path, kind: str) -> Any:
     return from_dict(MODELS[kind].config_class, load_config(directory, kind), f"{kind} config")
 
 
-def weights_file(checkpoint_dir: str | Path) -> Path:
-    """The file holding a checkpoint folder's weights (a diffusers folder's, or its shard index)."""
+def weight_files(checkpoint_dir: str | Path) -> list[Path]:
+    """The files holding a checkpoint folder's weights: its ``model.safetensors``, or a diffusers
+    folder's safetensors file or shards."""
     folder = Path(checkpoint_dir)
-    return diffusers_weights(folder) if diffusers_class(folder) else folder / MODEL_FILE
+    return diffusers_weights(folder) if diffusers_class(folder) else [folder / MODEL_FILE]
 
 
 def load_model(path: str | Path, kind: str, device: str | torch.device = "cpu") -> nn.Module:

@@ -70,11 +70,17 @@ def is_diffusers_folder(folder: str | Path) -> bool:
     return diffusers_class(folder) is not None
 
 
-def weights_file(folder: str | Path) -> Path:
-    """The file that identifies a diffusers folder's weights: the safetensors file, or a sharded
-    checkpoint's index."""
-    folder = Path(folder)
-    return folder / WEIGHTS_INDEX if (folder / WEIGHTS_INDEX).is_file() else folder / WEIGHTS_FILE
+def weight_files(folder: str | Path) -> list[Path]:
+    """The files holding a diffusers folder's weights: the safetensors file, or the shards a
+    sharded checkpoint's index names (in name order); an unreadable index names none."""
+    folder, index = Path(folder), Path(folder) / WEIGHTS_INDEX
+    if not index.is_file():
+        return [folder / WEIGHTS_FILE]
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        return [folder / name for name in sorted(set(map(str, weight_map.values())))]
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 # --- configs -----------------------------------------------------------------------------------
@@ -337,14 +343,12 @@ def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     and the file to name in messages. A folder with only pickled weights is refused."""
     index = folder / WEIGHTS_INDEX
     if index.is_file():
-        meta = read_json(index)
-        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
-        if not isinstance(weight_map, dict):
+        files, where = weight_files(folder), index
+        if not files:
             raise CheckpointError(f"{index} has no weight_map (expected a sharded safetensors "
                                   f"index)")
-        files, where = sorted(set(map(str, weight_map.values()))), index
     elif (folder / WEIGHTS_FILE).is_file():
-        files, where = [WEIGHTS_FILE], folder / WEIGHTS_FILE
+        files, where = [folder / WEIGHTS_FILE], folder / WEIGHTS_FILE
     elif (folder / PICKLED_FILE).is_file():
         raise CheckpointError(f"{folder} holds only {PICKLED_FILE}, a pickle, which vqvae never "
                               f"loads: save the model with safe_serialization=True "
@@ -352,8 +356,7 @@ def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     else:
         raise CheckpointError(f"{folder} holds no {WEIGHTS_FILE}")
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = folder / name
+    for path in files:
         try:
             tensors.update(st.load(path.read_bytes()))
         except OSError as e:
