@@ -178,6 +178,8 @@ def broken(folder: Path, problem: str) -> None:
         config["_class_name"] = "AutoencoderKL"
     elif problem == "spatial":
         config["norm_type"] = "spatial"
+    elif problem == "a string for a number":
+        config["block_out_channels"] = [32, "64"]
     elif problem in ("missing", "shape"):
         import safetensors.torch as st
         tensors = st.load_file(weights)
@@ -194,6 +196,8 @@ def broken(folder: Path, problem: str) -> None:
     ("no weights", f"holds no {WEIGHTS_FILE}"),
     ("AutoencoderKL", "'AutoencoderKL', not a VQModel"),
     ("spatial", "norm_type 'spatial'"),
+    ("a string for a number", r"block_out_channels must be a list of positive integers, got "
+                              r"\[32, '64'\]"),
     ("missing", "holds no tensor decoder.conv_out.bias"),
     ("shape", r"quantize.embedding.weight has shape \(16, 4\), but its config.json makes it "
               r"\(32, 4\)"),

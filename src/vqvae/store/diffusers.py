@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import safetensors.torch as st
 import torch
@@ -44,7 +44,38 @@ VQMODEL_DEFAULTS: dict[str, Any] = {
     "norm_type": "group", "mid_block_add_attention": True,
     "scaling_factor": 0.18215, "force_upcast": False, "lookup_from_codebook": False,
 }
-DROPPED = ("scaling_factor", "force_upcast", "lookup_from_codebook")
+
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _counts(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(map(_count, v))
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+
+# What each setting's value must be, and its words (another JSON type is one line, not a crash).
+VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (_count, "a positive integer") for k in (
+        "in_channels", "out_channels", "latent_channels", "num_vq_embeddings", "norm_num_groups")},
+    "layers_per_block": (lambda v: _count(v) or v == 0, "an integer >= 0"),
+    "vq_embed_dim": (lambda v: v is None or _count(v), "a positive integer or null"),
+    "sample_size": (lambda v: _count(v) or (_counts(v) and len(v) == 2),
+                    "a positive integer or a list of two"),
+    "block_out_channels": (_counts, "a list of positive integers"),
+    "down_block_types": (_names, "a list of block names"),
+    "up_block_types": (_names, "a list of block names"),
+    **{k: (lambda v: isinstance(v, str), "a string") for k in ("act_fn", "norm_type")},
+    **{k: (lambda v: isinstance(v, bool), "true or false") for k in (
+        "mid_block_add_attention", "force_upcast", "lookup_from_codebook")},
+    "scaling_factor": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                       "a number"),
+}
 
 
 # --- recognising a folder ----------------------------------------------------------------------
@@ -62,12 +93,6 @@ def diffusers_class(folder: str | Path) -> str | None:
         return None
     name = meta.get("_class_name") if isinstance(meta, dict) else None
     return name if isinstance(name, str) else None
-
-
-def is_diffusers_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` is a diffusers model folder (of any class: the reader names the ones
-    it cannot take)."""
-    return diffusers_class(folder) is not None
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -101,6 +126,9 @@ def config_from_diffusers(raw: dict[str, Any], where: Path) -> VQVAEConfig:
         raise refuse(f"unknown VQModel setting(s) {', '.join(unknown)} (a newer diffusers than "
                      f"{WRITTEN_FOR}?)")
     c = {**VQMODEL_DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
+    wrong = [k for k, v in c.items() if not VALID[k][0](v)]
+    if wrong:
+        raise refuse(f"{wrong[0]} must be {VALID[wrong[0]][1]}, got {c[wrong[0]]!r}")
     if c["norm_type"] != "group":
         raise refuse(f"norm_type {c['norm_type']!r} (SpatialNorm in the decoder) has no vqvae "
                      f"counterpart: only norm_type 'group' imports")
@@ -128,10 +156,10 @@ def config_from_diffusers(raw: dict[str, Any], where: Path) -> VQVAEConfig:
         raise refuse(f"block_out_channels {widths} are not multiples of the first, as vqvae's "
                      f"channel_mult needs")
     size = c["sample_size"]
-    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+    if isinstance(size, list):
+        if size[0] != size[1]:
+            raise refuse(f"sample_size {size}: vqvae models take square images")
         size = size[0]
-    if not isinstance(size, int):
-        raise refuse(f"sample_size {size!r}: vqvae models take square images (one integer)")
     try:
         return VQVAEConfig(
             image_size=size, in_channels=c["in_channels"], architecture="vqgan",
@@ -144,7 +172,7 @@ def config_from_diffusers(raw: dict[str, Any], where: Path) -> VQVAEConfig:
             codebook_size=c["num_vq_embeddings"],
             code_dim=c["vq_embed_dim"] or c["latent_channels"], beta=0.25, quantizer="vq",
             weight_init="torch")
-    except (ConfigError, TypeError) as e:
+    except ConfigError as e:
         raise refuse(f"no vqvae model matches: {e}") from None
 
 
