@@ -271,7 +271,7 @@ def hold(path: str | Path, by: str, tries: int = 3) -> tuple[Path, bool]:
         directory = resolve(path)
         added = not needs(directory, by)
         protect(directory, by)
-        if _complete(directory):
+        if _complete(directory) or diffusers_class(directory):  # nothing prunes a diffusers one
             return directory, added
     raise CheckpointError(f"the checkpoints of {path} were pruned while being read {tries} times "
                           f"over: try again, or stop the run writing them")
