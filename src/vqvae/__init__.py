@@ -47,6 +47,7 @@ from .models.quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQua
 
 # checkpoints and run folders
 from .store.checkpoint import from_pretrained, load_autoencoder, load_prior
+from .store.diffusers import export_diffusers, load_diffusers
 
 # training
 from .training.driver import RunResult
@@ -72,6 +73,8 @@ __all__ = [
     "QuantizerOutput", "Prior", "MaskGITPrior", "build_prior", "LPIPS", "load_perceptual",
     "from_pretrained", "load_autoencoder", "load_prior", "load_run_config",
     "load_prior_run_config",
+    # diffusers' VQModel folders, out and in (from_pretrained reads them too)
+    "export_diffusers", "load_diffusers",
     # the commands, one function each (vqvae train, finetune-decoder, reconstruct, interpolate,
     # eval, pack, encode, train-prior, sample, inpaint)
     "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",

@@ -74,7 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune_decoder(args: argparse.Namespace) -> int:
-    return _finish(finetune_decoder(args.run, _out(args), given(args, "train")), "train")
+    return _finish(finetune_decoder(args.run, _out(args), given(args, "train"), data=args.data),
+                   "train")
 
 
 def cmd_train_prior(args: argparse.Namespace) -> int:
@@ -160,6 +161,8 @@ def make_parser() -> argparse.ArgumentParser:
                 "training options; the learning rate defaults to a tenth of RUN_DIR's.")
     p.add_argument("run", metavar="RUN_DIR", help="a stage-1 run or checkpoint folder")
     p.add_argument("--out", metavar="NEW_RUN", required=True, help="new run folder to write")
+    p.add_argument("--data", help="another data source (default: the run's own; needed for a "
+                   "checkpoint outside a run folder, e.g. a diffusers VQModel folder)")
     p.set_defaults(resume=None)
     add_options(p, TrainConfig, "training (defaults: RUN_DIR's; --lr: a tenth of it)", "train",
                 False)

@@ -14,6 +14,7 @@ Architecture = Literal["resnet", "vqgan"]
 WeightInit = Literal["keras", "torch"]
 Estimator = Literal["ste", "rotation"]
 Upsample = Literal["transpose", "nearest"]
+DownsamplePadding = Literal["symmetric", "asymmetric"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,20 @@ class VQVAEConfig:
     norm_groups: int = field(default=32, metadata=_help(
         "vqgan: GroupNorm groups; every level's width must be a multiple of it",
         architecture="vqgan"))
+    middle_attention_only: bool = field(default=False, metadata=_help(
+        "vqgan with --attention: attend between the two middle blocks only, not after each "
+        "residual block of the lowest resolution (diffusers' VQModel)", architecture="vqgan"))
+    downsample_padding: DownsamplePadding = field(default="symmetric", metadata=_help(
+        "vqgan: how the encoder's stride-2 convs pad: symmetric (one pixel on every side) | "
+        "asymmetric (one pixel right and bottom only: taming's and diffusers' Downsample2D)",
+        architecture="vqgan"))
+    decoder_res_blocks: int | None = field(default=None, metadata=_help(
+        "vqgan: residual blocks per decoder level (default: res_blocks; taming's and diffusers' "
+        "decoders have res_blocks + 1)", architecture="vqgan"))
+    latent_channels: int | None = field(default=None, metadata=_help(
+        "vqgan: channels of the encoder's output and the decoder's input, with 1x1 convs to and "
+        "from code_dim around the quantizer (diffusers' quant_conv and post_quant_conv; default: "
+        "none, the encoder outputs code_dim channels)", architecture="vqgan"))
     codebook_size: int = field(default=64, metadata=_help("number of codes K"))
     code_dim: int = field(default=128, metadata=_help("dimension D of each code"))
     beta: float = field(default=0.25, metadata=_help("commitment loss weight"))
@@ -118,6 +133,15 @@ class VQVAEConfig:
         _check(isinstance(self.attention, bool),
                f"attention must be true or false, got {self.attention!r}")
         _check(self.norm_groups >= 1, f"norm_groups must be >= 1, got {self.norm_groups}")
+        _check(isinstance(self.middle_attention_only, bool),
+               f"middle_attention_only must be true or false, got {self.middle_attention_only!r}")
+        _check(self.downsample_padding in get_args(DownsamplePadding),
+               f"downsample_padding must be one of {get_args(DownsamplePadding)}, got "
+               f"{self.downsample_padding!r}")
+        _check(self.decoder_res_blocks is None or self.decoder_res_blocks >= 1,
+               f"decoder_res_blocks must be >= 1, got {self.decoder_res_blocks}")
+        _check(self.latent_channels is None or self.latent_channels >= 1,
+               f"latent_channels must be >= 1, got {self.latent_channels}")
         _check(0.0 < self.bn_momentum <= 1.0,
                f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         _check(self.bn_eps > 0.0, f"bn_eps must be > 0, got {self.bn_eps}")
@@ -139,6 +163,9 @@ class VQVAEConfig:
                f"{len(mult) - 1} downsamplings, but downsamples is {self.downsamples}: give "
                f"{levels} values to --channel-mult (e.g. {like}), or --channel-mult alone (it "
                f"sets downsamples)")
+        _check(self.attention or not self.middle_attention_only,
+               "middle_attention_only places the attention that --attention adds: it needs "
+               "--attention")
         widths = self.level_widths
         _check(all(w % self.norm_groups == 0 for w in widths),
                f"GroupNorm with norm_groups {self.norm_groups} needs every level's width to be a "
@@ -183,6 +210,11 @@ class VQVAEConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // 2**self.downsamples
+
+    @property
+    def decoder_blocks(self) -> int:
+        """vqgan: residual blocks per decoder level: ``decoder_res_blocks``, else ``res_blocks``."""
+        return self.decoder_res_blocks or self.res_blocks
 
     @property
     def level_widths(self) -> tuple[int, ...]:

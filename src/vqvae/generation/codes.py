@@ -100,18 +100,19 @@ def code_dtype(codebook_size: int) -> torch.dtype:
 def fingerprint(checkpoint_dir: str | Path) -> str:
     """sha256 of a checkpoint's ``model.safetensors``: which exact weights made some codes. Read
     from its ``config.json``, which records it when the weights are written (and every load
-    checks the file against it); hashed only for a checkpoint that recorded none."""
+    checks the file against it); hashed only for a checkpoint that recorded none (a diffusers
+    folder: its weights file, or its shards one after the other)."""
     _, _, recorded = ckpt.read_config_meta(Path(checkpoint_dir) / ckpt.CONFIG_FILE)
     if recorded:
         return recorded
-    path = Path(checkpoint_dir) / ckpt.MODEL_FILE
     digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    for path in ckpt.weight_files(checkpoint_dir):  # one file, or a diffusers folder's shards
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
     return digest.hexdigest()
 
 

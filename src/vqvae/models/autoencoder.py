@@ -90,12 +90,17 @@ def _upsample(cfg: VQVAEConfig, out_channels: int) -> list[nn.Module]:
 
 def _vqgan_encoder(cfg: VQVAEConfig) -> nn.Sequential:
     return vqgan_encoder(cfg.in_channels, cfg.level_widths, cfg.res_blocks, cfg.code_dim,
-                         cfg.attention, cfg.norm_groups)
+                         cfg.attention, cfg.norm_groups,
+                         middle_attention_only=cfg.middle_attention_only,
+                         asymmetric_downsample=cfg.downsample_padding == "asymmetric",
+                         latent_channels=cfg.latent_channels)
 
 
 def _vqgan_decoder(cfg: VQVAEConfig) -> nn.Sequential:
-    return vqgan_decoder(cfg.code_dim, cfg.level_widths, cfg.res_blocks, cfg.in_channels,
-                         cfg.attention, cfg.norm_groups)
+    return vqgan_decoder(cfg.code_dim, cfg.level_widths, cfg.decoder_blocks, cfg.in_channels,
+                         cfg.attention, cfg.norm_groups,
+                         middle_attention_only=cfg.middle_attention_only,
+                         latent_channels=cfg.latent_channels)
 
 
 class EncoderDecoder(NamedTuple):

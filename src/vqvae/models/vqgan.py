@@ -66,6 +66,18 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class AsymmetricDownsample(nn.Conv2d):
+    """A 3x3 stride-2 conv after zero padding of one pixel on the right and bottom only (taming's
+    and diffusers' Downsample2D); the symmetric default pads one pixel on every side. A conv
+    itself, so its weights are named as a plain conv's."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
 def _level(layers: list[nn.Module], width: int, out: int, blocks: int, attention: bool,
            groups: int) -> None:
     """``blocks`` residual blocks (the first one changing ``width`` to ``out``), each followed
@@ -84,36 +96,50 @@ def _middle(width: int, attention: bool, groups: int) -> list[nn.Module]:
 
 
 def vqgan_encoder(in_channels: int, widths: Sequence[int], res_blocks: int, out_channels: int,
-                  attention: bool = True, groups: int = 32) -> nn.Sequential:
+                  attention: bool = True, groups: int = 32, *, middle_attention_only: bool = False,
+                  asymmetric_downsample: bool = False,
+                  latent_channels: int | None = None) -> nn.Sequential:
     """(B, in_channels, S, S) -> (B, out_channels, S/2^n, S/2^n), n = len(widths) - 1: a 3x3
-    conv, then per level ``res_blocks`` blocks to its width and a stride-2 conv between levels,
-    a middle of block-attention-block, GN-SiLU-conv out (attention: at the lowest level and in
-    the middle)."""
+    conv, then per level ``res_blocks`` blocks to its width and a stride-2 conv between levels
+    (:class:`AsymmetricDownsample` with ``asymmetric_downsample``), a middle of
+    block-attention-block, GN-SiLU-conv out (attention: at the lowest level and in the middle, or
+    ``middle_attention_only``). With ``latent_channels`` the conv out gives that many channels
+    and a 1x1 conv maps them to ``out_channels`` (diffusers' quant_conv)."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1)]
     width = widths[0]
     for level, out in enumerate(widths):
         lowest = level == len(widths) - 1
-        _level(layers, width, out, res_blocks, attention and lowest, groups)
+        _level(layers, width, out, res_blocks, attention and lowest and not middle_attention_only,
+               groups)
         width = out
         if not lowest:  # (B, C, H, W) -> (B, C, H/2, W/2)
-            layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+            layers.append(AsymmetricDownsample(width) if asymmetric_downsample
+                          else nn.Conv2d(width, width, 3, stride=2, padding=1))
     layers += [*_middle(width, attention, groups), group_norm(width, groups), nn.SiLU(),
-               nn.Conv2d(width, out_channels, 3, padding=1)]
+               nn.Conv2d(width, latent_channels or out_channels, 3, padding=1)]
+    if latent_channels:
+        layers.append(nn.Conv2d(latent_channels, out_channels, 1))
     return nn.Sequential(*layers)
 
 
 def vqgan_decoder(in_channels: int, widths: Sequence[int], res_blocks: int, out_channels: int,
-                  attention: bool = True, groups: int = 32) -> nn.Sequential:
+                  attention: bool = True, groups: int = 32, *, middle_attention_only: bool = False,
+                  latent_channels: int | None = None) -> nn.Sequential:
     """The encoder mirrored, (B, in_channels, s, s) -> (B, out_channels, s*2^n, s*2^n): a 3x3
     conv to the lowest level's width, the middle, then per level from the lowest ``res_blocks``
-    blocks to its width and an upsampling between levels, GN-SiLU-conv out. The output is not
-    squashed (no tanh): the reconstruction loss keeps it near [-1, 1]; pictures clamp it."""
+    blocks to its width and an upsampling between levels, GN-SiLU-conv out. With
+    ``latent_channels`` a 1x1 conv from ``in_channels`` to that many comes first (diffusers'
+    post_quant_conv). The output is not squashed (no tanh): the reconstruction loss keeps it
+    near [-1, 1]; pictures clamp it."""
     width = widths[-1]
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1),
-                               *_middle(width, attention, groups)]
+    layers: list[nn.Module] = ([nn.Conv2d(in_channels, latent_channels, 1)] if latent_channels
+                               else [])
+    layers += [nn.Conv2d(latent_channels or in_channels, width, 3, padding=1),
+               *_middle(width, attention, groups)]
     for level in reversed(range(len(widths))):
-        _level(layers, width, widths[level], res_blocks, attention and level == len(widths) - 1,
-               groups)
+        lowest = level == len(widths) - 1
+        _level(layers, width, widths[level], res_blocks,
+               attention and lowest and not middle_attention_only, groups)
         width = widths[level]
         if level > 0:  # (B, C, h, w) -> (B, C, 2h, 2w)
             layers.append(Upsample(width))

@@ -32,9 +32,12 @@ from ..models.autoencoder import VQVAE
 # The folder format lives with the models (their save_pretrained/from_pretrained); re-exported
 # here, where run folders and every caller have always found it.
 from ..models.pretrained import (CONFIG_FILE, FORMAT, MODEL_FILE, PRIOR_KIND,  # noqa: F401
-                                 VQVAE_KIND, PretrainedMixin, load_config, load_weights, locate,
-                                 read_config, read_config_meta, save, write_config)
+                                 VQVAE_KIND, PretrainedMixin, load_config, locate, read_config,
+                                 read_config_meta, save, write_config)
+from ..models.pretrained import load_weights as load_folder_weights
 from ..models.prior import Prior
+from .diffusers import copy_weights, diffusers_class, load_diffusers, read_diffusers
+from .diffusers import weight_files as diffusers_weights
 
 STATE_FILE, STATE_META = "state.safetensors", "state.json"
 STATE_SHA256 = "state_sha256"  # in state.json (and a companion's NAME.json): its tensors' checksum
@@ -228,7 +231,10 @@ def _needed_by(checkpoint_dir: Path) -> list[str]:
 
 
 def protect(checkpoint_dir: Path, by: str) -> None:
-    """Mark a checkpoint as needed (by a codes file, a prior): pruning never deletes it."""
+    """Mark a checkpoint as needed (by a codes file, a prior): pruning never deletes it. A
+    diffusers folder is left as it is: nothing of ours prunes it."""
+    if diffusers_class(checkpoint_dir):
+        return
     path = Path(checkpoint_dir) / KEEP
     users = _needed_by(checkpoint_dir)
     if by in users:
@@ -265,7 +271,7 @@ def hold(path: str | Path, by: str, tries: int = 3) -> tuple[Path, bool]:
         directory = resolve(path)
         added = not needs(directory, by)
         protect(directory, by)
-        if _complete(directory):
+        if _complete(directory) or diffusers_class(directory):  # nothing prunes a diffusers one
             return directory, added
     raise CheckpointError(f"the checkpoints of {path} were pruned while being read {tries} times "
                           f"over: try again, or stop the run writing them")
@@ -319,9 +325,10 @@ def _latest(root: Path) -> Path | None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint folder from a run folder, its ``checkpoints`` folder, or the folder itself."""
+    """A checkpoint folder from a run folder, its ``checkpoints`` folder, or the folder itself
+    (a vqvae checkpoint folder, or a diffusers model folder: stage 1 loads a VQModel's)."""
     path = Path(path)
-    if (path / MODEL_FILE).exists():
+    if (path / MODEL_FILE).exists() or diffusers_class(path):
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     found = _latest(root) if root.is_dir() else None
@@ -341,16 +348,45 @@ def load_model_config(directory: Path, kind: str) -> Any:
     return from_dict(MODELS[kind].config_class, load_config(directory, kind), f"{kind} config")
 
 
+def weight_files(checkpoint_dir: str | Path) -> list[Path]:
+    """The files holding a checkpoint folder's weights: its ``model.safetensors``, or a diffusers
+    folder's safetensors file or shards."""
+    folder = Path(checkpoint_dir)
+    return diffusers_weights(folder) if diffusers_class(folder) else [folder / MODEL_FILE]
+
+
 def load_model(path: str | Path, kind: str, device: str | torch.device = "cpu") -> nn.Module:
-    """A trained ``kind`` model (eval mode) from a run folder or a checkpoint folder."""
-    return MODELS[kind].from_pretrained(resolve(path), device)
+    """A trained ``kind`` model (eval mode) from a run folder or a checkpoint folder; stage 1
+    also from a diffusers VQModel folder (converted, the same outputs: store/diffusers.py)."""
+    folder = resolve(path)
+    if diffusers_class(folder):
+        if kind != VQVAE_KIND:
+            raise CheckpointError(f"{folder} is a diffusers {diffusers_class(folder)} folder, "
+                                  f"not a {kind} checkpoint")
+        return load_diffusers(folder, device)
+    return MODELS[kind].from_pretrained(folder, device)
+
+
+def load_weights(directory: Path, module: nn.Module) -> None:
+    """Load a checkpoint folder's weights into ``module`` (a diffusers VQModel folder's converted
+    into a :class:`VQVAE` of the same config), naming any mismatch in one line."""
+    if not diffusers_class(directory):
+        return load_folder_weights(directory, module)
+    cfg, weights = read_diffusers(directory)
+    if not isinstance(module, VQVAE) or module.cfg != cfg:
+        raise CheckpointError(f"{directory} holds a VQModel that does not match the model: "
+                              f"its config.json gives another vqvae config")
+    copy_weights(module, weights)
 
 
 def from_pretrained(path_or_repo_id: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The model (eval mode) a folder holds, of the kind its ``config.json`` names: a run folder
     (its latest checkpoint), its ``checkpoints`` folder, a checkpoint or ``save_pretrained``
-    folder, or a Hub repo id (``"org/name"``, needs ``pip install 'vqvae[hub]'``)."""
+    folder, a diffusers ``VQModel`` folder (as a stage-1 :class:`VQVAE`), or a Hub repo id
+    (``"org/name"``, needs ``pip install 'vqvae[hub]'``)."""
     folder = resolve(locate(path_or_repo_id))
+    if diffusers_class(folder):  # a diffusers VQModel folder: a stage-1 model
+        return load_diffusers(folder, device)
     kind, _ = read_config(folder / CONFIG_FILE)
     if kind not in MODELS:
         raise CheckpointError(f"{folder / CONFIG_FILE} is tagged {kind!r}, not a model "

@@ -53,7 +53,8 @@ def find_run(path: str | Path) -> Path | None:
     elif path.parent.name == ckpt.CHECKPOINTS:
         candidates.append(path.parent.parent)
     for folder in candidates:
-        if (folder / RUN_CONFIG).is_file() and not (folder / ckpt.MODEL_FILE).exists():
+        if ((folder / RUN_CONFIG).is_file() and not (folder / ckpt.MODEL_FILE).exists()
+                and not ckpt.diffusers_class(folder)):
             kind, _ = ckpt.read_config(folder / RUN_CONFIG)
             if kind is None or kind.endswith("-run"):
                 return folder

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..config import ReconLoss, RunConfig, TrainConfig
+from ..config import PRESETS, ReconLoss, RunConfig, TrainConfig
 from ..data.images import Batch
 from ..data.loader import train_batches
 from ..data.sources import Splits, load_splits, to_float
@@ -72,16 +72,27 @@ def load_run_config(path: str | Path) -> RunConfig:
 FINETUNE_LR_SCALE = 0.1
 
 
-def finetune_config(source: str | Path, train: dict | None = None) -> RunConfig:
+def finetune_config(source: str | Path, train: dict | None = None,
+                    data: str | None = None) -> RunConfig:
     """The config of a decoder-only fine-tune of the stage-1 model at ``source`` (a run or
-    checkpoint folder): its data and model, its training options updated by ``train`` (the
-    learning rate, unless given, :data:`FINETUNE_LR_SCALE` times its own), starting from its
-    weights with the encoder and codebook frozen, so its codes stay those of ``source`` (and of
-    the checkpoint ``source`` was itself fine-tuned from)."""
-    from ..generation.codes import codes_fingerprint
+    checkpoint folder): its data (or the source ``data``) and model, its training options
+    updated by ``train`` (the learning rate, unless given, :data:`FINETUNE_LR_SCALE` times its
+    own), starting from its weights with the encoder and codebook frozen, so its codes stay those
+    of ``source`` (and of the checkpoint ``source`` was itself fine-tuned from). A model outside
+    a run folder (a copied checkpoint, a diffusers VQModel folder) needs ``data`` and starts
+    from its architecture's preset's training options."""
+    from ..generation.codes import codes_fingerprint, stage1_data
 
     directory = ckpt.resolve(source)
-    base = load_run_config(source)
+    if runs.find_run(source) is not None:
+        base = load_run_config(source)
+        if data:
+            base = replace(base, data=replace(base.data, source=data))
+    else:
+        model = ckpt.load_autoencoder(directory)
+        preset = "vqgan" if model.cfg.architecture == "vqgan" else "default"
+        base = RunConfig(stage1_data(source, model, data), model.cfg, PRESETS[preset].train,
+                         preset)
     train = {"lr": base.train.lr * FINETUNE_LR_SCALE, **(train or {})}
     tc = replace(base.train, **train, init_from=str(directory.resolve()),
                  decoder_only=True, codes_sha256=codes_fingerprint(directory))
@@ -336,9 +347,10 @@ def train_autoencoder(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
 
 
 def finetune_decoder(source: str | Path, run_dir: str | Path, train: dict | None = None, *,
-                     runtime: Runtime | None = None, progress: bool = True) -> RunResult:
+                     data: str | None = None, runtime: Runtime | None = None,
+                     progress: bool = True) -> RunResult:
     """``vqvae finetune-decoder``: train the decoder of the stage-1 model at ``source`` alone in
-    a new run (:func:`finetune_config`, with fields of ``train`` overridden), so codes and
-    priors made with ``source`` decode with the result."""
-    return train_autoencoder(finetune_config(source, train), run_dir, runtime=runtime,
+    a new run (:func:`finetune_config`, with fields of ``train`` overridden, on ``data`` when
+    given), so codes and priors made with ``source`` decode with the result."""
+    return train_autoencoder(finetune_config(source, train, data), run_dir, runtime=runtime,
                              progress=progress)
