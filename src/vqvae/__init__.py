@@ -29,6 +29,7 @@ from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance,
                                  train_classifier)
 
 # generation: codes, grids, sampling, inpainting
+from .generation.code_folders import encode_codes, encode_to_folder, read_code_folder
 from .generation.codes import (Codes, CodeSplit, encode_dataset, encode_to_file, load_codes,
                                load_trained, save_codes)
 from .generation.grids import (decode_codes, interpolation_grid, reconstruction_grid, samples_grid,
@@ -78,7 +79,8 @@ __all__ = [
     # the commands, one function each (vqvae train, finetune-decoder, reconstruct, interpolate,
     # eval, pack, encode, train-prior, sample, inpaint)
     "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",
-    "evaluate_run", "pack", "encode_to_file", "prior_setup", "train_prior", "write_samples",
+    "evaluate_run", "pack", "encode_codes", "encode_to_file", "encode_to_folder",
+    "read_code_folder", "prior_setup", "train_prior", "write_samples",
     "inpaint_files", "RunResult", "RunScores", "Runtime",
     # the same in memory: a prior and its decoder loaded once
     "Pipeline",

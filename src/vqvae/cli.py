@@ -23,7 +23,7 @@ from .data.shards import pack
 from .distributed import torchrun_env
 from .errors import USER_ERRORS, ConfigError, NonFiniteError, Terminated
 from .evaluation.evaluate import evaluate_run
-from .generation.codes import encode_to_file
+from .generation.code_folders import encode_codes
 from .generation.grids import write_interpolation, write_reconstructions
 from .generation.pipeline import inpaint_files, write_samples
 from .options import add_options, command, given, training_options
@@ -112,9 +112,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    codes, path = encode_to_file(args.run, args.out, source=args.data, batch_size=args.batch_size,
-                                 device=args.device, flip=args.flip)
-    print(f"encoded {codes.summary()}: {path}")
+    summary, path = encode_codes(args.run, args.out, format=args.format, source=args.data,
+                                 batch_size=args.batch_size, device=args.device, flip=args.flip)
+    print(f"encoded {summary}: {path}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -182,7 +182,11 @@ def make_parser() -> argparse.ArgumentParser:
                 "model", "stage-1", description="Encode the train and test splits into one "
                 "codes file.")
     p.add_argument("--out", metavar="CODES", required=True, help="codes file to write "
-                   "(.safetensors)")
+                   "(.safetensors), or with --format npy a folder")
+    p.add_argument("--format", choices=("safetensors", "npy"), default="safetensors",
+                   help="safetensors: one codes file for train-prior (default) | npy: one .npy "
+                   "of code ids per image in a tree mirroring the data's, and codes.json with "
+                   "each file's key and label (for other trainers)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     p.add_argument("--flip", action="store_true", help="also encode every training image "
                    "mirrored left-right (twice the training grids for a prior; for photos and "

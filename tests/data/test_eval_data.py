@@ -99,3 +99,28 @@ def test_codes_record_which_image_each_grid_came_from(tmp_path, legacy_run):
         assert torch.equal(whole.images[int(held[j])], splits.test.images[j])
     with pytest.raises(DataError, match="do not record which image"):
         load_codes(legacy_run / "prior" / "codes.safetensors").keys("train")
+
+
+def test_encode_format_npy_writes_one_file_per_image_in_a_mirrored_tree(tmp_path, legacy_run):
+    _images(tmp_path / "set" / "train", 6, 0)
+    _images(tmp_path / "set" / "val", 3, 100)
+    out = tmp_path / "npy"
+    assert main(["encode", str(legacy_run), "--data", str(tmp_path / "set"), "--out", str(out),
+                 "--format", "npy", "--flip"]) == 0
+    index = json.loads((out / "codes.json").read_text())
+    assert [row[0] for row in index["splits"]["test"]] == ["cat/000.png", "cat/002.png",
+                                                          "dog/001.png"]
+    assert [row[1] for row in index["splits"]["test"]] == [0, 0, 1]
+    assert main(["encode", str(legacy_run), "--data", str(tmp_path / "set"),
+                 "--out", str(tmp_path / "c.safetensors")]) == 0
+    codes = load_codes(tmp_path / "c.safetensors")
+    for name, shape in (("train", (2, 4, 4)), ("test", (4, 4))):
+        for j, key in enumerate(codes.keys(name)):
+            array = np.load(out / name / key.replace(".png", ".npy"))
+            assert array.shape == shape
+            first = array[0] if name == "train" else array
+            assert np.array_equal(first, codes.split(name).codes[j].numpy())
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("mine")
+    assert main(["encode", str(legacy_run), "--out", str(tmp_path / "busy"),
+                 "--format", "npy"]) == 2

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -221,6 +221,24 @@ def load_trained(path: str | Path, source: str | None = None,
     return model, load_splits(stage1_data(path, model, source))
 
 
+class EncodingSource(NamedTuple):
+    checkpoint: Path
+    model: VQVAE
+    stage1_sha256: str  # read when loaded: nothing is read from the checkpoint afterwards
+    data: DataConfig
+    splits: Splits
+
+
+def encoding_source(run_dir: str | Path, source: str | None,
+                    device: torch.device | str) -> EncodingSource:
+    """The stage-1 model of ``run_dir`` and the splits it encodes (``source``, or its own)."""
+    directory = ckpt.resolve(run_dir)
+    model = ckpt.load_autoencoder(directory, device)
+    sha = fingerprint(directory)
+    data = stage1_data(run_dir, model, source)
+    return EncodingSource(directory, model, sha, data, load_splits(data))
+
+
 def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: int = 256,
                    device: torch.device | str = "cpu", progress: bool = True,
                    flip: bool = False) -> Codes:
@@ -229,11 +247,7 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
     split also holds the codes of every training image mirrored left-right (twice the grids for
     a prior, as LlamaGen trains its priors; for data whose mirror image is still in-distribution:
     photos, clothes, not digits or text); the test split stays as it is."""
-    directory = ckpt.resolve(run_dir)
-    model = ckpt.load_autoencoder(directory, device)
-    sha = fingerprint(directory)  # read now: nothing is read from the checkpoint after this
-    data = stage1_data(run_dir, model, source)
-    splits = load_splits(data)
+    directory, model, sha, data, splits = encoding_source(run_dir, source, device)
     encoded = {name: encode_set(model, getattr(splits, name), batch_size, device,
                                 f"encode {name}", progress, data.workers)
                for name in ("train", "test")}
