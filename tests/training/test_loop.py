@@ -19,6 +19,8 @@ CPU = Runtime(torch.device("cpu"))
 class CountingStage:
     """A stage whose 'loss' is the step number; counts saves."""
 
+    halt = None  # its data never goes bad
+
     def __init__(self, nan_at: int | None = None):
         self.nan_at, self.saves = nan_at, []
 
