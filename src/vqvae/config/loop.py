@@ -56,6 +56,10 @@ class LoopConfig:
     tensorboard: bool = field(default=False, metadata=_help(
         "also log scalars and sample grids to RUN_DIR/tensorboard (needs the tensorboard "
         "package: pip install 'vqvae[tensorboard]')"))
+    weight_ema: float = field(default=0.0, metadata=_help(
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: "
+        "off): saved in every checkpoint beside the raw weights, and what held-out metrics, "
+        "pictures, encode, sample and export use"))
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -76,6 +80,8 @@ class LoopConfig:
         _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
         _check(isinstance(self.tensorboard, bool),
                f"tensorboard must be true or false, got {self.tensorboard!r}")
+        _check(0.0 <= self.weight_ema < 1.0,
+               f"weight_ema must be in [0, 1), got {self.weight_ema}")
 
 
 # Loop fields a resumed run may change (the rest is the run's identity); batch_size so that a

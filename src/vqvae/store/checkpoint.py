@@ -28,6 +28,7 @@ from ..config import from_dict
 from ..errors import CheckpointError
 from ..fileio import check_sha256, fsync_dir, read_json, sha256, write_bytes, write_json
 from ..models.autoencoder import VQVAE
+from ..models.ema import EMA
 
 # The folder format lives with the models (their save_pretrained/from_pretrained); re-exported
 # here, where run folders and every caller have always found it.
@@ -45,8 +46,9 @@ CHECKPOINTS, LATEST, KEEP = "checkpoints", "latest", "keep.json"
 STEP_NAME = re.compile(r"step-\d{7,}")
 
 
-# Modules trained beside a checkpoint's model, by file name: (module, its optimizer).
-Companions = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+# Modules kept beside a checkpoint's model, by file name: (module, its optimizer or None: the
+# GAN's discriminator and its Adam, the weights' moving average).
+Companions = dict[str, tuple[nn.Module, torch.optim.Optimizer | None]]
 
 
 # --- training state ----------------------------------------------------------------------------
@@ -125,10 +127,12 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
 
 
 def save_companion(directory: Path, name: str, module: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> None:
-    """A module trained beside the model (the GAN's discriminator) and its optimizer, as
-    ``NAME.safetensors`` + ``NAME.json`` in a checkpoint folder: training state, not the model."""
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+                   optimizer: torch.optim.Optimizer | None) -> None:
+    """A module kept beside the model (the GAN's discriminator, the weights' moving average) and
+    its optimizer if it has one, as ``NAME.safetensors`` + ``NAME.json`` in a checkpoint
+    folder."""
+    tensors, meta = (_flatten_optimizer(optimizer.state_dict()) if optimizer is not None
+                     else ({}, None))
     tensors |= {f"module.{k}": v.detach().contiguous().cpu()
                 for k, v in module.state_dict().items()}
     data = st.save(tensors)
@@ -137,7 +141,7 @@ def save_companion(directory: Path, name: str, module: nn.Module,
 
 
 def load_companion(directory: Path, name: str, module: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> None:
+                   optimizer: torch.optim.Optimizer | None) -> None:
     """Restore what :func:`save_companion` wrote, naming any mismatch in one line."""
     path, record = directory / f"{name}.safetensors", directory / f"{name}.json"
     if not path.is_file() or not record.is_file():
@@ -150,7 +154,8 @@ def load_companion(directory: Path, name: str, module: nn.Module,
     weights = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
     try:
         module.load_state_dict(weights)
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        if optimizer is not None:
+            optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path} does not match this run's {name}: {first}") from None
@@ -364,7 +369,11 @@ def load_model(path: str | Path, kind: str, device: str | torch.device = "cpu") 
             raise CheckpointError(f"{folder} is a diffusers {diffusers_class(folder)} folder, "
                                   f"not a {kind} checkpoint")
         return load_diffusers(folder, device)
-    return MODELS[kind].from_pretrained(folder, device)
+    model = MODELS[kind].from_pretrained(folder, device)
+    if (folder / f"{EMA}.safetensors").is_file():  # trained with --weight-ema: use the average
+        load_companion(folder, EMA, model, None)
+        model.eval()
+    return model
 
 
 def load_weights(directory: Path, module: nn.Module) -> None:

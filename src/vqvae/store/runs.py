@@ -285,7 +285,7 @@ def _tensors(state: TrainingState) -> Iterator[tuple[str, torch.Tensor]]:
         names = {id(p): n for n, p in module.named_parameters()}
         yield from ((f"{prefix}parameter {n}", p) for n, p in module.named_parameters())
         yield from ((f"{prefix}buffer {n}", b) for n, b in module.named_buffers())
-        for param, slots in optimizer.state.items():
+        for param, slots in (optimizer.state.items() if optimizer is not None else ()):
             yield from ((f"{prefix}optimizer state {key} of {names.get(id(param), '?')}", v)
                         for key, v in slots.items() if torch.is_tensor(v))
 

@@ -9,14 +9,16 @@ checkpoint). Everything else, in this order, is here.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ContextManager, NamedTuple, Protocol
 
 import torch
 
 from ..config import LoopConfig
 from ..distributed import Runtime, main_does
+from ..models.ema import EMA, WeightEMA
 from ..precision import numerics
 from ..store.runs import TrainingState, check_steps, opened, restore, save_checkpoint, write_eval
 from .loggers import check_loggers, open_logger
@@ -96,21 +98,47 @@ class _Hooks:
 
     def __init__(self, stage: Stage, clock: RunClock):
         self.stage, self.clock = stage, clock
-        self.step, self.describe, self.postfix = stage.step, stage.describe, stage.postfix
+        self.describe, self.postfix = stage.describe, stage.postfix
+        self.ema = weight_ema(stage.state)
 
     @property
     def halt(self) -> str | None:
         return self.stage.halt
 
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        losses = self.stage.step(step)
+        if self.ema is not None:
+            self.ema.update(self.stage.state.model, step + 1)
+        return losses
+
     def save(self, step: int) -> Saved:
         stage, main = self.stage, self.stage.runtime.is_main
         checkpoint = (save_checkpoint(stage.run_dir, step, stage.state, stage.loop,
                                       stage.runtime, self.clock.seconds) if main else None)
-        pictures = stage.pictures(step) if main else {}
-        scored = stage.evaluate(stage.loop.eval_count)  # every rank: sharded
-        if checkpoint is not None:
-            pictures |= stage.saved(step, scored, checkpoint)
+        with averaged(stage.state):
+            pictures = stage.pictures(step) if main else {}
+            scored = stage.evaluate(stage.loop.eval_count)  # every rank: sharded
+            if checkpoint is not None:
+                pictures |= stage.saved(step, scored, checkpoint)
         return Saved(scored.metrics, pictures)
+
+
+def add_weight_ema(state: TrainingState, decay: float) -> None:
+    """With ``decay`` (``--weight-ema``), keep the weights' moving average beside the model: a
+    companion, so checkpoints save and resumes restore it."""
+    if decay:
+        state.companions[EMA] = (WeightEMA(state.model, decay), None)
+
+
+def weight_ema(state: TrainingState) -> WeightEMA | None:
+    ema = state.companions.get(EMA)
+    return None if ema is None else ema[0]  # type: ignore[return-value]
+
+
+def averaged(state: TrainingState) -> ContextManager[None]:
+    """The model holds its moving average inside the block (when it keeps one)."""
+    ema = weight_ema(state)
+    return nullcontext() if ema is None else ema.applied(state.model)
 
 
 def run(stage: Stage, *, resume: bool = False, progress: bool = True) -> RunResult:
@@ -118,6 +146,7 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True) -> RunResu
     until its steps, its minutes or a signal; returns the final held-out metrics."""
     tc, runtime, run_dir = stage.loop, stage.runtime, stage.run_dir
     check_loggers(tc)
+    add_weight_ema(stage.state, tc.weight_ema)
     with numerics(tc.precision, runtime.device, tc.deterministic), opened(run_dir, resume,
                                                                            runtime):
         start, seconds = (restore(run_dir, stage.state, tc.batch_size, runtime) if resume
@@ -130,8 +159,9 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True) -> RunResu
         with open_logger(run_dir, tc, start, runtime, stage.curves) as logger:
             step, signum = fit(_Hooks(stage, clock), tc, runtime, start, logger, stage.desc,
                                progress, clock)
-        pictures = stage.pictures(None) if runtime.is_main else {}
-        final = stage.evaluate(0)
+        with averaged(stage.state):
+            pictures = stage.pictures(None) if runtime.is_main else {}
+            final = stage.evaluate(0)
         if runtime.is_main:
             pictures |= stage.finished(step, final)
             write_eval(run_dir, step, final.metrics)
