@@ -1,0 +1,540 @@
+"""``vqvae report``: one self-contained HTML page per run (stage 1, its priors, or a prior alone).
+
+The page holds everything inline (PNG as base64, SVG charts, CSS and a small script, no network):
+the run's facts, its curves, the codebook atlas, usage maps, each kept checkpoint's pictures and
+the priors' bits/code and samples. Whatever is missing is said on the page; the run folder is
+only read (the page itself is written atomically, by default as ``RUN/report.html``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import asdict, is_dataclass, replace
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.sources import load_splits
+from ..errors import CheckpointError, ConfigError, DataError
+from ..fileio import check_writable, write_bytes
+from ..generation.codes import load_stage1
+from ..generation.grids import pick
+from ..store import checkpoint as ckpt
+from ..store import runs
+from . import svg
+from .atlas import PER_PAGE, Atlas, build_atlas, columns, sprite_pages
+from .facts import RunFacts, find, read_run, stage1_of
+from .timeline import Frame, prior_frames, stage1_frames
+
+REPORT = "report.html"
+ATLAS_IMAGES = 2048  # held-out images encoded for the atlas and the usage maps
+SECTIONS = (("run", "The run"), ("curves", "Curves"), ("atlas", "Codebook atlas"),
+            ("usage", "Usage maps"), ("checkpoints", "Checkpoints"), ("prior", "Prior"))
+LOSSES = ("loss", "mse_x", "l1_x", "mse_e", "mse_z", "gan_g", "perceptual", "freq")
+
+
+def write_report(run: str | Path, out: str | Path | None = None, *,
+                 progress: bool = True) -> Path:
+    """Write the report of the run folder ``run`` (a stage-1 run with the prior runs inside it,
+    or a prior run) to ``out`` (default ``RUN/report.html``); returns its path. A run without
+    checkpoints, logs or its stage-1 model still gets a page saying what is missing."""
+    facts = find(run)
+    path = Path(out) if out is not None else facts.path / REPORT
+    check_writable(path, "HTML file to write (e.g. report.html)")
+    html = build_page(facts, progress)
+    return write_bytes(path, html.encode())
+
+
+# --- gathering ---------------------------------------------------------------------------------
+
+
+def _stage1_run(facts: RunFacts) -> tuple[RunFacts | None, list[RunFacts], list[str]]:
+    """The stage-1 run the page is about (None when unknown or gone), its priors, and notes."""
+    if facts.stage == ckpt.VQVAE_KIND:
+        return facts, facts.priors, []
+    checkpoint, why = stage1_of(facts)
+    home = runs.find_run(checkpoint) if checkpoint is not None else None
+    if home is None:
+        return None, [facts], [why or f"its stage-1 checkpoint {checkpoint} is outside any run "
+                               f"folder: no stage-1 logs"]
+    return replace(read_run(home, False), priors=[facts]), [facts], []
+
+
+def _held_out(stage1: RunFacts | None, model: Any, notes: list[str]) -> torch.Tensor | None:
+    """Up to :data:`ATLAS_IMAGES` held-out uint8 images of the stage-1 run's data."""
+    if stage1 is None or stage1.config is None or model is None:
+        return None
+    try:
+        data = replace(stage1.config.data, workers=0)
+        test = load_splits(data).test
+        return pick(test, min(ATLAS_IMAGES, len(test)), seed=0)
+    except (DataError, ConfigError, OSError) as e:
+        notes.append(f"the held-out images of {stage1.config.data.source} cannot be read ({e}): "
+                     f"no atlas, usage maps or reconstructions")
+        return None
+
+
+def build_page(facts: RunFacts, progress: bool = True) -> str:
+    """The page's HTML for the run ``facts`` describe (see :func:`write_report`)."""
+    stage1, priors, notes = _stage1_run(facts)
+    model = None
+    if stage1 is not None and stage1.latest is not None:
+        try:
+            model = ckpt.load_autoencoder(stage1.latest)
+        except (CheckpointError, DataError) as e:
+            notes.append(f"{stage1.latest} cannot be loaded ({e}): no atlas")
+    images = _held_out(stage1, model, notes)
+    atlas = build_atlas(model, images) if images is not None else None
+    frames = (stage1_frames(stage1.checkpoints, images, progress)
+              if stage1 is not None and images is not None else [])
+    prior_parts = [_prior_part(p, progress) for p in priors]
+    missing = [*notes, *(f"stage 1: {m}" for m in (stage1.missing if stage1 else []))]
+    if stage1 is None:
+        missing.append("stage 1: no stage-1 run folder: no atlas, usage maps or reconstructions")
+    for p, (_, why) in zip(priors, prior_parts):
+        missing += [f"{p.name}: {m}" for m in p.missing] + ([f"{p.name}: {why}"] if why else [])
+    body = [_missing(missing),
+            _section("run", [_run_facts(r, images) for r in [stage1, *priors] if r is not None]),
+            _section("curves", _curves(stage1)),
+            _section("atlas", _atlas_html(atlas, model)),
+            _section("usage", _usage(stage1, atlas)),
+            _section("checkpoints", _checkpoints(frames)),
+            _section("prior", _priors(priors, [frames for frames, _ in prior_parts]))]
+    title = f"vqvae report: {facts.path}"
+    return PAGE.format(title=escape(title), css=CSS, script=SCRIPT,
+                       when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       nav=" ".join(f'<a href="#{key}">{name}</a>' for key, name in SECTIONS),
+                       body="\n".join(body), data=_json_script(_atlas_data(atlas)))
+
+
+def _prior_part(prior: RunFacts, progress: bool) -> tuple[list[Frame], str | None]:
+    """A prior run's sample frames, or why there are none."""
+    checkpoint, why = stage1_of(prior)
+    if checkpoint is None or not prior.checkpoints:
+        return [], why
+    try:
+        stage1 = load_stage1(prior.config)
+    except (CheckpointError, DataError) as e:
+        return [], f"its stage-1 model cannot decode its codes ({e}): no samples"
+    return prior_frames(prior.checkpoints, stage1, progress), None
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _section(key: str, parts: list[str] | str) -> str:
+    title = dict(SECTIONS)[key]
+    inner = parts if isinstance(parts, str) else "\n".join(parts)
+    return f'<section id="{key}"><h2>{title}</h2>\n{inner}\n</section>'
+
+
+def _missing(missing: list[str]) -> str:
+    if not missing:
+        return '<section id="missing" class="ok"><p>Nothing is missing.</p></section>'
+    items = "".join(f"<li>{escape(m)}</li>" for m in missing)
+    return (f'<section id="missing" class="warn"><h2>What is missing</h2><ul>{items}</ul>'
+            f'</section>')
+
+
+def _png(data: bytes, alt: str, cls: str = "") -> str:
+    return (f'<img alt="{escape(alt)}" class="{cls}" '
+            f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>"
+                               for k, v in rows) + "</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return escape(str(value))
+
+
+def _run_facts(r: RunFacts, images: torch.Tensor | None) -> str:
+    cfg = r.config
+    rows = [("folder", escape(str(r.path))),
+            ("command lines", "<br>".join(f"<code>{escape(c)}</code>" for c in r.commands)
+             or "not recorded")]
+    if cfg is not None:
+        train = cfg.train
+        if r.stage == ckpt.VQVAE_KIND:
+            d = cfg.data
+            held = "" if images is None else f"; {images.shape[0]} held-out images in the atlas"
+            rows.append(("data", escape(f"{d.source}, {d.size}px, {d.channels} channel(s), "
+                                        f"{d.holdout:.0%} held out (split seed {d.split_seed})"
+                                        f"{held}")))
+            m = cfg.model
+            rows.append(("model", escape(f"{cfg.preset} preset, {m.architecture}, "
+                                         f"{m.quantizer} quantizer, {m.codebook_size} codes of "
+                                         f"{m.code_dim} dims")))
+        else:
+            m = cfg.model
+            rows.append(("data", escape(f"codes {cfg.codes} of stage 1 {cfg.stage1}")))
+            rows.append(("model", escape(f"{cfg.preset} preset, {m.variant}, {m.layers} layers, "
+                                         f"d_model {m.d_model}, {m.height}x{m.width} grids of "
+                                         f"{m.codebook_size} codes, {m.num_classes} classes")))
+        budget = f"--steps {train.steps}" + (f", --minutes {train.minutes:g}"
+                                             if train.minutes else "")
+        rows.append(("budget", escape(budget)))
+        rows.append(("hardware", escape(f"--device {train.device}, --precision "
+                                        f"{train.precision} (the run folder does not record "
+                                        f"which device ran it)")))
+    st = r.state
+    if st:
+        speeds = [x["steps_per_s"] for x in r.train if isinstance(x.get("steps_per_s"),
+                                                                    (int, float))]
+        speed = f", {sum(speeds) / len(speeds):.1f} steps/s on average" if speeds else ""
+        rows.append(("trained", escape(f"{st.get('step', '?')} steps in "
+                                       f"{float(st.get('seconds', 0)):.1f} s{speed}, "
+                                       f"{st.get('world_size', 1)} process(es), global batch "
+                                       f"{st.get('global_batch', '?')}")))
+    rows.append(("kept checkpoints", escape(", ".join(p.name for p in r.checkpoints) or "none")))
+    if r.final:
+        metrics = " ".join(f"<span class=m>{escape(k)} <b>{_fmt(v)}</b></span>"
+                           for k, v in r.final.items() if k != "split")
+        rows.append(("final held-out metrics", metrics))
+    config = json.dumps(_plain(cfg), indent=1) if cfg is not None else "unreadable"
+    return (f"<h3>{escape(r.name)}</h3>{_table(rows)}<details><summary>config</summary>"
+            f"<pre>{escape(config)}</pre></details>")
+
+
+def _plain(cfg: Any) -> Any:
+    return asdict(cfg) if is_dataclass(cfg) else cfg
+
+
+def _series(records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(float(r["step"]), float(r[key])) for r in records
+            if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
+
+
+def _charts(charts: list[tuple[str, dict[str, list[tuple[float, float]]], bool]],
+            none: str) -> str:
+    """The line charts that have data (title, series, log y), or the sentence ``none``."""
+    drawn = [svg.line_chart(title, series, log) for title, series, log in charts
+             if any(series.values())]
+    return '<div class="charts">' + "".join(drawn) + "</div>" if drawn else f"<p>{none}</p>"
+
+
+def _curves(stage1: RunFacts | None) -> str:
+    if stage1 is None:
+        return "<p>No stage-1 run: no curves.</p>"
+    t, e = stage1.train, stage1.evals
+    return _charts([
+        ("training losses", {k: _series(t, k) for k in LOSSES}, True),
+        ("held-out PSNR (dB)", {"with codes": _series(e, "psnr"),
+                                "continuous": _series(e, "psnr_noq")}, False),
+        ("held-out SSIM", {"with codes": _series(e, "ssim"),
+                           "continuous": _series(e, "ssim_noq")}, False),
+        ("codebook usage (%)", {"held-out": _series(e, "usage"),
+                                "training window": _series(t, "window_usage")}, False),
+        ("perplexity", {"held-out": _series(e, "perplexity"),
+                        "training window": _series(t, "window_perplexity")}, False),
+        ("learning rate", {"lr": _series(t, "lr")}, False)],
+        "No training or held-out log: no curves.")
+
+
+def _atlas_html(atlas: Atlas | None, model: Any) -> str:
+    if atlas is None:
+        return "<p>No atlas: it needs a stage-1 checkpoint and its held-out images.</p>"
+    dead = int((atlas.counts == 0).sum())
+    k = atlas.counts.numel()
+    return f"""<p>Every code as a tile, most used first: <b>left</b>, the mean of the held-out
+image patches encoded to it ({atlas.patch}x{atlas.patch} pixels, the part of the image one grid
+cell sees); <b>right</b>, what the decoder draws for a grid made of that one code. {dead} of {k}
+codes are dead (crossed in red: no held-out patch uses them). Click a tile to see its usage,
+where in the grid it is used and its {atlas.neighbours.shape[1]} nearest codes by codebook
+distance (outlined in blue on the page). Hover for its id and count.</p>
+<div class="controls"><button id="atlas-prev">&larr;</button> <span id="atlas-page-label"></span>
+<button id="atlas-next">&rarr;</button> <label>code id <input id="atlas-find" type="number"
+min="0" max="{k - 1}"></label></div>
+<div class="atlas-wrap"><canvas id="atlas-canvas"></canvas>
+<div id="atlas-selected"><p>Click a tile.</p></div></div>"""
+
+
+def _usage(stage1: RunFacts | None, atlas: Atlas | None) -> str:
+    parts = []
+    if atlas is not None:
+        h, w = atlas.entropy.shape
+        parts.append(svg.usage_histogram(atlas.counts.tolist()))
+        parts.append(svg.heatmap(atlas.entropy.tolist(), f"code entropy per grid position "
+                                 f"({h}x{w})", "bits"))
+        parts.append('<div><p>Where the most used codes are used (held-out assignments per '
+                     'grid position, darker = more; click a tile in the atlas for any code):</p>'
+                     '<div id="usage-maps"></div></div>')
+    else:
+        parts.append("<p>No usage maps: they need a stage-1 checkpoint and held-out images.</p>")
+    if stage1 is not None:
+        t, e = stage1.train, stage1.evals
+        parts.append(_charts([("dead codes over the run", {
+            "held-out": _series(e, "dead_codes"),
+            "training window": _series(t, "window_dead_codes"),
+            "restarts": _series(t, "restarts")}, False)], "No log: no timeline of dead codes."))
+        cfg = stage1.config
+        if not _series(t, "restarts"):
+            why = ""
+            if cfg is not None and cfg.model.quantizer == "fsq":
+                why = " (fsq has no dead-code restarts)"
+            elif cfg is not None and cfg.model.restart_after:
+                why = (f" (codes unused for {cfg.model.restart_after} steps were re-seeded; "
+                       f"the window's dead codes are counted after those restarts)")
+            parts.append(f"<p>Restarts are not recorded in this run's log{escape(why)}.</p>")
+    return '<div class="charts">' + "".join(parts) + "</div>"
+
+
+def _checkpoints(frames: list[Frame]) -> str:
+    if not frames:
+        return "<p>No checkpoint pictures: they need stage-1 checkpoints and held-out images.</p>"
+    rows = []
+    for f in frames:
+        cells = (_png(f.pictures["reconstructions"], f"reconstructions at step {f.step}", "px")
+                 + _png(f.pictures["interpolations"], f"interpolations at step {f.step}", "px")
+                 if f.pictures else escape(f.note))
+        rows.append(f'<tr><th>step {f.step}</th><td>{cells}</td></tr>')
+    return ("<p>Each kept checkpoint (up to 12, spread over the run) on the same held-out images: "
+            "top row real, below it the reconstruction through the codes; then latent "
+            "interpolations between pairs, one row per pair.</p><table class=frames>"
+            + "".join(rows) + "</table>")
+
+
+def _priors(priors: list[RunFacts], frames: list[list[Frame]]) -> str:
+    if not priors:
+        return ("<p>No prior run in this folder (<code>vqvae train-prior --out RUN/prior</code>)."
+                "</p>")
+    parts = []
+    for p, fs in zip(priors, frames):
+        parts.append(f"<h3>{escape(p.name)}</h3>")
+        parts.append(_charts([
+            ("held-out bits/code", {"true class": _series(p.evals, "bits_per_code"),
+                                    "null class": _series(p.evals, "bits_per_code_uncond")},
+             False),
+            ("training bits/code", {"bits": _series(p.train, "bits")}, False)],
+            "No training or held-out log: no curves."))
+        rows = "".join(f"<tr><th>step {f.step}</th><td>"
+                       + (_png(f.pictures["samples"], f"samples at step {f.step}", "px")
+                          if f.pictures else escape(f.note)) + "</td></tr>" for f in fs)
+        parts.append("<p>Samples at each kept checkpoint (seed 0; a conditional prior draws its "
+                     "classes in turn):</p><table class=frames>" + rows + "</table>"
+                     if rows else "<p>No samples.</p>")
+    return "\n".join(parts)
+
+
+# --- the atlas's data for the script ------------------------------------------------------------
+
+
+def _atlas_data(atlas: Atlas | None) -> dict[str, Any] | None:
+    if atlas is None:
+        return None
+    k = atlas.counts.numel()
+    n, h, w = atlas.grids.shape
+    dtype = "<u2" if k <= 1 << 16 else "<u4"
+    grids = atlas.grids.numpy().astype(dtype).tobytes()
+    return {"k": k, "side": int(atlas.patches.shape[-1]), "columns": columns(k),
+            "perPage": PER_PAGE, "order": atlas.order.tolist(), "counts": atlas.counts.tolist(),
+            "neighbours": atlas.neighbours.tolist(),
+            "distances": [[round(float(d), 3) for d in row] for row in atlas.distances],
+            "pages": ["data:image/png;base64," + base64.b64encode(p).decode()
+                      for p in sprite_pages(atlas)],
+            "grid": [h, w], "images": n, "gridBytes": 2 if dtype == "<u2" else 4,
+            "grids": base64.b64encode(grids).decode()}
+
+
+def _json_script(data: Any) -> str:
+    text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    return f'<script type="application/json" id="atlas-data">{text}</script>'
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title><style>{css}</style></head>
+<body><header><h1>{title}</h1><p>written {when} by <code>vqvae report</code> &middot; {nav}</p>
+</header>
+<pre id="js-errors"></pre>
+{body}
+{data}
+<script>{script}</script>
+</body></html>
+"""
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1400px;padding:0 16px;color:#222}
+h1{font-size:20px;word-break:break-all}h2{border-bottom:1px solid #ccc;margin-top:28px}
+table{border-collapse:collapse}th{text-align:left;vertical-align:top;padding:2px 10px 2px 0}
+td{padding:2px 0}code{font-size:12px}.m{display:inline-block;margin-right:12px}
+.warn{background:#fff4e5;border:1px solid #f0b060;padding:4px 12px}.ok{color:#686}
+.charts{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.chart{background:#fafafa;border:1px solid #ddd}.chart .frame{fill:none;stroke:#bbb}
+.ct{font-size:11px;text-anchor:middle}.yl{font-size:10px;text-anchor:end}.xl{font-size:10px}
+.lg{font-size:10px}img.px,canvas{image-rendering:pixelated}
+#js-errors:empty{display:none}#js-errors{color:#b00;border:1px solid #b00;padding:6px}
+.atlas-wrap{display:flex;gap:16px;align-items:flex-start}
+#atlas-canvas{border:1px solid #ccc;cursor:pointer;max-width:75vw}
+#atlas-selected{min-width:260px}#atlas-selected canvas{border:1px solid #ccc;margin:2px}
+.nb{display:inline-block;text-align:center;font-size:10px;cursor:pointer;margin:2px}
+.frames td img{margin-right:12px;vertical-align:top}
+#usage-maps{display:flex;flex-wrap:wrap;gap:8px}#usage-maps div{font-size:10px;text-align:center}
+"""
+
+SCRIPT = r"""
+(function () {
+  const errors = document.getElementById('js-errors');
+  window.addEventListener('error', e => { errors.textContent += 'error: ' + e.message + '\n'; });
+  const A = JSON.parse(document.getElementById('atlas-data').textContent);
+  if (!A) { document.body.dataset.ready = '1'; return; }
+  const rank = new Int32Array(A.k);
+  A.order.forEach((c, i) => { rank[c] = i; });
+  const scale = Math.max(1, Math.round(32 / A.side)), T = A.side * scale, GAP = 2;
+  const pages = Math.ceil(A.k / A.perPage), images = {};
+  const bytes = Uint8Array.from(atob(A.grids), ch => ch.charCodeAt(0));
+  const grids = A.gridBytes === 2 ? new Uint16Array(bytes.buffer) : new Uint32Array(bytes.buffer);
+  const cells = A.grid[0] * A.grid[1];
+  const canvas = document.getElementById('atlas-canvas'), ctx = canvas.getContext('2d');
+  let page = 0, selected = -1;
+
+  function sheet(p) {
+    if (!images[p]) {
+      images[p] = new Promise(done => { const im = new Image(); im.onload = () => done(im);
+                                        im.src = A.pages[p]; });
+    }
+    return images[p];
+  }
+  function tileAt(code, target, t) {  // draw code's tile into a 2d context at (0, 0), size t
+    const r = rank[code], p = Math.floor(r / A.perPage), i = r % A.perPage;
+    return sheet(p).then(im => {
+      target.imageSmoothingEnabled = false;
+      target.drawImage(im, (i % A.columns) * 2 * A.side, Math.floor(i / A.columns) * A.side,
+                       2 * A.side, A.side, 0, 0, 2 * t, t);
+    });
+  }
+  function place(code) {
+    const i = rank[code] - page * A.perPage;
+    if (i < 0 || i >= A.perPage) return null;
+    return [(i % A.columns) * (2 * T + GAP), Math.floor(i / A.columns) * (T + GAP)];
+  }
+  function draw() {
+    const ids = A.order.slice(page * A.perPage, (page + 1) * A.perPage);
+    canvas.width = A.columns * (2 * T + GAP);
+    canvas.height = Math.ceil(ids.length / A.columns) * (T + GAP);
+    sheet(page).then(im => {
+      ctx.imageSmoothingEnabled = false;
+      ctx.fillStyle = '#fff'; ctx.fillRect(0, 0, canvas.width, canvas.height);
+      ids.forEach((c, i) => {
+        const x = (i % A.columns) * (2 * T + GAP), y = Math.floor(i / A.columns) * (T + GAP);
+        ctx.drawImage(im, (i % A.columns) * 2 * A.side, Math.floor(i / A.columns) * A.side,
+                      2 * A.side, A.side, x, y, 2 * T, T);
+        if (A.counts[c] === 0) {
+          ctx.strokeStyle = 'rgba(214,39,40,0.9)'; ctx.lineWidth = 2; ctx.beginPath();
+          ctx.moveTo(x, y); ctx.lineTo(x + 2 * T, y + T); ctx.moveTo(x + 2 * T, y);
+          ctx.lineTo(x, y + T); ctx.stroke();
+        }
+      });
+      if (selected >= 0) {
+        outline(selected, '#ffb000', 3);
+        A.neighbours[selected].forEach(n => outline(n, '#00a0ff', 2));
+      }
+    });
+    document.getElementById('atlas-page-label').textContent =
+      'page ' + (page + 1) + ' of ' + pages + ' (codes ranked ' + (page * A.perPage + 1) + '-' +
+      Math.min(A.k, (page + 1) * A.perPage) + ' by usage)';
+  }
+  function outline(code, colour, width) {
+    const at = place(code);
+    if (!at) return;
+    ctx.strokeStyle = colour; ctx.lineWidth = width;
+    ctx.strokeRect(at[0] + 1, at[1] + 1, 2 * T - 2, T - 2);
+  }
+  function positions(code) {
+    const counts = new Float64Array(cells);
+    for (let i = 0; i < grids.length; i++) if (grids[i] === code) counts[i % cells] += 1;
+    return counts;
+  }
+  function heat(code, size) {  // a canvas: where in the grid `code` is used
+    const counts = positions(code), c = document.createElement('canvas');
+    const most = Math.max(1, ...counts), cell = Math.max(4, Math.floor(size / A.grid[1]));
+    c.width = A.grid[1] * cell; c.height = A.grid[0] * cell;
+    const g = c.getContext('2d');
+    g.fillStyle = '#fff'; g.fillRect(0, 0, c.width, c.height);
+    counts.forEach((v, i) => {
+      g.fillStyle = 'rgba(31,119,180,' + (v / most).toFixed(3) + ')';
+      g.fillRect((i % A.grid[1]) * cell, Math.floor(i / A.grid[1]) * cell, cell - 1, cell - 1);
+    });
+    c.title = 'code ' + code + ': most used position ' + most + ' of ' + A.images + ' images';
+    return c;
+  }
+  function thumb(code, t) {
+    const c = document.createElement('canvas');
+    c.width = 2 * t; c.height = t;
+    tileAt(code, c.getContext('2d'), t);
+    return c;
+  }
+  function select(code) {
+    selected = code;
+    const p = Math.floor(rank[code] / A.perPage);
+    if (p !== page) page = p;
+    draw();
+    const box = document.getElementById('atlas-selected');
+    box.innerHTML = '';
+    const head = document.createElement('p');
+    const total = A.counts.reduce((a, b) => a + b, 0);
+    head.innerHTML = '<b>code ' + code + '</b>: ' + A.counts[code] + ' held-out uses (' +
+      (100 * A.counts[code] / Math.max(total, 1)).toFixed(2) + '%), usage rank ' +
+      (rank[code] + 1) + (A.counts[code] === 0 ? ', <b style="color:#d62728">dead</b>' : '');
+    box.appendChild(head);
+    box.appendChild(thumb(code, 64));
+    const where = document.createElement('p');
+    where.textContent = 'where in the ' + A.grid[0] + 'x' + A.grid[1] + ' grid it is used:';
+    box.appendChild(where);
+    box.appendChild(heat(code, 128));
+    const near = document.createElement('p');
+    near.textContent = 'nearest codes (codebook distance):';
+    box.appendChild(near);
+    A.neighbours[code].forEach((n, j) => {
+      const d = document.createElement('div');
+      d.className = 'nb';
+      d.appendChild(thumb(n, 24));
+      d.appendChild(document.createElement('br'));
+      d.appendChild(document.createTextNode(n + ' (' + A.distances[code][j] + ')'));
+      d.onclick = () => select(n);
+      box.appendChild(d);
+    });
+  }
+  function codeAt(ev) {
+    const box = canvas.getBoundingClientRect();
+    const x = (ev.clientX - box.left) * canvas.width / box.width;
+    const y = (ev.clientY - box.top) * canvas.height / box.height;
+    const col = Math.floor(x / (2 * T + GAP)), row = Math.floor(y / (T + GAP));
+    const i = page * A.perPage + row * A.columns + col;
+    return col < A.columns && i < Math.min(A.k, (page + 1) * A.perPage) ? A.order[i] : -1;
+  }
+  canvas.addEventListener('click', ev => { const c = codeAt(ev); if (c >= 0) select(c); });
+  canvas.addEventListener('mousemove', ev => {
+    const c = codeAt(ev);
+    canvas.title = c < 0 ? '' : 'code ' + c + ': ' + A.counts[c] + ' held-out uses' +
+      (A.counts[c] === 0 ? ' (dead)' : '');
+  });
+  const turn = by => () => { page = (page + pages + by) % pages; draw(); };
+  document.getElementById('atlas-prev').onclick = turn(-1);
+  document.getElementById('atlas-next').onclick = turn(1);
+  document.getElementById('atlas-find').onchange = ev => {
+    const c = parseInt(ev.target.value, 10);
+    if (c >= 0 && c < A.k) select(c);
+  };
+  const maps = document.getElementById('usage-maps');
+  A.order.slice(0, 12).filter(c => A.counts[c] > 0).forEach(c => {
+    const d = document.createElement('div');
+    d.appendChild(heat(c, 64));
+    d.appendChild(document.createElement('br'));
+    d.appendChild(document.createTextNode('code ' + c));
+    maps.appendChild(d);
+  });
+  const asked = /^#code=(\d+)$/.exec(location.hash);  // a link to one code: report.html#code=7
+  if (asked && +asked[1] < A.k) select(+asked[1]); else draw();
+  sheet(0).then(() => { document.body.dataset.ready = '1'; });
+})();
+"""
