@@ -46,6 +46,9 @@ from .models.prior import Prior, build_prior
 from .models.quantizers.fsq import FiniteScalarQuantizer
 from .models.quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
 
+# the run report (vqvae report)
+from .report.page import write_report
+
 # checkpoints and run folders
 from .store.checkpoint import from_pretrained, load_autoencoder, load_prior
 from .store.diffusers import export_diffusers, load_diffusers
@@ -77,11 +80,11 @@ __all__ = [
     # diffusers' VQModel folders, out and in (from_pretrained reads them too)
     "export_diffusers", "load_diffusers",
     # the commands, one function each (vqvae train, finetune-decoder, reconstruct, interpolate,
-    # eval, pack, encode, train-prior, sample, inpaint)
+    # eval, pack, encode, train-prior, sample, inpaint, report)
     "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",
     "evaluate_run", "pack", "encode_codes", "encode_to_file", "encode_to_folder",
     "read_code_folder", "prior_setup", "train_prior", "write_samples",
-    "inpaint_files", "RunResult", "RunScores", "Runtime",
+    "inpaint_files", "write_report", "RunResult", "RunScores", "Runtime",
     # the same in memory: a prior and its decoder loaded once
     "Pipeline",
     "encode_dataset", "load_trained", "Codes", "CodeSplit", "save_codes", "load_codes",

@@ -27,6 +27,7 @@ from .generation.code_folders import encode_codes
 from .generation.grids import write_interpolation, write_reconstructions
 from .generation.pipeline import inpaint_files, write_samples
 from .options import add_options, command, given, training_options
+from .report.page import write_report
 from .training.driver import RunResult
 from .training.stage1 import finetune_decoder, load_run_config, train_autoencoder
 from .training.stage2 import load_prior_run_config, prior_setup, prior_summary, train_prior
@@ -128,6 +129,10 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
                                   SampleConfig(**given(args, "sample")), args.out, args.ring,
                                   args.device)
     print(f"inpainted: {result}\noriginal | mask | result: {strip}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    print(f"report: {write_report(args.run, args.out, device=args.device)}")
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
@@ -237,6 +242,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="result PNG (default: IMAGE.inpainted.png beside the image)")
     add_options(p, SampleConfig, "sampling", "sample",
                 skip=("n", "batch_size", "no_cache", "all_classes"))
+
+    p = command(sub, "report", cmd_report, "one self-contained HTML page about a run",
+                description="Write one HTML file (images embedded, no network) about a run "
+                "folder: its facts, curves, the codebook atlas, usage maps, each kept "
+                "checkpoint's reconstructions and, for priors inside it or given, bits/code and "
+                "samples. What is missing is said on the page; the run folder is not changed.")
+    p.add_argument("run", metavar="RUN_DIR", help="a stage-1 run folder (with any prior runs "
+                   "inside it) or a prior run folder")
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default: "
+                   "RUN_DIR/report.html)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..data.sources import load_splits
+from ..distributed import pick_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import check_writable, write_bytes
 from ..generation.codes import load_stage1
@@ -38,14 +39,15 @@ LOSSES = ("loss", "mse_x", "l1_x", "mse_e", "mse_z", "gan_g", "perceptual", "fre
 
 
 def write_report(run: str | Path, out: str | Path | None = None, *,
-                 progress: bool = True) -> Path:
-    """Write the report of the run folder ``run`` (a stage-1 run with the prior runs inside it,
-    or a prior run) to ``out`` (default ``RUN/report.html``); returns its path. A run without
-    checkpoints, logs or its stage-1 model still gets a page saying what is missing."""
+                 device: str | torch.device = "auto", progress: bool = True) -> Path:
+    """``vqvae report``: write the report of the run folder ``run`` (a stage-1 run with the prior
+    runs inside it, or a prior run) to ``out`` (default ``RUN/report.html``), its models run on
+    ``device``; returns its path. A run without checkpoints, logs or its stage-1 model still
+    gets a page saying what is missing."""
     facts = find(run)
     path = Path(out) if out is not None else facts.path / REPORT
     check_writable(path, "HTML file to write (e.g. report.html)")
-    html = build_page(facts, progress)
+    html = build_page(facts, pick_device(device), progress)
     return write_bytes(path, html.encode())
 
 
@@ -78,20 +80,21 @@ def _held_out(stage1: RunFacts | None, model: Any, notes: list[str]) -> torch.Te
         return None
 
 
-def build_page(facts: RunFacts, progress: bool = True) -> str:
+def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
+               progress: bool = True) -> str:
     """The page's HTML for the run ``facts`` describe (see :func:`write_report`)."""
     stage1, priors, notes = _stage1_run(facts)
     model = None
     if stage1 is not None and stage1.latest is not None:
         try:
-            model = ckpt.load_autoencoder(stage1.latest)
+            model = ckpt.load_autoencoder(stage1.latest, device)
         except (CheckpointError, DataError) as e:
             notes.append(f"{stage1.latest} cannot be loaded ({e}): no atlas")
     images = _held_out(stage1, model, notes)
     atlas = build_atlas(model, images) if images is not None else None
-    frames = (stage1_frames(stage1.checkpoints, images, progress)
+    frames = (stage1_frames(stage1.checkpoints, images, device, progress)
               if stage1 is not None and images is not None else [])
-    prior_parts = [_prior_part(p, progress) for p in priors]
+    prior_parts = [_prior_part(p, device, progress) for p in priors]
     missing = [*notes, *(f"stage 1: {m}" for m in (stage1.missing if stage1 else []))]
     if stage1 is None:
         missing.append("stage 1: no stage-1 run folder: no atlas, usage maps or reconstructions")
@@ -111,16 +114,17 @@ def build_page(facts: RunFacts, progress: bool = True) -> str:
                        body="\n".join(body), data=_json_script(_atlas_data(atlas)))
 
 
-def _prior_part(prior: RunFacts, progress: bool) -> tuple[list[Frame], str | None]:
+def _prior_part(prior: RunFacts, device: torch.device,
+                progress: bool) -> tuple[list[Frame], str | None]:
     """A prior run's sample frames, or why there are none."""
     checkpoint, why = stage1_of(prior)
     if checkpoint is None or not prior.checkpoints:
         return [], why
     try:
-        stage1 = load_stage1(prior.config)
+        stage1 = load_stage1(prior.config, device)
     except (CheckpointError, DataError) as e:
         return [], f"its stage-1 model cannot decode its codes ({e}): no samples"
-    return prior_frames(prior.checkpoints, stage1, progress), None
+    return prior_frames(prior.checkpoints, stage1, device, progress), None
 
 
 # --- sections ----------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def _each(checkpoints: Sequence[Path], desc: str, progress: bool) -> Iterator[Pa
 
 @torch.no_grad()
 def stage1_frames(checkpoints: Sequence[Path], images: torch.Tensor,
+                  device: torch.device = torch.device("cpu"),
                   progress: bool = True) -> list[Frame]:
     """For each checkpoint: ``ROW`` held-out images above their reconstructions, and ``PAIRS``
     latent interpolations (uint8 ``images`` needs ``ROW + 2 * PAIRS`` of them, or repeats)."""
@@ -63,12 +64,12 @@ def stage1_frames(checkpoints: Sequence[Path], images: torch.Tensor,
     frames = []
     for folder in _each(checkpoints, "report: stage-1 checkpoints", progress):
         try:
-            model: VQVAE = ckpt.load_autoencoder(folder)
+            model: VQVAE = ckpt.load_autoencoder(folder, device)
         except (CheckpointError, DataError) as e:
             frames.append(Frame(ckpt.step_of(folder), {}, f"unreadable: {e}"))
             continue
         real = images[:ROW]
-        rec = to_uint8(model.reconstruct(to_float(real))).cpu()
+        rec = to_uint8(model.reconstruct(to_float(real.to(device)))).cpu()
         first, second = images[ROW:ROW + PAIRS], images[ROW + PAIRS:need]
         frames.append(Frame(ckpt.step_of(folder), {
             "reconstructions": png_bytes(tile(torch.cat([real, rec]), ROW, min_tile=32)),
@@ -78,19 +79,21 @@ def stage1_frames(checkpoints: Sequence[Path], images: torch.Tensor,
 
 @torch.no_grad()
 def prior_frames(checkpoints: Sequence[Path], stage1: VQVAE,
+                 device: torch.device = torch.device("cpu"),
                  progress: bool = True) -> list[Frame]:
     """For each prior checkpoint: ``SAMPLES`` images drawn with seed 0 (a conditional prior's
     classes in turn), decoded by ``stage1``."""
     frames = []
     for folder in _each(checkpoints, "report: prior checkpoints", progress):
         try:
-            prior = ckpt.load_prior(folder)
+            prior = ckpt.load_prior(folder, device)
         except (CheckpointError, DataError) as e:
             frames.append(Frame(ckpt.step_of(folder), {}, f"unreadable: {e}"))
             continue
         classes = prior.cfg.num_classes
         cfg = SampleConfig(n=SAMPLES, seed=0, all_classes=classes > 0, batch_size=SAMPLES)
-        images, _ = draw(prior, stage1, cfg, cfg.labels(classes))
+        labels = cfg.labels(classes)
+        images, _ = draw(prior, stage1, cfg, None if labels is None else labels.to(device))
         frames.append(Frame(ckpt.step_of(folder),
                             {"samples": png_bytes(samples_grid(images, SAMPLES))}))
     return frames
