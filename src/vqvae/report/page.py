@@ -442,6 +442,11 @@ SCRIPT = r"""
         outline(selected, '#ffb000', 3);
         A.neighbours[selected].forEach(n => outline(n, '#00a0ff', 2));
       }
+      // how many pixels the atlas painted (not white): a check a headless browser can read
+      const px = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+      let painted = 0;
+      for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] < 765) painted++;
+      canvas.dataset.painted = painted;
     });
     document.getElementById('atlas-page-label').textContent =
       'page ' + (page + 1) + ' of ' + pages + ' (codes ranked ' + (page * A.perPage + 1) + '-' +
