@@ -22,7 +22,7 @@ from ..models.autoencoder import VQVAE
 
 NEIGHBOURS = 8  # nearest codes listed per code
 PER_PAGE = 1024  # codes per sprite sheet
-ATLAS_BYTES = 16_000_000  # raw tile pixels budget over all pages (PNG shrinks it further)
+ATLAS_BYTES = 12_000_000  # raw tile pixels over all pages: 16 MB in base64 before PNG shrinks it
 
 
 class Atlas(NamedTuple):

@@ -111,9 +111,12 @@ def read_run(run_dir: Path, with_priors: bool = True) -> RunFacts:
         missing.append(f"{run_dir} holds no checkpoint: nothing to draw from its model")
     priors = []
     if with_priors and stage == ckpt.VQVAE_KIND:
-        priors = [read_run(sub, False) for sub in sorted(run_dir.iterdir())
-                  if sub.is_dir() and runs.find_run(sub) == sub
-                  and stage_of(sub) == ckpt.PRIOR_KIND]
+        for sub in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+            try:
+                if runs.find_run(sub) == sub and stage_of(sub) == ckpt.PRIOR_KIND:
+                    priors.append(read_run(sub, False))
+            except CheckpointError as e:  # a sub-folder's config.json that cannot be read
+                missing.append(f"{sub} is skipped: {e}")
     return RunFacts(run_dir, stage, config, commands, train, evals,
                     final if isinstance(final, dict) else None, checkpoints,
                     _state(checkpoints[-1] if checkpoints else None), missing, priors)

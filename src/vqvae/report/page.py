@@ -88,7 +88,7 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
     if stage1 is not None and stage1.latest is not None:
         try:
             model = ckpt.load_autoencoder(stage1.latest, device)
-        except (CheckpointError, DataError) as e:
+        except (CheckpointError, ConfigError, DataError) as e:
             notes.append(f"{stage1.latest} cannot be loaded ({e}): no atlas")
     images = _held_out(stage1, model, notes)
     atlas = build_atlas(model, images) if images is not None else None
@@ -122,7 +122,7 @@ def _prior_part(prior: RunFacts, device: torch.device,
         return [], why
     try:
         stage1 = load_stage1(prior.config, device)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, ConfigError, DataError) as e:
         return [], f"its stage-1 model cannot decode its codes ({e}): no samples"
     return prior_frames(prior.checkpoints, stage1, device, progress), None
 
@@ -394,6 +394,7 @@ SCRIPT = r"""
   const rank = new Int32Array(A.k);
   A.order.forEach((c, i) => { rank[c] = i; });
   const scale = Math.max(1, Math.round(32 / A.side)), T = A.side * scale, GAP = 2;
+  const W = 2 * T + 1;  // a tile on the page: patch | 1-pixel line | drawing
   const pages = Math.ceil(A.k / A.perPage), images = {};
   const bytes = Uint8Array.from(atob(A.grids), ch => ch.charCodeAt(0));
   const grids = A.gridBytes === 2 ? new Uint16Array(bytes.buffer) : new Uint32Array(bytes.buffer);
@@ -408,33 +409,34 @@ SCRIPT = r"""
     }
     return images[p];
   }
-  function tileAt(code, target, t) {  // draw code's tile into a 2d context at (0, 0), size t
-    const r = rank[code], p = Math.floor(r / A.perPage), i = r % A.perPage;
-    return sheet(p).then(im => {
-      target.imageSmoothingEnabled = false;
-      target.drawImage(im, (i % A.columns) * 2 * A.side, Math.floor(i / A.columns) * A.side,
-                       2 * A.side, A.side, 0, 0, 2 * t, t);
-    });
+  function paint(target, im, i, x, y, t) {  // tile i of sheet im at (x, y): two t x t halves
+    const sx = (i % A.columns) * 2 * A.side, sy = Math.floor(i / A.columns) * A.side;
+    target.imageSmoothingEnabled = false;
+    target.drawImage(im, sx, sy, A.side, A.side, x, y, t, t);
+    target.drawImage(im, sx + A.side, sy, A.side, A.side, x + t + 1, y, t, t);
+  }
+  function tileAt(code, target, t) {  // draw code's tile into a 2d context at (0, 0)
+    const r = rank[code];
+    return sheet(Math.floor(r / A.perPage)).then(im => paint(target, im, r % A.perPage, 0, 0, t));
   }
   function place(code) {
     const i = rank[code] - page * A.perPage;
     if (i < 0 || i >= A.perPage) return null;
-    return [(i % A.columns) * (2 * T + GAP), Math.floor(i / A.columns) * (T + GAP)];
+    return [(i % A.columns) * (W + GAP), Math.floor(i / A.columns) * (T + GAP)];
   }
   function draw() {
     const ids = A.order.slice(page * A.perPage, (page + 1) * A.perPage);
-    canvas.width = A.columns * (2 * T + GAP);
+    canvas.width = A.columns * (W + GAP);
     canvas.height = Math.ceil(ids.length / A.columns) * (T + GAP);
     sheet(page).then(im => {
       ctx.imageSmoothingEnabled = false;
       ctx.fillStyle = '#fff'; ctx.fillRect(0, 0, canvas.width, canvas.height);
       ids.forEach((c, i) => {
-        const x = (i % A.columns) * (2 * T + GAP), y = Math.floor(i / A.columns) * (T + GAP);
-        ctx.drawImage(im, (i % A.columns) * 2 * A.side, Math.floor(i / A.columns) * A.side,
-                      2 * A.side, A.side, x, y, 2 * T, T);
+        const x = (i % A.columns) * (W + GAP), y = Math.floor(i / A.columns) * (T + GAP);
+        paint(ctx, im, i, x, y, T);
         if (A.counts[c] === 0) {
           ctx.strokeStyle = 'rgba(214,39,40,0.9)'; ctx.lineWidth = 2; ctx.beginPath();
-          ctx.moveTo(x, y); ctx.lineTo(x + 2 * T, y + T); ctx.moveTo(x + 2 * T, y);
+          ctx.moveTo(x, y); ctx.lineTo(x + W, y + T); ctx.moveTo(x + W, y);
           ctx.lineTo(x, y + T); ctx.stroke();
         }
       });
@@ -456,7 +458,7 @@ SCRIPT = r"""
     const at = place(code);
     if (!at) return;
     ctx.strokeStyle = colour; ctx.lineWidth = width;
-    ctx.strokeRect(at[0] + 1, at[1] + 1, 2 * T - 2, T - 2);
+    ctx.strokeRect(at[0] + 1, at[1] + 1, W - 2, T - 2);
   }
   function positions(code) {
     const counts = new Float64Array(cells);
@@ -478,7 +480,7 @@ SCRIPT = r"""
   }
   function thumb(code, t) {
     const c = document.createElement('canvas');
-    c.width = 2 * t; c.height = t;
+    c.width = 2 * t + 1; c.height = t;
     tileAt(code, c.getContext('2d'), t);
     return c;
   }
@@ -517,7 +519,7 @@ SCRIPT = r"""
     const box = canvas.getBoundingClientRect();
     const x = (ev.clientX - box.left) * canvas.width / box.width;
     const y = (ev.clientY - box.top) * canvas.height / box.height;
-    const col = Math.floor(x / (2 * T + GAP)), row = Math.floor(y / (T + GAP));
+    const col = Math.floor(x / (W + GAP)), row = Math.floor(y / (T + GAP));
     const i = page * A.perPage + row * A.columns + col;
     return col < A.columns && i < Math.min(A.k, (page + 1) * A.perPage) ? A.order[i] : -1;
   }

@@ -130,7 +130,7 @@ def heatmap(values: Sequence[Sequence[float]], title: str, unit: str, cell: int 
     flat = [v for row in values for v in row]
     lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
     span = (hi - lo) or 1.0
-    width, height = max(cols * cell, 140), rows * cell + 34
+    width, height = max(cols * cell, 220), rows * cell + 34
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
              f'height="{height}" role="img"><text x="{width / 2}" y="11" class="ct">'
              f'{escape(title)}</text>']
