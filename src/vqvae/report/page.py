@@ -54,43 +54,44 @@ def write_report(run: str | Path, out: str | Path | None = None, *,
 # --- gathering ---------------------------------------------------------------------------------
 
 
-def _stage1_run(facts: RunFacts) -> tuple[RunFacts | None, list[RunFacts], list[str]]:
-    """The stage-1 run the page is about (None when unknown or gone), its priors, and notes."""
+def _stage1_run(facts: RunFacts) -> tuple[RunFacts | None, list[RunFacts]]:
+    """The stage-1 run the page is about (None when its checkpoint is gone or outside any run
+    folder) and the priors on the page: a stage-1 run's own, or the prior run asked for."""
     if facts.stage == ckpt.VQVAE_KIND:
-        return facts, facts.priors, []
-    checkpoint, why = stage1_of(facts)
+        return facts, facts.priors
+    checkpoint, _ = stage1_of(facts)  # why it is gone: said with the prior's samples
     home = runs.find_run(checkpoint) if checkpoint is not None else None
-    if home is None:
-        return None, [facts], [why or f"its stage-1 checkpoint {checkpoint} is outside any run "
-                               f"folder: no stage-1 logs"]
-    return replace(read_run(home, False), priors=[facts]), [facts], []
+    return (replace(read_run(home, False), priors=[facts]) if home else None), [facts]
 
 
-def _held_out(stage1: RunFacts | None, model: Any, notes: list[str]) -> torch.Tensor | None:
-    """Up to :data:`ATLAS_IMAGES` held-out uint8 images of the stage-1 run's data."""
+def _held_out(stage1: RunFacts | None, model: Any,
+              notes: list[str]) -> tuple[torch.Tensor | None, str]:
+    """Up to :data:`ATLAS_IMAGES` held-out uint8 images of the stage-1 run's data, and which
+    images the held-out set is, in words."""
     if stage1 is None or stage1.config is None or model is None:
-        return None
+        return None, ""
     try:
-        data = replace(stage1.config.data, workers=0)
-        test = load_splits(data).test
-        return pick(test, min(ATLAS_IMAGES, len(test)), seed=0)
+        splits = load_splits(replace(stage1.config.data, workers=0))
+        test = splits.test
+        return pick(test, min(ATLAS_IMAGES, len(test)), seed=0), splits.held_out
     except (DataError, ConfigError, OSError) as e:
         notes.append(f"the held-out images of {stage1.config.data.source} cannot be read ({e}): "
                      f"no atlas, usage maps or reconstructions")
-        return None
+        return None, ""
 
 
 def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
                progress: bool = True) -> str:
     """The page's HTML for the run ``facts`` describe (see :func:`write_report`)."""
-    stage1, priors, notes = _stage1_run(facts)
+    stage1, priors = _stage1_run(facts)
+    notes: list[str] = []
     model = None
     if stage1 is not None and stage1.latest is not None:
         try:
             model = ckpt.load_autoencoder(stage1.latest, device)
         except (CheckpointError, ConfigError, DataError) as e:
             notes.append(f"{stage1.latest} cannot be loaded ({e}): no atlas")
-    images = _held_out(stage1, model, notes)
+    images, held_out = _held_out(stage1, model, notes)
     atlas = build_atlas(model, images) if images is not None else None
     frames = (stage1_frames(stage1.checkpoints, images, device, progress)
               if stage1 is not None and images is not None else [])
@@ -101,9 +102,10 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
     for p, (_, why) in zip(priors, prior_parts):
         missing += [f"{p.name}: {m}" for m in p.missing] + ([f"{p.name}: {why}"] if why else [])
     body = [_missing(missing),
-            _section("run", [_run_facts(r, images) for r in [stage1, *priors] if r is not None]),
+            _section("run", [_run_facts(r, images, held_out)
+                             for r in [stage1, *priors] if r is not None]),
             _section("curves", _curves(stage1)),
-            _section("atlas", _atlas_html(atlas, model)),
+            _section("atlas", _atlas_html(atlas)),
             _section("usage", _usage(stage1, atlas)),
             _section("checkpoints", _checkpoints(frames)),
             _section("prior", _priors(priors, [frames for frames, _ in prior_parts]))]
@@ -160,7 +162,7 @@ def _fmt(value: Any) -> str:
     return escape(str(value))
 
 
-def _run_facts(r: RunFacts, images: torch.Tensor | None) -> str:
+def _run_facts(r: RunFacts, images: torch.Tensor | None, held_out: str) -> str:
     cfg = r.config
     rows = [("folder", escape(str(r.path))),
             ("command lines", "<br>".join(f"<code>{escape(c)}</code>" for c in r.commands)
@@ -169,10 +171,10 @@ def _run_facts(r: RunFacts, images: torch.Tensor | None) -> str:
         train = cfg.train
         if r.stage == ckpt.VQVAE_KIND:
             d = cfg.data
-            held = "" if images is None else f"; {images.shape[0]} held-out images in the atlas"
-            rows.append(("data", escape(f"{d.source}, {d.size}px, {d.channels} channel(s), "
-                                        f"{d.holdout:.0%} held out (split seed {d.split_seed})"
-                                        f"{held}")))
+            held = f"; held out: {held_out}" if held_out else ""
+            used = "" if images is None else f"; {images.shape[0]} of them in the atlas"
+            rows.append(("data", escape(f"{d.source}, {d.size}px, {d.channels} channel(s)"
+                                        f"{held}{used}")))
             m = cfg.model
             rows.append(("model", escape(f"{cfg.preset} preset, {m.architecture}, "
                                          f"{m.quantizer} quantizer, {m.codebook_size} codes of "
@@ -243,7 +245,7 @@ def _curves(stage1: RunFacts | None) -> str:
         "No training or held-out log: no curves.")
 
 
-def _atlas_html(atlas: Atlas | None, model: Any) -> str:
+def _atlas_html(atlas: Atlas | None) -> str:
     if atlas is None:
         return "<p>No atlas: it needs a stage-1 checkpoint and its held-out images.</p>"
     dead = int((atlas.counts == 0).sum())
