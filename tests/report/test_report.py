@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -96,6 +97,15 @@ def test_atlas_tiles_are_mean_patches_and_one_code_drawings(tiny_cfg):
     assert sprite_pages(atlas) and (atlas.entropy >= 0).all()
 
 
+def test_large_grids_are_drawn_as_an_8x8_texture(tiny_cfg):
+    model = VQVAE(replace(tiny_cfg, image_size=64)).eval()  # 16 x 16 grids
+    atlas = build_atlas(model, torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8))
+    assert atlas.grids.shape == (2, 16, 16) and atlas.drawn.shape[-1] == 32
+    with torch.no_grad():
+        drawn = to_uint8(model.decode_indices(torch.full((1, 8, 8), 5)))  # (1, 1, 32, 32)
+    assert torch.equal(atlas.drawn[5], drawn[0])
+
+
 def fake_run(root, codes: int, size: int = 8):
     """A run folder holding only a config and one random-init checkpoint (no logs)."""
     cfg = run_config("default", DataConfig(source="digits", size=size, channels=1),
@@ -162,3 +172,15 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0 and "report.html" in capsys.readouterr().out
+
+
+def test_a_long_log_is_thinned_with_hover_values():
+    from vqvae.report.svg import MAX_MARKS, line_chart, usage_histogram
+
+    points = [(float(step), 1.0 / step) for step in range(1, 200_001)]
+    chart = line_chart("loss", {"loss": points, "empty": []}, log=True)
+    assert len(chart) < 40_000 and chart.count("<circle") == MAX_MARKS
+    assert "<title>loss at step 1: 1</title>" in chart  # first and last points kept
+    assert "<title>loss at step 2e+05: 5e-06</title>" in chart and "empty" not in chart
+    histogram = usage_histogram([0] * 1000 + list(range(1, 15_385)))
+    assert histogram.count("<rect") <= 257 and "dead" in histogram

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from ..data.images import to_float, to_uint8
 from ..models.autoencoder import VQVAE
 
 NEIGHBOURS = 8  # nearest codes listed per code
+DRAWN_GRID = 8  # the decoder draws at most an 8 x 8 grid of one code (a texture; 1/4 of 16 x 16)
 PER_PAGE = 1024  # codes per sprite sheet
 ATLAS_BYTES = 12_000_000  # raw tile pixels over all pages: 16 MB in base64 before PNG shrinks it
 
@@ -97,8 +99,11 @@ def position_entropy(grids: torch.Tensor, codes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_atlas(model: VQVAE, images: torch.Tensor, batch_size: int = 256) -> Atlas:
-    """The atlas of ``model`` (eval mode) from held-out uint8 images (N, C, H, W)."""
+def build_atlas(model: VQVAE, images: torch.Tensor, batch_size: int = 256,
+                progress: bool = False) -> Atlas:
+    """The atlas of ``model`` (eval mode) from held-out uint8 images (N, C, H, W). The decoder
+    draws each code as a grid of the model's size, at most :data:`DRAWN_GRID` cells a side
+    (larger grids only repeat the texture, at a cost that grows with their area)."""
     model.eval()
     device = next(model.parameters()).device
     k, size = model.cfg.codebook_size, model.cfg.image_size
@@ -118,9 +123,11 @@ def build_atlas(model: VQVAE, images: torch.Tensor, batch_size: int = 256) -> At
     means = (sums / counts.clamp_min(1)[:, None]).float().view(k, c, patch, patch)
     means[counts == 0] = 128.0  # dead codes: flat grey
     drawn = []
-    for s in range(0, k, batch_size):
+    dh, dw = min(h, DRAWN_GRID), min(w, DRAWN_GRID)
+    for s in tqdm(range(0, k, batch_size), desc="report: atlas", unit="batch",
+                  disable=not progress, dynamic_ncols=True):
         ids = torch.arange(s, min(k, s + batch_size), device=device)
-        one_code = ids.view(-1, 1, 1).expand(-1, h, w)  # (B, h, w): every cell the same code
+        one_code = ids.view(-1, 1, 1).expand(-1, dh, dw)  # (B, dh, dw): every cell one code
         drawn.append(_fit(to_uint8(model.decode_indices(one_code)).cpu(), side))
     neighbours, distances = nearest_codes(codebook(model))
     order = sorted(range(k), key=lambda i: (-int(counts[i]), i))

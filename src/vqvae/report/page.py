@@ -92,7 +92,7 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
         except (CheckpointError, ConfigError, DataError) as e:
             notes.append(f"{stage1.latest} cannot be loaded ({e}): no atlas")
     images, held_out = _held_out(stage1, model, notes)
-    atlas = build_atlas(model, images) if images is not None else None
+    atlas = build_atlas(model, images, progress=progress) if images is not None else None
     frames = (stage1_frames(stage1.checkpoints, images, device, progress)
               if stage1 is not None and images is not None else [])
     prior_parts = [_prior_part(p, device, progress) for p in priors]
