@@ -108,7 +108,7 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
             _section("atlas", _atlas_html(atlas)),
             _section("usage", _usage(stage1, atlas)),
             _section("checkpoints", _checkpoints(frames)),
-            _section("prior", _priors(priors, [frames for frames, _ in prior_parts]))]
+            _section("prior", _priors(priors, prior_parts))]
     title = f"vqvae report: {facts.path}"
     return PAGE.format(title=escape(title), css=CSS, script=SCRIPT,
                        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -308,12 +308,12 @@ def _checkpoints(frames: list[Frame]) -> str:
             + "".join(rows) + "</table>")
 
 
-def _priors(priors: list[RunFacts], frames: list[list[Frame]]) -> str:
+def _priors(priors: list[RunFacts], drawn: list[tuple[list[Frame], str | None]]) -> str:
     if not priors:
         return ("<p>No prior run in this folder (<code>vqvae train-prior --out RUN/prior</code>)."
                 "</p>")
     parts = []
-    for p, fs in zip(priors, frames):
+    for p, (fs, why) in zip(priors, drawn):
         parts.append(f"<h3>{escape(p.name)}</h3>")
         parts.append(_charts([
             ("held-out bits/code", {"true class": _series(p.evals, "bits_per_code"),
@@ -326,7 +326,7 @@ def _priors(priors: list[RunFacts], frames: list[list[Frame]]) -> str:
                           if f.pictures else escape(f.note)) + "</td></tr>" for f in fs)
         parts.append("<p>Samples at each kept checkpoint (seed 0; a conditional prior draws its "
                      "classes in turn):</p><table class=frames>" + rows + "</table>"
-                     if rows else "<p>No samples.</p>")
+                     if rows else f"<p>No samples{escape(': ' + why if why else '')}.</p>")
     return "\n".join(parts)
 
 
