@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 
 def render(url: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
     """Chromium, headless and offline, on ``url``; its console messages go to stderr."""
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
            "--v=0", "--virtual-time-budget=5000", *args, url]
