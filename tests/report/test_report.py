@@ -184,3 +184,14 @@ def test_a_long_log_is_thinned_with_hover_values():
     assert "<title>loss at step 2e+05: 5e-06</title>" in chart and "empty" not in chart
     histogram = usage_histogram([0] * 1000 + list(range(1, 15_385)))
     assert histogram.count("<rect") <= 257 and "dead" in histogram
+
+
+def test_an_unreadable_checkpoint_is_a_row_saying_so(tmp_path):
+    run = copy_legacy(tmp_path)
+    weights = run / "prior" / "checkpoints" / "step-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    html = write_report(run, device="cpu", progress=False).read_text()
+    prior = html.split("<h3>prior run prior/</h3>")[-1]  # its part of the prior section
+    row = re.search(r"<th>step 2</th><td>(.*?)</td>", prior, re.S).group(1)
+    assert row.startswith("unreadable:") and "model.safetensors" in row
+    assert 'alt="samples at step 4"' in html  # the other checkpoints still draw

@@ -90,7 +90,7 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
     if stage1 is not None and stage1.latest is not None:
         try:
             model = ckpt.load_autoencoder(stage1.latest, device)
-        except (CheckpointError, ConfigError, DataError) as e:
+        except (CheckpointError, ConfigError, DataError, OSError) as e:
             notes.append(f"{stage1.latest} cannot be loaded ({e}): no atlas")
     images, held_out = _held_out(stage1, model, notes)
     atlas = build_atlas(model, images, progress=progress) if images is not None else None
@@ -125,7 +125,7 @@ def _prior_part(prior: RunFacts, device: torch.device,
         return [], why
     try:
         stage1 = load_stage1(prior.config, device)
-    except (CheckpointError, ConfigError, DataError) as e:
+    except (CheckpointError, ConfigError, DataError, OSError) as e:
         return [], f"its stage-1 model cannot decode its codes ({e}): no samples"
     return prior_frames(prior.checkpoints, stage1, device, progress), None
 

@@ -65,7 +65,7 @@ def stage1_frames(checkpoints: Sequence[Path], images: torch.Tensor,
     for folder in _each(checkpoints, "report: stage-1 checkpoints", progress):
         try:
             model: VQVAE = ckpt.load_autoencoder(folder, device)
-        except (CheckpointError, ConfigError, DataError) as e:
+        except (CheckpointError, ConfigError, DataError, OSError) as e:
             frames.append(Frame(ckpt.step_of(folder), {}, f"unreadable: {e}"))
             continue
         real = images[:ROW]
@@ -87,7 +87,7 @@ def prior_frames(checkpoints: Sequence[Path], stage1: VQVAE,
     for folder in _each(checkpoints, "report: prior checkpoints", progress):
         try:
             prior = ckpt.load_prior(folder, device)
-        except (CheckpointError, ConfigError, DataError) as e:
+        except (CheckpointError, ConfigError, DataError, OSError) as e:
             frames.append(Frame(ckpt.step_of(folder), {}, f"unreadable: {e}"))
             continue
         classes = prior.cfg.num_classes
