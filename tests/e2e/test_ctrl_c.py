@@ -90,7 +90,7 @@ def test_a_dataloader_workers_error_is_its_own_message(monkeypatch, capsys):
     def encode(*args, **kwargs):
         wrapped.reraise()
 
-    monkeypatch.setattr(cli, "encode_to_file", encode)
+    monkeypatch.setattr(cli, "encode_codes", encode)
     assert cli.main(["encode", "run", "--out", "codes.safetensors"]) == 2
     assert one_line(capsys) == ("vqvae: error: none of the 4 images of a batch could be read "
                                 "(e.g. gone.png)")
