@@ -28,6 +28,10 @@ from .evaluation.metrics import (CodeUsage, codebook_stats, evaluate_autoencoder
 from .evaluation.quality import (Classifier, ClassifierConfig, frechet_distance, judge,
                                  train_classifier)
 
+# export to other runtimes
+from .export import export_run
+from .export.onnx import Parity, check_onnx
+
 # generation: codes, grids, sampling, inpainting
 from .generation.code_folders import encode_codes, encode_to_folder, read_code_folder
 from .generation.codes import (Codes, CodeSplit, encode_dataset, encode_to_file, load_codes,
@@ -80,11 +84,13 @@ __all__ = [
     # diffusers' VQModel folders, out and in (from_pretrained reads them too)
     "export_diffusers", "load_diffusers",
     # the commands, one function each (vqvae train, finetune-decoder, reconstruct, interpolate,
-    # eval, pack, encode, train-prior, sample, inpaint, report)
+    # eval, pack, encode, train-prior, sample, inpaint, report, export)
     "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",
     "evaluate_run", "pack", "encode_codes", "encode_to_file", "encode_to_folder",
     "read_code_folder", "prior_setup", "train_prior", "write_samples",
-    "inpaint_files", "write_report", "RunResult", "RunScores", "Runtime",
+    "inpaint_files", "write_report", "export_run", "RunResult", "RunScores", "Runtime",
+    # an ONNX export checked against its PyTorch model
+    "check_onnx", "Parity",
     # the same in memory: a prior and its decoder loaded once
     "Pipeline",
     "encode_dataset", "load_trained", "Codes", "CodeSplit", "save_codes", "load_codes",

@@ -23,6 +23,7 @@ from .data.shards import pack
 from .distributed import torchrun_env
 from .errors import USER_ERRORS, ConfigError, NonFiniteError, Terminated
 from .evaluation.evaluate import evaluate_run
+from .export import FORMATS, export_run
 from .generation.code_folders import encode_codes
 from .generation.grids import write_interpolation, write_reconstructions
 from .generation.pipeline import inpaint_files, write_samples
@@ -135,6 +136,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {write_report(args.run, args.out, device=args.device)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    out = export_run(args.run, args.format, args.out, device=args.device, report=print)
+    print(f"exported {args.run} as {args.format}: {out}")
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     print(pack(args.folder, args.out, args.shard_size, args.prefix).summary())
 
@@ -196,6 +202,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="also encode every training image "
                    "mirrored left-right (twice the training grids for a prior; for photos and "
                    "clothes, not for digits or text); the test split is left as it is")
+
+    p = command(sub, "export", cmd_export, "write a stage-1 model in a format other runtimes "
+                "read (ONNX)", description="Export a stage-1 model: --format onnx writes "
+                "encoder.onnx (uint8 images -> code ids), decoder.onnx (code ids -> images) and "
+                "preprocessing.json into DIR, after checking them against PyTorch on held-out "
+                "images with onnxruntime (docs/export.md).")
+    p.add_argument("run", metavar="RUN_DIR", help="a stage-1 run folder or checkpoint folder")
+    p.add_argument("--format", required=True, help=f"what to write: {' | '.join(FORMATS)}")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write (created; its "
+                   "files of the same names are replaced)")
+    p.add_argument("--device", default="cpu", help="where PyTorch runs in the parity check "
+                   "(default: cpu, as onnxruntime)")
 
     p = command(sub, "pack", cmd_pack, "write an image folder into WebDataset tar shards",
                 description="Write the images below FOLDER (labels from its first-level "
