@@ -127,7 +127,9 @@ def test_bad_input_is_one_line(tmp_path, tiny_cfg, capsys):
     cases = {"not found": [str(tmp_path / "missing"), "--format", "onnx"],
              "unknown export format 'tflite' (choose from onnx)": [str(checkpoint), "--format",
                                                                    "tflite"],
-             "is a file": [str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "file")]}
+             "is a file": [str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "file")],
+             "'nope' is not a valid torch device": [str(checkpoint), "--format", "onnx",
+                                                    "--device", "nope"]}
     for message, argv in cases.items():
         if "--out" not in argv:
             argv = [*argv, "--out", str(tmp_path / "onnx")]

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import QuantizerName
 from ..data.images import to_float
 from ..data.sources import load_splits
+from ..distributed import pick_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import sha256, write_bytes, write_json
 from ..models.autoencoder import VQVAE
@@ -195,6 +196,7 @@ def parity(model: VQVAE, folder: Path, images: torch.Tensor, source: str = "imag
     """Run ``folder``'s encoder.onnx and decoder.onnx under onnxruntime (CPU) and ``model`` under
     PyTorch (on ``device``) on uint8 ``images`` (N, C, S, S); compare ids and decoded images."""
     encoder, decoder = _Graph(folder / ENCODER_FILE), _Graph(folder / DECODER_FILE)
+    device = pick_device(device)
     model = model.eval().to(device)
     same = total = 0
     worst = 0.0
@@ -307,12 +309,13 @@ def preprocessing(model: VQVAE, checkpoint: Path) -> dict[str, Any]:
     }
 
 
-def write_onnx(checkpoint: Path, folder: Path, device: str = "cpu",
+def write_onnx(checkpoint: Path, folder: Path, device: str | torch.device = "cpu",
                report: Callable[[str], None] = print) -> None:
     """Write encoder.onnx, decoder.onnx and preprocessing.json of the stage-1 checkpoint into
     ``folder``, after checking their parity with PyTorch (a failed check writes no
     preprocessing.json and raises a :class:`ConfigError`)."""
     _onnx_modules()
+    pick_device(device)  # a bad --device is refused before any work
     model = ckpt.load_autoencoder(checkpoint)  # CPU, eval mode: the traced copy
     cfg = model.cfg
     what = f"{cfg.architecture} {cfg.quantizer}"
