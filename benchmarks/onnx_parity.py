@@ -37,8 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     print(command_line(__file__))
     print(environment())
-    print("\n| model | code ids identical | decoded max abs diff | encoder, decoder MB |")
-    print("|---|---|---|---|")
+    print("\n| model | code ids identical | others: ties | decoded max abs diff | "
+          "encoder, decoder MB |")
+    print("|---|---|---|---|---|")
     for name, options in MODELS.items():
         run = args.root / slug(name)
         train(["train", *options, "--data", args.data, "--size", str(args.size), "--steps",
@@ -49,6 +50,7 @@ def main() -> None:
         sizes = ", ".join(f"{(out / f).stat().st_size / 2**20:.1f}"
                           for f in ("encoder.onnx", "decoder.onnx"))
         print(f"| {name} | {parity['same_codes']}/{parity['codes']} | "
+              f"{parity['codes'] - parity['same_codes']}: {parity['ties']} | "
               f"{parity['max_pixel_diff']:.1e} | {sizes} |", flush=True)
 
 

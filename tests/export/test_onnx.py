@@ -82,6 +82,7 @@ def test_export_runs_under_onnxruntime_as_in_pytorch(tmp_path, architecture, qua
     assert facts["encoder"]["input"]["shape"] == ["batch", cfg.in_channels, side, side]
     assert facts["checkpoint"]["sha256"] == onnx_export.weights_sha256(checkpoint)
     assert facts["parity"]["same_codes"] == facts["parity"]["codes"] == 64 * grid * grid
+    assert facts["parity"]["ties"] == 0
 
 
 def test_cli_exports_a_trained_run_checked_on_held_out_images(legacy_run, tmp_path, capsys):
@@ -107,6 +108,20 @@ def test_parity_catches_a_graph_of_other_weights(tmp_path, tiny_cfg):
         check_onnx(larger, tmp_path / "onnx")
     with pytest.raises(CheckpointError, match="cannot load .*missing/encoder.onnx"):
         check_onnx(first, tmp_path / "missing")
+
+
+def test_a_tie_is_an_id_a_tiny_move_of_the_latents_gives(tiny_cfg):
+    model = VQVAE(tiny_cfg).eval()
+    with torch.no_grad():
+        codebook = model.quantizer.codebook
+        codebook[1] = codebook[0] + 1e-7  # two codes equally near anything, within rounding
+        z = codebook[0].view(1, -1, 1, 1).repeat(1, 1, 2, 2) + 1e-3  # (1, D, 2, 2)
+        ids = model.quantizer(z).indices  # 0 or 1 everywhere
+        assert set(ids.unique().tolist()) <= {0, 1}
+        other = 1 - ids  # the tie broken the other way
+        other[0, 0, 0] = 5  # and one id that is simply wrong
+        assert onnx_export._ties(model, z, ids, other) == 3
+        assert onnx_export._ties(model, z, ids, ids) == 0
 
 
 def test_a_failed_export_leaves_nothing(tmp_path, tiny_cfg, monkeypatch):
@@ -155,3 +170,10 @@ def test_re_export_replaces_the_files(tmp_path, tiny_cfg):
     assert (out / "encoder.onnx").read_bytes() == first
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "notes.txt",
                                                      "preprocessing.json"]
+
+
+def test_export_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--help"])
+    assert e.value.code == 0
+    assert "--format" in capsys.readouterr().out

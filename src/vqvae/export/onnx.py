@@ -34,10 +34,14 @@ ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
 FORMAT = "vqvae-onnx/1"
 EXTRA = "pip install 'vqvae[export]'"
-# Parity: onnxruntime's code ids equal PyTorch's on this fraction of codes at least (a distance
-# tie may break the other way after a different summation order), and its decoded images (from
-# the same ids) are within this max abs difference.
-SAME_CODES, MAX_PIXEL_DIFF = 0.999, 1e-4
+# Parity: onnxruntime's code ids agree with PyTorch's on this fraction of codes at least, and its
+# decoded images (from the same ids) are within this max abs difference. An id that differs
+# agrees if it is a tie: two codes equally near within float32 rounding (seen: two codes of a
+# trained cosine codebook 2.8e-7 apart), which a different summation order may break the other
+# way. PyTorch's own quantizer then picks onnxruntime's id too once the latents move by TIE of
+# their size in one of TIE_DRAWS random directions.
+AGREE, MAX_PIXEL_DIFF = 0.999, 1e-4
+TIE, TIE_DRAWS = 1e-5, 16
 PARITY_IMAGES, PARITY_BATCH = 64, 16
 
 
@@ -149,26 +153,31 @@ class Parity:
     images: int
     codes: int  # code ids compared (images x h x w)
     same_codes: int  # of them, equal in both
+    ties: int  # of the others, ties (see TIE)
     max_pixel_diff: float  # decoded from PyTorch's ids by both decoders
     source: str  # where the images came from
 
     @property
-    def same_fraction(self) -> float:
-        return self.same_codes / max(self.codes, 1)
+    def agreeing(self) -> float:
+        """The fraction of codes whose ids are identical or tie."""
+        return (self.same_codes + self.ties) / max(self.codes, 1)
 
     @property
     def ok(self) -> bool:
-        return self.same_fraction >= SAME_CODES and self.max_pixel_diff <= MAX_PIXEL_DIFF
+        return self.agreeing >= AGREE and self.max_pixel_diff <= MAX_PIXEL_DIFF
 
     def summary(self) -> str:
+        others = self.codes - self.same_codes
+        ties = f", {self.ties} of the other {others} ties" if others else ""
         return (f"parity on {self.images} {self.source}: {self.same_codes}/{self.codes} code ids "
-                f"identical ({100 * self.same_fraction:.2f}%, need >= {100 * SAME_CODES:.1f}%), "
+                f"identical{ties} ({100 * self.agreeing:.2f}% agree, need >= {100 * AGREE:.1f}%), "
                 f"decoded max abs diff {self.max_pixel_diff:.2e} (need <= {MAX_PIXEL_DIFF:.0e})")
 
     def as_dict(self) -> dict[str, Any]:
         return {"images": self.images, "source": self.source, "codes": self.codes,
-                "same_codes": self.same_codes, "max_pixel_diff": self.max_pixel_diff,
-                "thresholds": {"same_codes": SAME_CODES, "max_pixel_diff": MAX_PIXEL_DIFF}}
+                "same_codes": self.same_codes, "ties": self.ties,
+                "max_pixel_diff": self.max_pixel_diff,
+                "thresholds": {"agree": AGREE, "tie": TIE, "max_pixel_diff": MAX_PIXEL_DIFF}}
 
 
 class _Graph:
@@ -198,21 +207,39 @@ def parity(model: VQVAE, folder: Path, images: torch.Tensor, source: str = "imag
     encoder, decoder = _Graph(folder / ENCODER_FILE), _Graph(folder / DECODER_FILE)
     device = pick_device(device)
     model = model.eval().to(device)
-    same = total = 0
+    same = ties = total = 0
     worst = 0.0
     for start in range(0, images.shape[0], PARITY_BATCH):
         batch = images[start:start + PARITY_BATCH]
-        ids = model.encode(to_float(batch.to(device))).indices.cpu()  # (b, h, w)
+        z = model.encoder(to_float(batch.to(device)))  # (b, D, h, w)
+        ids = model.quantizer(z).indices.cpu()  # (b, h, w)
         onnx_ids = encoder("images", batch)
         if onnx_ids.shape != ids.shape:
             raise CheckpointError(f"{folder / ENCODER_FILE} gives code grids of shape "
                                   f"{tuple(onnx_ids.shape)}, the model {tuple(ids.shape)}")
         same += int((onnx_ids == ids).sum())
+        ties += _ties(model, z, ids, onnx_ids)
         total += ids.numel()
         decoded = model.decode_indices(ids.to(device)).float().cpu()
         onnx_decoded = decoder("codes", ids)
         worst = max(worst, float((onnx_decoded - decoded).abs().max()))
-    return Parity(images.shape[0], total, same, worst, source)
+    return Parity(images.shape[0], total, same, ties, worst, source)
+
+
+def _ties(model: VQVAE, z: torch.Tensor, ids: torch.Tensor, onnx_ids: torch.Tensor) -> int:
+    """How many of the ids where ``onnx_ids`` differs from PyTorch's ``ids`` (b, h, w) are ties:
+    PyTorch's quantizer gives onnxruntime's id for the latents ``z`` (b, D, h, w) moved by TIE of
+    each latent vector's largest entry in one of TIE_DRAWS seeded random directions."""
+    differ = (onnx_ids != ids).to(z.device)
+    if not differ.any():
+        return 0
+    target, tie = onnx_ids.to(z.device), torch.zeros_like(differ)
+    generator = torch.Generator(z.device).manual_seed(0)
+    scale = TIE * z.abs().amax(dim=1, keepdim=True)  # (b, 1, h, w)
+    for _ in range(TIE_DRAWS):
+        moved = z + torch.randn(z.shape, generator=generator, device=z.device) * scale
+        tie |= model.quantizer(moved).indices == target
+    return int((tie & differ).sum())
 
 
 def synthetic_images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
