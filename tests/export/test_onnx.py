@@ -25,6 +25,10 @@ ARCHITECTURES = {
     "seed": replace(seed_model(16, 1), hidden_channels=8, code_dim=8, **PLAIN),
     "vqgan": replace(vqgan_model(16, 3), hidden_channels=8, norm_groups=4, res_blocks=1,
                      code_dim=4, **PLAIN),
+    # vqgan with the options of a diffusers VQModel (docs/export.md)
+    "vqmodel": replace(vqgan_model(16, 3), hidden_channels=8, norm_groups=4, res_blocks=1,
+                       code_dim=4, downsample_padding="asymmetric", decoder_res_blocks=2,
+                       middle_attention_only=True, latent_channels=6, **PLAIN),
 }
 QUANTIZERS = {
     "vq": {},
@@ -53,8 +57,10 @@ def onnx_run(path: Path, name: str, array: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {name: array.numpy()})[0])
 
 
-@pytest.mark.parametrize("quantizer", QUANTIZERS)
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+CASES = [(a, q) for a in ARCHITECTURES if a != "vqmodel" for q in QUANTIZERS] + [("vqmodel", "vq")]
+
+
+@pytest.mark.parametrize(("architecture", "quantizer"), CASES)
 def test_export_runs_under_onnxruntime_as_in_pytorch(tmp_path, architecture, quantizer):
     cfg = replace(ARCHITECTURES[architecture], **QUANTIZERS[quantizer])
     model, checkpoint = saved(tmp_path, cfg)
@@ -140,8 +146,8 @@ def test_bad_input_is_one_line(tmp_path, tiny_cfg, capsys):
     _, checkpoint = saved(tmp_path, tiny_cfg)
     (tmp_path / "file").write_text("mine")
     cases = {"not found": [str(tmp_path / "missing"), "--format", "onnx"],
-             "unknown export format 'tflite' (choose from onnx)": [str(checkpoint), "--format",
-                                                                   "tflite"],
+             "unknown export format 'tflite' (choose from onnx, diffusers)": [
+                 str(checkpoint), "--format", "tflite"],
              "is a file": [str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "file")],
              "'nope' is not a valid torch device": [str(checkpoint), "--format", "onnx",
                                                     "--device", "nope"]}

@@ -1,5 +1,5 @@
 """Export of a trained stage-1 tokenizer to files other runtimes read (``vqvae export``), one
-writer per format: ONNX (:mod:`vqvae.export.onnx`)."""
+writer per format: ONNX (:mod:`vqvae.export.onnx`), diffusers (:mod:`vqvae.store.diffusers`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Callable, Literal, get_args
 from ..errors import ConfigError, DataError
 from ..fileio import fsync_dir
 from ..store import checkpoint as ckpt
+from ..store.diffusers import export_diffusers
 from .onnx import write_onnx
 
-ExportFormat = Literal["onnx"]
+ExportFormat = Literal["onnx", "diffusers"]
 
 # A writer fills an empty folder from a stage-1 checkpoint folder: writer(checkpoint, folder,
 # device, report), ``report`` taking one short line at a time (the CLI prints them).
@@ -21,10 +22,20 @@ ExportFormat = Literal["onnx"]
 # moves its files into place only when the writer returns, so a failed export leaves nothing.
 Writer = Callable[[Path, Path, str, Callable[[str], None]], None]
 
-# The format name -> its writer. Another format (e.g. diffusers' VQModel folder) adds its name to
-# ``ExportFormat`` and its writer here.
+
+
+def write_diffusers(checkpoint: Path, folder: Path, device: str = "cpu",
+                    report: Callable[[str], None] = print) -> None:
+    """diffusers' VQModel folder (config.json and its weights) of a vqgan checkpoint; a model
+    VQModel cannot express is a ConfigError naming the part."""
+    export_diffusers(ckpt.load_autoencoder(checkpoint), folder)
+
+
+# The format name -> its writer. Another format adds its name to ``ExportFormat`` and its
+# writer here.
 FORMATS: dict[ExportFormat, Writer] = {
     "onnx": write_onnx,
+    "diffusers": write_diffusers,
 }
 
 
