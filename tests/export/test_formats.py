@@ -1,11 +1,13 @@
 """`vqvae export`'s other format: diffusers' VQModel folder, through the same command."""
 
+import json
 from dataclasses import replace
 
 import torch
 
 from vqvae import VQVAE, load_autoencoder, vqgan_model
 from vqvae.cli import main
+from vqvae.generation.codes import fingerprint
 
 VQMODEL = replace(vqgan_model(16, 3), hidden_channels=8, norm_groups=4, res_blocks=1, code_dim=4,
                   codebook_size=16, kmeans_init=False, restart_after=0, cosine=False,
@@ -25,6 +27,11 @@ def test_export_diffusers_writes_a_vqmodel_folder_that_loads_back(tmp_path, caps
     ids = torch.randint(0, 16, (2, 8, 8))
     with torch.no_grad():
         assert (back.decode_indices(ids) - model.decode_indices(ids)).abs().max() < 1e-5
+    # and a VQModel folder is a stage-1 model like any other: it exports to ONNX
+    assert main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    facts = json.loads((tmp_path / "onnx" / "preprocessing.json").read_text())
+    assert facts["checkpoint"]["sha256"] == fingerprint(out)
+    assert facts["parity"]["same_codes"] == facts["parity"]["codes"]
 
 
 def test_a_model_vqmodel_cannot_express_is_one_line_and_leaves_nothing(tmp_path, capsys):

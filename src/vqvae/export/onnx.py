@@ -23,7 +23,8 @@ from ..data.images import to_float
 from ..data.sources import load_splits
 from ..distributed import pick_device
 from ..errors import CheckpointError, ConfigError, DataError
-from ..fileio import sha256, write_bytes, write_json
+from ..fileio import write_bytes, write_json
+from ..generation.codes import fingerprint
 from ..models.autoencoder import VQVAE
 from ..models.quantizers.vq import flatten_latents
 from ..store import checkpoint as ckpt
@@ -285,17 +286,6 @@ def check_onnx(run: str | Path, folder: str | Path, n: int = PARITY_IMAGES,
 # --- the writer --------------------------------------------------------------------------------
 
 
-def weights_sha256(checkpoint: Path) -> str:
-    """The sha256 of a checkpoint's weights: recorded in its config.json, else hashed."""
-    _, _, recorded = ckpt.read_config_meta(checkpoint / ckpt.CONFIG_FILE)
-    if recorded:
-        return recorded
-    try:
-        return sha256((checkpoint / ckpt.MODEL_FILE).read_bytes())
-    except OSError as e:
-        raise CheckpointError(f"cannot read {checkpoint / ckpt.MODEL_FILE}: {e}") from None
-
-
 def _version() -> str:
     try:
         return importlib.metadata.version("vqvae")
@@ -312,7 +302,7 @@ def preprocessing(model: VQVAE, checkpoint: Path) -> dict[str, Any]:
                  else "no tanh: may overshoot [-1, 1] slightly, clip before converting")
     return {
         "format": FORMAT, "vqvae_version": _version(), "opset": OPSET,
-        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": weights_sha256(checkpoint)},
+        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": fingerprint(checkpoint)},
         "model": {"architecture": cfg.architecture, "quantizer": cfg.quantizer,
                   "image_size": s, "channels": c, "grid": [h, h],
                   "codebook_size": cfg.codebook_size},
