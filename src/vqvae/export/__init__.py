@@ -23,7 +23,6 @@ ExportFormat = Literal["onnx", "diffusers"]
 Writer = Callable[[Path, Path, str, Callable[[str], None]], None]
 
 
-
 def write_diffusers(checkpoint: Path, folder: Path, device: str = "cpu",
                     report: Callable[[str], None] = print) -> None:
     """diffusers' VQModel folder (config.json and its weights) of a vqgan checkpoint; a model
