@@ -8,6 +8,11 @@ Every CLI command is one of the functions below (``vqvae.cli`` only parses and p
 # first, before torch: Ctrl-C while the `vqvae` command imports is one line, not a traceback
 from . import startup
 
+# compression: the prior as an entropy coder
+from .codec.compress import (Compressed, Decompressed, compress, compress_codes, compress_files,
+                             decompress, decompress_codes, decompress_file)
+from .codec.surprise import Surprise, SurpriseReport, surprise, write_surprise
+
 # configs and presets
 from .config import (PRESETS, PRIOR_PRESETS, DataConfig, LoopConfig, PriorConfig, PriorRunConfig,
                      PriorTrainConfig, RunConfig, SampleConfig, TrainConfig, VQVAEConfig,
@@ -84,7 +89,8 @@ __all__ = [
     # diffusers' VQModel folders, out and in (from_pretrained reads them too)
     "export_diffusers", "load_diffusers",
     # the commands, one function each (vqvae train, finetune-decoder, reconstruct, interpolate,
-    # eval, pack, encode, train-prior, sample, inpaint, report, export)
+    # eval, pack, encode, train-prior, sample, inpaint, report, export; compress, decompress,
+    # surprise below)
     "train_autoencoder", "finetune_decoder", "write_reconstructions", "write_interpolation",
     "evaluate_run", "pack", "encode_codes", "encode_to_file", "encode_to_folder",
     "read_code_folder", "prior_setup", "train_prior", "write_samples",
@@ -96,6 +102,10 @@ __all__ = [
     "encode_dataset", "load_trained", "Codes", "CodeSplit", "save_codes", "load_codes",
     "sample_images", "Samples", "save_samples", "load_samples", "inpaint", "Inpainted",
     "reconstruction_grid", "interpolation_grid", "samples_grid", "decode_codes",
+    # compression and the surprise map (vqvae compress, decompress, surprise)
+    "compress", "decompress", "compress_files", "decompress_file", "compress_codes",
+    "decompress_codes", "Compressed", "Decompressed", "surprise", "write_surprise", "Surprise",
+    "SurpriseReport",
     # metrics and sample quality
     "evaluate_autoencoder", "score_autoencoder", "evaluate_prior", "psnr", "ssim",
     "codebook_stats", "CodeUsage", "Classifier", "ClassifierConfig", "train_classifier",

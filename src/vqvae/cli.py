@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .config import (PRESETS, PRIOR_PRESETS, RESUMABLE, DataConfig, PriorConfig, PriorTrainConfig,
                      SampleConfig, TrainConfig, VQVAEConfig, resumed, run_config)
+from .codec.compress import compress_files, decompress_file
+from .codec.surprise import write_surprise
 from .data.shards import pack
 from .distributed import torchrun_env
 from .errors import USER_ERRORS, ConfigError, NonFiniteError, Terminated
@@ -139,6 +141,28 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     out = export_run(args.run, args.format, args.out, device=args.device, report=print)
     print(f"exported {args.run} as {args.format}: {out}")
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    print(compress_files(args.run, args.images, args.out, args.labels, args.batch_size,
+                         args.steps, args.device).summary())
+
+
+def cmd_decompress(args: argparse.Namespace) -> None:
+    written = decompress_file(args.file, args.out, args.prior, args.device)
+    print(f"{len(written)} images: {args.out}")
+
+
+def cmd_surprise(args: argparse.Namespace) -> None:
+    print(write_surprise(args.run, args.images, args.out, args.data, args.top, args.batch_size,
+                         args.steps, args.device).summary())
+
+
+def _labels(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class ids such as 3 or 3,1,4, got {text!r}")
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
@@ -271,7 +295,46 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="HTML file to write (default: "
                    "RUN_DIR/report.html)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p = command(sub, "compress", cmd_compress, "compress images with a prior (its codes "
+                "entropy-coded)", "prior", description="Encode images (resized to the model's "
+                "size) into code grids and code them with the prior's probabilities into one "
+                "file (docs/codec.md).")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders of them")
+    p.add_argument("--out", required=True, help="the compressed file to write")
+    p.add_argument("--labels", type=_labels, help="class ids for a class-conditional prior: one "
+                   "for all images or one per image, comma-separated (coded at log2 C bits "
+                   "each); default: none (the null class)")
+    _coding_options(p)
+
+    p = command(sub, "decompress", cmd_decompress, "decompress a file written by `vqvae "
+                "compress`", description="Decode a compressed file into one PNG per image, "
+                "named as the compressed images were; nothing is written unless every image's "
+                "codes pass their checksum.")
+    p.add_argument("file", metavar="FILE", help="a file written by `vqvae compress`")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--prior", metavar="PRIOR_RUN", help="the prior run the file was compressed "
+                   "with (default: the path the file records)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = command(sub, "surprise", cmd_surprise, "paint where the prior is surprised (bits per "
+                "code) and rank outliers", "prior", description="Paint each image's per-code "
+                "-log2 p over it and list bits per image; with --data, rank a data set's "
+                "held-out images, most surprising first (outliers.png, ranking.csv).")
+    p.add_argument("images", nargs="*", metavar="IMAGES", help="image files or folders of them")
+    p.add_argument("--data", help="or: a data source whose held-out images to rank")
+    p.add_argument("--out", required=True, help="folder for the pictures and the CSV")
+    p.add_argument("--top", type=int, default=16, help="with --data: outliers pictured "
+                   "(default: 16)")
+    _coding_options(p)
     return parser
+
+
+def _coding_options(p: argparse.ArgumentParser) -> None:
+    """How grids are coded (a decoder repeats it from the file's header)."""
+    p.add_argument("--batch-size", type=int, default=64, help="grids coded together: one "
+                   "stream and one forward pass each (default: 64)")
+    p.add_argument("--steps", type=int, help="a maskgit prior's parallel iterations (default: "
+                   "the sampler's)")
 
 
 def _one_line(e: BaseException) -> str:
