@@ -9,7 +9,9 @@ asymmetric numeral systems" (2022) for ``constriction``. A batch's stream holds 
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import constriction
 import numpy as np
@@ -33,6 +35,21 @@ class Coded:
     streams: list[bytes]
     checksums: list[int]  # CRC-32 of each grid's codes and label
     bits: torch.Tensor  # (N, h*w) float64: -log2 p of each code as coded (the surprise map)
+    threads: int  # the intra-op threads the probabilities were computed with (decode alike)
+
+
+@contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """Compute with ``threads`` intra-op threads: a CPU's float results depend on how a matrix
+    product is split between threads (seen: a file coded with 1 thread fails with 2)."""
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads != before:
+            torch.set_num_threads(before)
 
 
 def checksum(codes: torch.Tensor, label: int | None) -> int:
@@ -63,9 +80,11 @@ def _chunks(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def encode_grids(prior: Prior | MaskGITPrior, grids: torch.Tensor,
                  labels: torch.Tensor | None = None, batch_size: int = 64, steps: int = 12,
-                 progress: bool = False, desc: str = "compress") -> Coded:
+                 progress: bool = False, desc: str = "compress", threads: int | None = None
+                 ) -> Coded:
     """Code grids (N, h, w) (and their (N,) class labels, for a class-conditional prior) with the
-    prior's probabilities, ``batch_size`` grids per stream (the decoder batches them alike)."""
+    prior's probabilities, ``batch_size`` grids per stream and ``threads`` intra-op threads
+    (default: torch's current count); the decoder repeats both."""
     n = grids.shape[0]
     flat = grids.reshape(n, -1).long()
     if flat.shape[1] != prior.cfg.seq_len:
@@ -76,8 +95,9 @@ def encode_grids(prior: Prior | MaskGITPrior, grids: torch.Tensor,
     check_labels(labels, n, prior.cfg.num_classes)
     device = prior.head.weight.device
     streams, bits = [], torch.zeros(flat.shape, dtype=torch.float64)
+    threads = threads or torch.get_num_threads()
     with tqdm(total=n, desc=desc, unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True) as bar, cpu_threads(threads):
         for s, e in _chunks(n, batch_size):
             encoder = constriction.stream.queue.RangeEncoder()
             rows = None if labels is None else labels[s:e].to(device)
@@ -98,28 +118,23 @@ def encode_grids(prior: Prior | MaskGITPrior, grids: torch.Tensor,
             streams.append(encoder.get_compressed().tobytes())
             bar.update(e - s)
     checks = [checksum(flat[i], None if labels is None else int(labels[i])) for i in range(n)]
-    return Coded(streams, checks, bits)
+    return Coded(streams, checks, bits, threads)
 
 
 def decode_grids(prior: Prior | MaskGITPrior, streams: list[bytes], n: int, labelled: bool,
-                 batch_size: int = 64, steps: int = 12,
-                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 batch_size: int = 64, steps: int = 12, progress: bool = False,
+                 threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`encode_grids` undone: ``n`` grids (n, h, w) on the CPU and their labels (or None),
-    decoded with the batch size and steps they were coded with."""
+    decoded with the batch size, steps and threads they were coded with."""
     chunks = _chunks(n, batch_size)
     if len(chunks) != len(streams):
         raise DataError(f"{len(streams)} streams for {n} images in batches of {batch_size}")
     device = prior.head.weight.device
     grids, labels = [], []
     with tqdm(total=n, desc="decompress", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True) as bar, cpu_threads(threads or torch.get_num_threads()):
         for (s, e), stream in zip(chunks, streams):
             decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(stream, np.uint32))
-            rows = None
-            if labelled:
-                rows = torch.as_tensor(decoder.decode(_uniform(prior.cfg.num_classes), e - s),
-                                       dtype=torch.long, device=device)
-                labels.append(rows.cpu())
 
             def reveal(positions: torch.Tensor, probs: torch.Tensor,
                        decoder: constriction.stream.queue.RangeDecoder = decoder
@@ -128,7 +143,16 @@ def decode_grids(prior: Prior | MaskGITPrior, streams: list[bytes], n: int, labe
                 codes = decoder.decode(FAMILY, table)
                 return torch.as_tensor(codes, dtype=torch.long).view(positions.shape)
 
-            grids.append(walk(prior, e - s, rows, reveal, steps).cpu())
+            try:  # constriction asserts on a stream that these probabilities cannot decode
+                rows = None
+                if labelled:
+                    rows = torch.as_tensor(decoder.decode(_uniform(prior.cfg.num_classes), e - s),
+                                           dtype=torch.long, device=device)
+                    labels.append(rows.cpu())
+                grids.append(walk(prior, e - s, rows, reveal, steps).cpu())
+            except (AssertionError, ValueError, RuntimeError) as error:
+                raise DataError(f"stream {len(grids)} does not decode with these probabilities "
+                                f"({error})") from None
             bar.update(e - s)
     h, w = prior.cfg.height, prior.cfg.width
     out = torch.cat(grids).view(n, h, w) if grids else torch.empty(0, h, w, dtype=torch.long)

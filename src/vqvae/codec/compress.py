@@ -79,7 +79,8 @@ def compress_codes(pipeline: Pipeline, grids: torch.Tensor, labels: torch.Tensor
     cfg = pipeline.stage1.cfg
     header = Header(fingerprint(pipeline.prior), fingerprint(pipeline.stage1), cfg.image_size,
                     cfg.in_channels, tuple(grids.shape[1:]), pipeline.prior.cfg.codebook_size,
-                    grids.shape[0], batch_size, steps, labels is not None, prior_path)
+                    grids.shape[0], batch_size, steps, coded.threads, pipeline.device.type,
+                    labels is not None, prior_path)
     return pack(Container(header, coded.checksums, coded.streams, list(names or [])))
 
 
@@ -130,17 +131,23 @@ def decompress_codes(pipeline: Pipeline, data: bytes, name: str = "the file",
                         f"do not fit this prior")
     try:
         grids, labels = decode_grids(prior, box.streams, h.images, h.labelled, h.batch_size,
-                                     h.steps, progress)
-    except (ValueError, RuntimeError) as e:  # the coder ran off its stream or the labels
-        raise DataError(f"{name}: its streams do not decode ({e}); the probabilities differ "
-                        f"from the compressing machine's") from None
+                                     h.steps, progress, h.threads)
+    except DataError as e:
+        raise DataError(f"{name}: {e}: {_differ(h, pipeline)}") from None
     for i, grid in enumerate(grids):
         if checksum(grid, None if labels is None else int(labels[i])) != box.checksums[i]:
             image = f"image {i}" + (f" ({box.names[i]})" if box.names else "")
-            raise DataError(f"{name}: {image} decodes to codes that fail its checksum: this "
-                            f"machine's probabilities differ from the compressing one's "
-                            f"(another device, library version or thread count?)")
+            raise DataError(f"{name}: {image} decodes to codes that fail its checksum: "
+                            f"{_differ(h, pipeline)}")
     return box, grids, labels
+
+
+def _differ(header: Header, pipeline: Pipeline) -> str:
+    """Why a decoder's probabilities may differ from the encoder's."""
+    here = pipeline.device.type
+    where = (f"it was coded on {header.device}, this is {here}" if header.device != here
+             else "another machine or library version?")
+    return f"this machine's probabilities differ from the compressing one's ({where})"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ of the whole file.
 
 Layout, in order (integers as LEB128 varints unless sized): ``VQVC``, version (1 byte), flags (1
 byte: labels coded, names stored, prior path stored), prior and stage-1 fingerprints (8 bytes
-each), image size, channels, grid height, width, codebook size, images, batch size, steps, then
+each), image size, channels, grid height, width, codebook size, images, batch size, steps,
+intra-op threads, the device kind the probabilities were computed on (0 CPU, 1 CUDA, 2 MPS), then
 the prior path and the names (each a varint length and UTF-8 / zlib bytes, when flagged), each
 stream's length in 32-bit words, each image's CRC-32 (4 bytes), the streams, and the file's CRC-32.
 """
@@ -20,6 +21,7 @@ from ..errors import DataError
 MAGIC = b"VQVC"
 VERSION = 1
 LABELLED, NAMED, PATHED = 1, 2, 4  # flag bits
+DEVICES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Header:
     images: int
     batch_size: int
     steps: int
+    threads: int  # the intra-op threads and device kind the probabilities were computed with
+    device: str
     labelled: bool = False
     prior_path: str = ""  # where the prior run was when compressed ("": not recorded)
 
@@ -90,8 +94,9 @@ def pack(container: Container) -> bytes:
     flags = ((LABELLED if h.labelled else 0) | (NAMED if container.names else 0)
              | (PATHED if h.prior_path else 0))
     out = bytearray(MAGIC + bytes([VERSION, flags]) + h.prior + h.stage1)
+    device = DEVICES.index(h.device) if h.device in DEVICES else len(DEVICES)
     for value in (h.image_size, h.channels, *h.grid, h.codebook_size, h.images, h.batch_size,
-                  h.steps):
+                  h.steps, h.threads, device):
         out += _varint(value)
     if h.prior_path:
         path = h.prior_path.encode()
@@ -122,7 +127,8 @@ def unpack(data: bytes, name: str = "the file") -> Container:
     read = _Reader(data[:-4], name)
     flags = read.take(6)[5]
     prior, stage1 = read.take(8), read.take(8)
-    size, channels, gh, gw, k, images, batch, steps = (read.varint() for _ in range(8))
+    size, channels, gh, gw, k, images, batch, steps, threads, device = (
+        read.varint() for _ in range(10))
     path = read.take(read.varint()).decode("utf-8", "replace") if flags & PATHED else ""
     names = []
     if flags & NAMED:
@@ -139,6 +145,7 @@ def unpack(data: bytes, name: str = "the file") -> Container:
     streams = [read.take(4 * n) for n in lengths]
     if read.at != len(read.data):
         raise DataError(f"{name} is corrupt ({len(read.data) - read.at} bytes left over)")
-    header = Header(prior, stage1, size, channels, (gh, gw), k, images, batch, steps,
+    header = Header(prior, stage1, size, channels, (gh, gw), k, images, batch, steps, threads,
+                    DEVICES[device] if device < len(DEVICES) else "other",
                     bool(flags & LABELLED), path)
     return Container(header, checksums, streams, names)
