@@ -202,3 +202,12 @@ def test_the_map_is_red_where_the_bits_are():
     maps = vqvae.Surprise(torch.full((1, 1, 4, 4), 255, dtype=torch.uint8), bits, 16).maps()
     assert maps[0, :, 2:, :2].tolist() == [[[255] * 2] * 2, [[102] * 2] * 2, [[102] * 2] * 2]
     assert (maps[0, :, :2] == 255).all() and (maps[0, :, :, 2:] == 255).all()
+
+
+def test_help_of_the_codec_commands(capsys):
+    for command in ("compress", "decompress", "surprise"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--batch-size" in text and "--labels" in text and "--prior" in text and "--top" in text
