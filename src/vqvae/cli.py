@@ -145,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     print(compress_files(args.run, args.images, args.out, args.labels, args.batch_size,
-                         args.steps, args.device).summary())
+                         args.steps, args.device, threads=args.threads).summary())
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
@@ -155,7 +155,7 @@ def cmd_decompress(args: argparse.Namespace) -> None:
 
 def cmd_surprise(args: argparse.Namespace) -> None:
     print(write_surprise(args.run, args.images, args.out, args.data, args.top, args.batch_size,
-                         args.steps, args.device).summary())
+                         args.steps, args.device, threads=args.threads).summary())
 
 
 def _labels(text: str) -> list[int]:
@@ -335,6 +335,9 @@ def _coding_options(p: argparse.ArgumentParser) -> None:
                    "stream and one forward pass each (default: 64)")
     p.add_argument("--steps", type=int, help="a maskgit prior's parallel iterations (default: "
                    "the sampler's)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads computing the "
+                   "probabilities, recorded in the file (default: 1, the fastest for small "
+                   "priors)")
 
 
 def _one_line(e: BaseException) -> str:

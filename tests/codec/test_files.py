@@ -79,11 +79,11 @@ from vqvae.cli import main
 from vqvae.generation.pipeline import Pipeline
 from tests.codec.test_files import KINDS, seeded_grids
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
-torch.set_num_threads(3)  # the tests' process has 1: the file records it, decoding uses it
-for kind in KINDS:
+torch.set_num_threads(3)  # the tests' process has 1
+for kind in KINDS:  # coded with 3 threads: the file records it, decoding uses as many
     pipe = Pipeline.from_run(run / kind, device="cpu")
     (out / f"{kind}.vqvc").write_bytes(vqvae.compress_codes(pipe, seeded_grids(), batch_size=64,
-                                                            steps=3))
+                                                            steps=3, threads=3))
 sys.exit(main(["compress", str(run / "maskgit"), str(out / "pngs"), "--out",
                str(out / "images.vqvc"), "--device", "cpu", "--batch-size", "7"]))
 """

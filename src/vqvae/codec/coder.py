@@ -80,11 +80,11 @@ def _chunks(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def encode_grids(prior: Prior | MaskGITPrior, grids: torch.Tensor,
                  labels: torch.Tensor | None = None, batch_size: int = 64, steps: int = 12,
-                 progress: bool = False, desc: str = "compress", threads: int | None = None
-                 ) -> Coded:
+                 progress: bool = False, desc: str = "compress", threads: int = 1) -> Coded:
     """Code grids (N, h, w) (and their (N,) class labels, for a class-conditional prior) with the
-    prior's probabilities, ``batch_size`` grids per stream and ``threads`` intra-op threads
-    (default: torch's current count); the decoder repeats both."""
+    prior's probabilities, ``batch_size`` grids per stream and ``threads`` intra-op threads on a
+    CPU (1: the fastest for small priors on a busy machine, and the same on any machine); the
+    decoder repeats both."""
     n = grids.shape[0]
     flat = grids.reshape(n, -1).long()
     if flat.shape[1] != prior.cfg.seq_len:
@@ -95,7 +95,8 @@ def encode_grids(prior: Prior | MaskGITPrior, grids: torch.Tensor,
     check_labels(labels, n, prior.cfg.num_classes)
     device = prior.head.weight.device
     streams, bits = [], torch.zeros(flat.shape, dtype=torch.float64)
-    threads = threads or torch.get_num_threads()
+    if threads < 1:
+        raise DataError(f"threads must be >= 1, got {threads}")
     with tqdm(total=n, desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar, cpu_threads(threads):
         for s, e in _chunks(n, batch_size):
@@ -123,7 +124,7 @@ def encode_grids(prior: Prior | MaskGITPrior, grids: torch.Tensor,
 
 def decode_grids(prior: Prior | MaskGITPrior, streams: list[bytes], n: int, labelled: bool,
                  batch_size: int = 64, steps: int = 12, progress: bool = False,
-                 threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 threads: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`encode_grids` undone: ``n`` grids (n, h, w) on the CPU and their labels (or None),
     decoded with the batch size, steps and threads they were coded with."""
     chunks = _chunks(n, batch_size)
@@ -132,7 +133,7 @@ def decode_grids(prior: Prior | MaskGITPrior, streams: list[bytes], n: int, labe
     device = prior.head.weight.device
     grids, labels = [], []
     with tqdm(total=n, desc="decompress", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar, cpu_threads(threads or torch.get_num_threads()):
+              dynamic_ncols=True) as bar, cpu_threads(max(threads, 1)):
         for (s, e), stream in zip(chunks, streams):
             decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(stream, np.uint32))
 

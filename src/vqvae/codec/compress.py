@@ -24,7 +24,7 @@ from ..fileio import check_writable, write_bytes
 from ..generation.grids import save_png, tile
 from ..generation.pipeline import Pipeline
 from ..models.maskgit import MaskGITPrior
-from .coder import check_labels, checksum, decode_grids, encode_grids
+from .coder import check_labels, checksum, cpu_threads, decode_grids, encode_grids
 from .container import Container, Header, pack, unpack
 
 ENCODE_BATCH = 256  # images through the stage-1 encoder at once
@@ -62,12 +62,13 @@ def coding_steps(pipe: Pipeline, steps: int | None = None) -> int:
 def compress_codes(pipeline: Pipeline, grids: torch.Tensor, labels: torch.Tensor | None = None,
                    names: Sequence[str] | None = None, batch_size: int = 64,
                    steps: int | None = None, prior_path: str = "",
-                   progress: bool = False) -> bytes:
+                   progress: bool = False, threads: int = 1) -> bytes:
     """Code grids (N, h, w) of the pipeline's stage-1 model -> the bytes of a compressed file.
     ``labels`` (N,) class ids of a class-conditional prior are coded too (uniformly: log2 C bits
     each); without them the grids are coded with the null class. ``batch_size`` grids share a
     stream (and a forward pass); ``steps``: a maskgit prior's parallel iterations (default: the
-    sampler's); ``names`` are stored for :func:`decompress_file`; ``prior_path`` too."""
+    sampler's); ``threads``: intra-op threads on a CPU (recorded: decoding uses as many);
+    ``names`` are stored for :func:`decompress_file`; ``prior_path`` too."""
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     if names is not None and (len(names) != grids.shape[0] or any("\n" in n for n in names)):
@@ -75,7 +76,8 @@ def compress_codes(pipeline: Pipeline, grids: torch.Tensor, labels: torch.Tensor
     labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     check_labels(labels, grids.shape[0], pipeline.prior.cfg.num_classes)
     steps = coding_steps(pipeline, steps)
-    coded = encode_grids(pipeline.prior, grids, labels, batch_size, steps, progress)
+    coded = encode_grids(pipeline.prior, grids, labels, batch_size, steps, progress,
+                         threads=threads)
     cfg = pipeline.stage1.cfg
     header = Header(fingerprint(pipeline.prior), fingerprint(pipeline.stage1), cfg.image_size,
                     cfg.in_channels, tuple(grids.shape[1:]), pipeline.prior.cfg.codebook_size,
@@ -99,14 +101,15 @@ def encode_images(pipeline: Pipeline, images: torch.Tensor) -> torch.Tensor:
 def compress(pipeline_or_run: Pipeline | str | Path, images: torch.Tensor,
              labels: torch.Tensor | None = None, names: Sequence[str] | None = None,
              batch_size: int = 64, steps: int | None = None, device: str | torch.device = "auto",
-             progress: bool = False) -> bytes:
+             progress: bool = False, threads: int = 1) -> bytes:
     """uint8 images (N, C, H, W) at the stage-1 model's size -> a compressed file's bytes
     (:func:`compress_codes` on their codes). ``pipeline_or_run``: a :class:`Pipeline`, or a prior
     run folder (its path is stored, so :func:`decompress_file` finds the models)."""
     pipe = load_pipeline(pipeline_or_run, device)
     path = "" if isinstance(pipeline_or_run, Pipeline) else str(Path(pipeline_or_run).resolve())
-    return compress_codes(pipe, encode_images(pipe, images), labels, names, batch_size, steps,
-                          path, progress)
+    with cpu_threads(threads):  # the stage-1 encoder too: small convolutions, a busy CPU
+        grids = encode_images(pipe, images)
+    return compress_codes(pipe, grids, labels, names, batch_size, steps, path, progress, threads)
 
 
 def read_header(data: bytes, name: str = "the file") -> Header:
@@ -163,7 +166,8 @@ def decompress(pipeline_or_run: Pipeline | str | Path, data: bytes, name: str = 
     """A compressed file's bytes -> the decoded images, their codes, labels and names."""
     pipe = load_pipeline(pipeline_or_run, device)
     box, grids, labels = decompress_codes(pipe, data, name, progress)
-    return Decompressed(pipe.decode(grids), grids, labels, box.names)
+    with cpu_threads(box.header.threads):
+        return Decompressed(pipe.decode(grids), grids, labels, box.names)
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -198,7 +202,7 @@ class Compressed:
 def compress_files(prior_run: str | Path, image_paths: Sequence[str | Path], out: str | Path,
                    labels: Sequence[int] | None = None, batch_size: int = 64,
                    steps: int | None = None, device: str | torch.device = "auto",
-                   progress: bool = True) -> Compressed:
+                   progress: bool = True, threads: int = 1) -> Compressed:
     """``vqvae compress``: image files (or folders of them), resized to the model's size, into
     one compressed file ``out`` with their names and the prior run's path; ``labels``: one class
     id for all images or one per image (class-conditional priors)."""
@@ -209,8 +213,10 @@ def compress_files(prior_run: str | Path, image_paths: Sequence[str | Path], out
     images = torch.cat([read_image(f, cfg.image_size, cfg.in_channels) for f in files])
     if labels is not None:
         labels = list(labels) * len(files) if len(labels) == 1 else list(labels)
-    data = compress_codes(pipe, encode_images(pipe, images), labels, [f.name for f in files],
-                          batch_size, steps, str(Path(prior_run).resolve()), progress)
+    with cpu_threads(threads):
+        grids = encode_images(pipe, images)
+    data = compress_codes(pipe, grids, labels, [f.name for f in files], batch_size, steps,
+                          str(Path(prior_run).resolve()), progress, threads)
     path = write_bytes(out, data)
     streams = unpack(data).payload_bytes()
     return Compressed(path, len(files), len(data), len(data) - streams, cfg.image_size ** 2)
@@ -246,9 +252,9 @@ def decompress_file(file: str | Path, out_dir: str | Path, prior_run: str | Path
     if not Path(run).exists():
         raise DataError(f"the prior run {run} that {file} was compressed with is not here: "
                         f"name it (--prior PRIOR_RUN)")
-    result = decompress(run, data, str(file), device, progress)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} is a file: name a folder for the PNGs")
+    result = decompress(run, data, str(file), device, progress)
     return [save_png(tile(image[None], 1, min_tile=1, gap=0), out_dir / png)
             for image, png in zip(result.images, _png_names(result.names, len(result.images)))]

@@ -53,14 +53,15 @@ class Surprise:
 
 def surprise(pipeline_or_run: Pipeline | str | Path, images: torch.Tensor,
              labels: torch.Tensor | None = None, batch_size: int = 64, steps: int | None = None,
-             device: str | torch.device = "auto", progress: bool = False) -> Surprise:
+             device: str | torch.device = "auto", progress: bool = False,
+             threads: int = 1) -> Surprise:
     """uint8 images (N, C, H, W) at the stage-1 model's size -> each code's -log2 p under the
     prior, in its coding order (``labels``: class ids for a class-conditional prior)."""
     pipe = load_pipeline(pipeline_or_run, device)
     grids = encode_images(pipe, images)
     labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
-    coded = encode_grids(pipe.prior, grids, labels, batch_size, coding_steps(pipe, steps), progress,
-                        "surprise")
+    coded = encode_grids(pipe.prior, grids, labels, batch_size, coding_steps(pipe, steps),
+                         progress, "surprise", threads)
     return Surprise(images, coded.bits.view(grids.shape), pipe.prior.cfg.codebook_size)
 
 
@@ -85,7 +86,8 @@ def _csv(rows: list[list]) -> bytes:
 def write_surprise(prior_run: str | Path, image_paths: Sequence[str | Path] = (),
                    out: str | Path = "surprise", data: str | None = None, top: int = 16,
                    batch_size: int = 64, steps: int | None = None,
-                   device: str | torch.device = "auto", progress: bool = True) -> SurpriseReport:
+                   device: str | torch.device = "auto", progress: bool = True,
+                   threads: int = 1) -> SurpriseReport:
     """``vqvae surprise``: for image files (or folders), ``NAME.surprise.png`` per image (the
     image and its map) and ``bits.csv`` (bits per image); with ``data`` (a source), its held-out
     images ranked, most surprising first: ``outliers.png`` (the ``top`` ones and their maps) and
@@ -101,7 +103,8 @@ def write_surprise(prior_run: str | Path, image_paths: Sequence[str | Path] = ()
     if data is None:
         files = image_files(image_paths)
         images = torch.cat([read_image(f, cfg.image_size, cfg.in_channels) for f in files])
-        result = surprise(pipe, images, None, batch_size, steps, progress=progress)
+        result = surprise(pipe, images, None, batch_size, steps, progress=progress,
+                          threads=threads)
         pictures = [save_png(tile(torch.stack([_rgb(image), picture]), 2),
                              out / f"{f.stem}.surprise.png")
                     for f, image, picture in zip(files, images, result.maps())]
@@ -114,7 +117,8 @@ def write_surprise(prior_run: str | Path, image_paths: Sequence[str | Path] = ()
                                       channels=cfg.in_channels)).test
     held_out = held_out if hasattr(held_out, "images") else held_out.load()
     labels = held_out.labels if pipe.prior.cfg.num_classes else None
-    result = surprise(pipe, held_out.images, labels, batch_size, steps, progress=progress)
+    result = surprise(pipe, held_out.images, labels, batch_size, steps, progress=progress,
+                      threads=threads)
     order = result.per_image.argsort(descending=True)
     worst, maps = order[:top], result.maps()
     strip = torch.stack([x for i in worst.tolist() for x in (_rgb(held_out.images[i]), maps[i])])
