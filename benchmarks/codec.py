@@ -305,8 +305,8 @@ def main() -> None:
     specs = [parse_spec(s) for s in (args.stage1 or ["default="])]
     codecs = ["PNG", "JPEG", "WebP"] + (["AVIF"] if features.check("avif") else [])
     print(command_line(__file__))
-    print(environment("cpu") + "; speed figures are one timing on a machine shared with other "
-          "jobs")
+    print(environment("cpu", 1) + " (the codec's); speed figures are one timing on a machine "
+          "shared with other jobs")
     results = {}
     for name in args.sets:
         source, images = held_out(name, args, root)
