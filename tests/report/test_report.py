@@ -51,6 +51,14 @@ def test_the_page_has_every_section_and_embeds_everything(reported):
     # both priors inside the stage-1 run, each with samples of its kept checkpoints
     assert "prior run prior/" in html and "prior run maskgit/" in html
     assert html.count('alt="samples at step') == 4
+    # each prior's surprise map: the most surprising held-out images first, the least last
+    assert html.count('alt="surprise map"') == 2
+    listings = re.findall(r"Bits per image, in that order: ([\d, ]+) \(mean", html)
+    assert len(listings) == 2
+    for listed in listings:
+        bits = [int(b) for b in listed.split(", ")]
+        assert bits[0] >= bits[-1] and bits[: len(bits) // 2] == sorted(bits[: len(bits) // 2],
+                                                                       reverse=True)
     assert 'alt="reconstructions at step 4"' in html and 'alt="interpolations at step 4"' in html
     assert "held-out bits/code" in html and "dead codes over the run" in html
     # nothing in the run folder changed

@@ -23,14 +23,16 @@ from ..distributed import pick_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import check_writable, write_bytes
 from ..generation.codes import load_stage1
-from ..generation.grids import pick
+from ..codec.surprise import surprise
+from ..generation.grids import pick, tile
+from ..generation.pipeline import Pipeline
 from ..store import checkpoint as ckpt
 from ..store import runs
 from . import svg
 from .assets import CSS, PAGE, SCRIPT
 from .atlas import PER_PAGE, Atlas, build_atlas, columns, sprite_pages
 from .facts import RunFacts, find, read_run, stage1_of
-from .timeline import Frame, prior_frames, stage1_frames
+from .timeline import Frame, png_bytes, prior_frames, stage1_frames
 
 REPORT = "report.html"
 ATLAS_IMAGES = 2048  # held-out images encoded for the atlas and the usage maps
@@ -97,6 +99,7 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
     frames = (stage1_frames(stage1.checkpoints, images, device, progress)
               if stage1 is not None and images is not None else [])
     prior_parts = [_prior_part(p, device, progress) for p in priors]
+    surprised = [_surprise(p, images, device) for p in priors]
     missing = [*notes, *(f"stage 1: {m}" for m in (stage1.missing if stage1 else []))]
     if stage1 is None:
         missing.append("stage 1: no stage-1 run folder: no atlas, usage maps or reconstructions")
@@ -109,7 +112,7 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
             _section("atlas", _atlas_html(atlas)),
             _section("usage", _usage(stage1, atlas)),
             _section("checkpoints", _checkpoints(frames)),
-            _section("prior", _priors(priors, prior_parts))]
+            _section("prior", _priors(priors, prior_parts, surprised))]
     title = f"vqvae report: {facts.path}"
     return PAGE.format(title=escape(title), css=CSS, script=SCRIPT,
                        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -128,6 +131,36 @@ def _prior_part(prior: RunFacts, device: torch.device,
     except (CheckpointError, ConfigError, DataError, OSError) as e:
         return [], f"its stage-1 model cannot decode its codes ({e}): no samples"
     return prior_frames(prior.checkpoints, stage1, device, progress), None
+
+
+SURPRISE_IMAGES = 256  # held-out images a prior codes for its surprise map
+SURPRISE_SHOWN = 8  # the most and the least surprising of them, each
+
+
+def _surprise(prior: RunFacts, images: torch.Tensor | None, device: torch.device) -> str:
+    """The prior's surprise map (docs/codec.md) of held-out images of its stage 1's data: the
+    most and least surprising of the first :data:`SURPRISE_IMAGES`, with their bits; or why
+    there is none."""
+    if images is None or prior.latest is None:
+        return "no held-out images or no checkpoint: no surprise map"
+    try:
+        pipe = Pipeline(ckpt.load_prior(prior.latest, device), load_stage1(prior.config, device),
+                        prior.config, prior.name)
+        found = surprise(pipe, images[:SURPRISE_IMAGES], device=device)
+    except (CheckpointError, ConfigError, DataError, OSError) as e:
+        return f"its models cannot code held-out images ({e}): no surprise map"
+    bits = found.per_image
+    order = bits.argsort(descending=True)
+    k = min(SURPRISE_SHOWN, len(order) // 2) or 1
+    shown = torch.cat([order[:k], order[-k:]])
+    strip = png_bytes(tile(found.maps()[shown], k))
+    listed = ", ".join(f"{bits[i]:.0f}" for i in shown.tolist())
+    return (f"<p>Where the prior is surprised: each code's -log2 p painted red over held-out "
+            f"images (full red: log2 K bits, a uniform guess). Top row: the {k} most "
+            f"surprising of {len(bits)} (outliers, or what the prior has not learnt); bottom "
+            f"row: the {k} least. Bits per image, in that order: {listed} (mean "
+            f"{bits.mean():.1f}; <code>vqvae surprise</code> ranks a whole set).</p>"
+            + _png(strip, "surprise map", "px"))
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -309,12 +342,13 @@ def _checkpoints(frames: list[Frame]) -> str:
             + "".join(rows) + "</table>")
 
 
-def _priors(priors: list[RunFacts], drawn: list[tuple[list[Frame], str | None]]) -> str:
+def _priors(priors: list[RunFacts], drawn: list[tuple[list[Frame], str | None]],
+            surprised: list[str]) -> str:
     if not priors:
         return ("<p>No prior run in this folder (<code>vqvae train-prior --out RUN/prior</code>)."
                 "</p>")
     parts = []
-    for p, (fs, why) in zip(priors, drawn):
+    for p, (fs, why), surprise_map in zip(priors, drawn, surprised):
         parts.append(f"<h3>{escape(p.name)}</h3>")
         parts.append(_charts([
             ("held-out bits/code", {"true class": _series(p.evals, "bits_per_code"),
@@ -328,6 +362,8 @@ def _priors(priors: list[RunFacts], drawn: list[tuple[list[Frame], str | None]])
         parts.append("<p>Samples at each kept checkpoint (seed 0; a conditional prior draws its "
                      "classes in turn):</p><table class=frames>" + rows + "</table>"
                      if rows else f"<p>No samples{escape(': ' + why if why else '')}.</p>")
+        parts.append(surprise_map if surprise_map.startswith("<")
+                     else f"<p>No surprise map: {escape(surprise_map)}.</p>")
     return "\n".join(parts)
 
 
