@@ -168,10 +168,11 @@ def test_restart_revives_codes_forced_dead(cls):
     for _ in range(2):
         q(z)
     assert (q.codebook_vectors()[4:] > 900).all()  # not yet: unused for 2 < 3 steps
-    assert q.unused_steps[4:].eq(2).all()
+    assert q.unused_steps[4:].eq(2).all() and int(q.restarted) == 0
     q(z)
     assert q.codebook_vectors()[4:].abs().max() < 10  # re-seeded from the batch
     assert q.unused_steps[4:].eq(0).all()
+    assert int(q.restarted) == 4 and "restarted" not in q.state_dict()  # counted, not saved
     used = torch.zeros(8, dtype=torch.bool)
     for _ in range(5):
         used[q(z).indices.flatten()] = True

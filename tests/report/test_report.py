@@ -203,3 +203,20 @@ def test_an_unreadable_checkpoint_is_a_row_saying_so(tmp_path):
     row = re.search(r"<th>step 2</th><td>(.*?)</td>", prior, re.S).group(1)
     assert row.startswith("unreadable:") and "model.safetensors" in row
     assert 'alt="samples at step 4"' in html  # the other checkpoints still draw
+
+
+def test_restarts_are_logged_and_on_the_timeline(tmp_path):
+    """Codes re-seeded by --restart-after are counted per log window in train.jsonl
+    (``restarts``) and drawn on the report's dead-code timeline."""
+    from vqvae.cli import main
+    from vqvae.store.runs import read_jsonl
+
+    from tests import tiny
+
+    run = tmp_path / "run"
+    assert main(["train", *tiny.stage1(codebook_size=64, restart_after=2, steps=20, every=20,
+                                       eval_count=None), "--out", str(run)]) == 0
+    logged = [r["restarts"] for r in read_jsonl(run / "train.jsonl")]
+    assert len(logged) == 2 and sum(logged) > 0
+    html = write_report(run, device="cpu", progress=False).read_text()
+    assert "Restarts are not recorded" not in html and ">restarts<" in html

@@ -273,7 +273,12 @@ class Stage1:
         if any_rank(share > limit, self.runtime):
             self.halt = (f"{share:.0%} of the training images of the last steps could not be read "
                          f"(over --max-unreadable {limit:.0%}): were files deleted or damaged?")
-        return ({f"window_{k}": health[k] for k in HEALTH} | {"data_wait": wait}
+        restarted = getattr(self.model.quantizer, "restarted", None)
+        restarts = {}
+        if restarted is not None:  # codes re-seeded in this window (alike on every rank)
+            restarts = {"restarts": float(restarted.item())}
+            restarted.zero_()
+        return ({f"window_{k}": health[k] for k in HEALTH} | {"data_wait": wait} | restarts
                 | {"lr": self.schedule.lr}  # the last step's
                 | ({"skipped_images": float(self.skipped), "skipped_share": share}
                    if self.skipped else {}))

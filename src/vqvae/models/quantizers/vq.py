@@ -249,6 +249,9 @@ class _CodebookQuantizer(nn.Module):
         self._initialized_seen = False
         if restart_after > 0:
             self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
+            # codes re-seeded since the trainer last read (and zeroed) it; not saved
+            self.register_buffer("restarted", torch.zeros((), dtype=torch.long),
+                                 persistent=False)
 
     def _init_codebook(self) -> torch.Tensor:
         """The seed's U(-0.05, 0.05) codebook (K, lookup_dim), on the sphere for cosine codes."""
@@ -339,6 +342,7 @@ class _CodebookQuantizer(nn.Module):
         candidates = pick_rows(x, pick)  # (K, d)
         self._overwrite(dead, candidates, torch.ones_like(dead, dtype=x.dtype))
         self.unused_steps.masked_fill_(dead, 0)
+        self.restarted.add_(dead.sum())
 
 
 class VectorQuantizer(_CodebookQuantizer):
