@@ -295,6 +295,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="HTML file to write (default: "
                    "RUN_DIR/report.html)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
     p = command(sub, "compress", cmd_compress, "compress images with a prior (its codes "
                 "entropy-coded)", "prior", description="Encode images (resized to the model's "
                 "size) into code grids and code them with the prior's probabilities into one "
