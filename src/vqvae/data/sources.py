@@ -391,7 +391,7 @@ def load_splits(cfg: DataConfig) -> Splits:
 def _same_classes(test: ImageSet | FileSet, train: ImageSet | FileSet,
                   name: str) -> ImageSet | FileSet:
     """``test`` with its labels renumbered to ``train``'s class names (a held-out folder may
-    lack some classes, not add any); without labels on either side, as it is."""
+    lack some classes, not add any); without labels when either side has none."""
     if train.labels is None or test.classes is None:
         return replace(test, labels=None, classes=None)
     if test.classes == train.classes:
@@ -402,8 +402,6 @@ def _same_classes(test: ImageSet | FileSet, train: ImageSet | FileSet,
                         f"{', '.join(extra[:5])}")
     lookup = torch.tensor([train.classes.index(c) for c in test.classes])
     return replace(test, labels=lookup[test.labels], classes=train.classes)
-
-
 
 
 class BatchStream:
