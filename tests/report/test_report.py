@@ -220,3 +220,5 @@ def test_restarts_are_logged_and_on_the_timeline(tmp_path):
     assert len(logged) == 2 and sum(logged) > 0
     html = write_report(run, device="cpu", progress=False).read_text()
     assert "Restarts are not recorded" not in html and ">restarts<" in html
+    # what ran it, recorded at its start (hardware.jsonl)
+    assert "from step 0: cpu (" in html and "1 process(es)" in html

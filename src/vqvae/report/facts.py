@@ -32,6 +32,7 @@ class RunFacts:
     state: dict[str, Any]  # the latest checkpoint's state.json, less the optimizer
     missing: list[str] = field(default_factory=list)
     priors: list[RunFacts] = field(default_factory=list)  # prior runs inside a stage-1 run
+    hardware: list[dict[str, Any]] = field(default_factory=list)  # hardware.jsonl: each start
 
     @property
     def latest(self) -> Path | None:
@@ -117,9 +118,11 @@ def read_run(run_dir: Path, with_priors: bool = True) -> RunFacts:
                     priors.append(read_run(sub, False))
             except CheckpointError as e:  # a sub-folder's config.json that cannot be read
                 missing.append(f"{sub} is skipped: {e}")
+    hardware = (runs.read_jsonl(run_dir / runs.HARDWARE) if (run_dir / runs.HARDWARE).is_file()
+                else [])  # runs from before it was recorded have none: the page says so
     return RunFacts(run_dir, stage, config, commands, train, evals,
                     final if isinstance(final, dict) else None, checkpoints,
-                    _state(checkpoints[-1] if checkpoints else None), missing, priors)
+                    _state(checkpoints[-1] if checkpoints else None), missing, priors, hardware)
 
 
 def find(path: str | Path) -> RunFacts:

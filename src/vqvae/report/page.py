@@ -222,9 +222,12 @@ def _run_facts(r: RunFacts, images: torch.Tensor | None, held_out: str) -> str:
         budget = f"--steps {train.steps}" + (f", --minutes {train.minutes:g}"
                                              if train.minutes else "")
         rows.append(("budget", escape(budget)))
+        ran = "; ".join(f"from step {h.get('step')}: {h.get('device')} ({h.get('name')}), "
+                        f"{h.get('processes')} process(es), {h.get('cpus')} CPU cores, torch "
+                        f"{h.get('torch')}" for h in r.hardware)
         rows.append(("hardware", escape(f"--device {train.device}, --precision "
-                                        f"{train.precision} (the run folder does not record "
-                                        f"which device ran it)")))
+                                        f"{train.precision}; " + (ran or "which device ran it is "
+                                        "not recorded (a run from before hardware.jsonl)"))))
     st = r.state
     if st:
         speeds = [x["steps_per_s"] for x in r.train if isinstance(x.get("steps_per_s"),

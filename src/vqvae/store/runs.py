@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import socket
 import sys
 import time
@@ -252,6 +253,20 @@ def check_steps(start: int, steps: int, seconds: float = 0.0,
         raise ConfigError(f"the run has spent its --minutes {minutes:g} budget (it trained "
                           f"{seconds / 60:.2f} minutes): give --minutes above {seconds / 60:.2f} "
                           f"to train on")
+
+
+HARDWARE = "hardware.jsonl"  # a line per start of a run: what ran it
+
+
+def record_hardware(run_dir: Path, start: int, runtime: Runtime) -> None:
+    """Append what this start of the run (at step ``start``) runs on: the device and its name,
+    the processes, CPU cores and the torch version (for reports; nothing reads it back)."""
+    device = runtime.device
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    append_jsonl(run_dir / HARDWARE, {"step": start, "device": str(device), "name": name,
+                                      "processes": runtime.world_size,
+                                      "cpus": os.cpu_count(), "torch": torch.__version__})
 
 
 def prepare_run(run_dir: Path, stage: str, cfg: Any, start: int) -> None:

@@ -20,7 +20,8 @@ from ..config import LoopConfig
 from ..distributed import Runtime, main_does
 from ..models.ema import EMA, WeightEMA
 from ..precision import numerics
-from ..store.runs import TrainingState, check_steps, opened, restore, save_checkpoint, write_eval
+from ..store.runs import (TrainingState, check_steps, opened, record_hardware, restore,
+                          save_checkpoint, write_eval)
 from .loggers import check_loggers, open_logger
 from .loop import Saved, fit
 from .schedule import RunClock
@@ -153,6 +154,7 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True) -> RunResu
                           else (0, 0.0))
         check_steps(start, tc.steps, seconds, tc.minutes)
         main_does(lambda: stage.prepare(start), runtime, "prepare the run folder")
+        main_does(lambda: record_hardware(run_dir, start, runtime), runtime, "record the hardware")
         clock = RunClock(tc.steps, tc.minutes, seconds)
         stage.begin(clock)
         stage.state.model.train()
