@@ -109,7 +109,7 @@ def test_a_full_disk_names_the_file(legacy_run, tmp_path, monkeypatch, capsys):
         write = _disk_full
 
     def full_log(path, *args, **kwargs):  # the run's config and command line still fit
-        return FullFile() if str(path).endswith(".jsonl") else open(path, *args, **kwargs)
+        return FullFile() if str(path).endswith("train.jsonl") else open(path, *args, **kwargs)
 
     monkeypatch.setattr(vqvae.store.runs, "open", full_log, raising=False)
     run = tmp_path / "new"

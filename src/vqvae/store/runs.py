@@ -187,13 +187,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-STARTED_BY_PREPARE = (RUN_CONFIG, COMMANDS, TRAIN_LOG, METRICS_LOG)  # and the lock
+HARDWARE = "hardware.jsonl"  # a line per start of a run: what ran it (record_hardware)
+# What a start writes before its first step (prepare_run, record_hardware), and the lock.
+STARTED_BY_PREPARE = (RUN_CONFIG, COMMANDS, TRAIN_LOG, METRICS_LOG, HARDWARE)
 
 
 def _never_started(run_dir: Path) -> bool:
-    """True for a run folder holding only what :func:`prepare_run` writes (a run config, the
-    command line, empty logs), a lock and a killed writer's temporary files: a run whose start
-    failed (its data's first batch, say) before it trained a step."""
+    """True for a run folder holding only what a start writes (:func:`prepare_run`'s run config,
+    command line and empty logs, :func:`record_hardware`'s line), a lock and a killed writer's
+    temporary files: a run whose start failed (its data's first batch, say) before it trained
+    a step."""
     names = {p.name for p in run_dir.iterdir()
              if not (p.name.startswith(".") and ".tmp" in p.name and p.is_file())}
     if RUN_CONFIG not in names or not names <= {*STARTED_BY_PREPARE, LOCK}:
@@ -253,9 +256,6 @@ def check_steps(start: int, steps: int, seconds: float = 0.0,
         raise ConfigError(f"the run has spent its --minutes {minutes:g} budget (it trained "
                           f"{seconds / 60:.2f} minutes): give --minutes above {seconds / 60:.2f} "
                           f"to train on")
-
-
-HARDWARE = "hardware.jsonl"  # a line per start of a run: what ran it
 
 
 def record_hardware(run_dir: Path, start: int, runtime: Runtime) -> None:
