@@ -89,13 +89,9 @@ def _encode_split(model, images, folder: Path, batch_size: int, device, progress
                   flip: bool, workers: int, name: str) -> list[list]:
     """Write one split's files; returns its [key, label] rows in order."""
     rows, seen = [], set()
-    parts = encode_batches(model, images, batch_size, device, f"encode {name}", progress, workers)
-    mirrored = (encode_batches(model, images, batch_size, device, "", False, workers, flip=True)
-                if flip else None)
-    for part in parts:
+    for part in encode_batches(model, images, batch_size, device, f"encode {name}", progress,
+                               workers, with_mirror=flip):
         codes = part.codes.numpy()
-        if mirrored is not None:
-            codes = np.stack([codes, next(mirrored).codes.numpy()], axis=1)
         for i, key in enumerate(part.keys):
             file = npy_name(key)
             if file in seen:

@@ -164,9 +164,10 @@ def encode_set(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
 @torch.inference_mode()
 def encode_batches(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 256,
                    device: torch.device | str = "cpu", desc: str = "encode",
-                   progress: bool = True, workers: int = 2,
-                   flip: bool = False) -> Iterator[CodeSplit]:
-    """:func:`encode_set` a batch at a time, each with its images' keys (memory stays flat)."""
+                   progress: bool = True, workers: int = 2, flip: bool = False,
+                   with_mirror: bool = False) -> Iterator[CodeSplit]:
+    """:func:`encode_set` a batch at a time, each with its images' keys (memory stays flat);
+    ``with_mirror``: codes (B, 2, h, w), each image's and its mirror image's, from one decode."""
     model.eval()
     dtype = code_dtype(model.cfg.codebook_size)
     names = images.keys()
@@ -176,7 +177,10 @@ def encode_batches(model: VQVAE, images: ImageSet | FileSet, batch_size: int = 2
             x = to_float(batch.images.to(device))
             x = x.flip(-1) if flip else x
             keys = tuple(f"{k}#flipped" if flip else str(k) for k in names[batch.rows.numpy()])
-            yield CodeSplit(model.encode(x).indices.to("cpu", dtype), batch.labels, keys)
+            codes = model.encode(x).indices
+            if with_mirror:
+                codes = torch.stack([codes, model.encode(x.flip(-1)).indices], 1)
+            yield CodeSplit(codes.to("cpu", dtype), batch.labels, keys)
             bar.update(x.shape[0] + batch.skipped)
 
 

@@ -98,8 +98,9 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
     atlas = build_atlas(model, images, progress=progress) if images is not None else None
     frames = (stage1_frames(stage1.checkpoints, images, device, progress)
               if stage1 is not None and images is not None else [])
-    prior_parts = [_prior_part(p, device, progress) for p in priors]
-    surprised = [_surprise(p, images, device) for p in priors]
+    drawn = [_prior_part(p, images, device, progress) for p in priors]
+    prior_parts = [(frames, why) for frames, why, _ in drawn]
+    surprised = [surprise_map for _, _, surprise_map in drawn]
     missing = [*notes, *(f"stage 1: {m}" for m in (stage1.missing if stage1 else []))]
     if stage1 is None:
         missing.append("stage 1: no stage-1 run folder: no atlas, usage maps or reconstructions")
@@ -120,32 +121,35 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
                        body="\n".join(body), data=_json_script(_atlas_data(atlas)))
 
 
-def _prior_part(prior: RunFacts, device: torch.device,
-                progress: bool) -> tuple[list[Frame], str | None]:
-    """A prior run's sample frames, or why there are none."""
+def _prior_part(prior: RunFacts, images: torch.Tensor | None, device: torch.device,
+                progress: bool) -> tuple[list[Frame], str | None, str]:
+    """A prior run's sample frames (or why there are none) and its surprise map (or why not),
+    with its stage-1 model loaded once for both."""
     checkpoint, why = stage1_of(prior)
     if checkpoint is None or not prior.checkpoints:
-        return [], why
+        return [], why, "no stage-1 model or no checkpoint: no surprise map"
     try:
         stage1 = load_stage1(prior.config, device)
     except (CheckpointError, ConfigError, DataError, OSError) as e:
-        return [], f"its stage-1 model cannot decode its codes ({e}): no samples"
-    return prior_frames(prior.checkpoints, stage1, device, progress), None
+        return ([], f"its stage-1 model cannot decode its codes ({e}): no samples",
+                "its stage-1 model cannot be loaded: no surprise map")
+    return (prior_frames(prior.checkpoints, stage1, device, progress), None,
+            _surprise(prior, stage1, images, device))
 
 
 SURPRISE_IMAGES = 256  # held-out images a prior codes for its surprise map
 SURPRISE_SHOWN = 8  # the most and the least surprising of them, each
 
 
-def _surprise(prior: RunFacts, images: torch.Tensor | None, device: torch.device) -> str:
+def _surprise(prior: RunFacts, stage1: Any, images: torch.Tensor | None,
+              device: torch.device) -> str:
     """The prior's surprise map (docs/codec.md) of held-out images of its stage 1's data: the
     most and least surprising of the first :data:`SURPRISE_IMAGES`, with their bits; or why
     there is none."""
     if images is None or prior.latest is None:
         return "no held-out images or no checkpoint: no surprise map"
     try:
-        pipe = Pipeline(ckpt.load_prior(prior.latest, device), load_stage1(prior.config, device),
-                        prior.config, prior.name)
+        pipe = Pipeline(ckpt.load_prior(prior.latest, device), stage1, prior.config, prior.name)
         found = surprise(pipe, images[:SURPRISE_IMAGES], device=device)
     except (CheckpointError, ConfigError, DataError, OSError) as e:
         return f"its models cannot code held-out images ({e}): no surprise map"
