@@ -13,6 +13,7 @@ import errno
 import signal
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,7 @@ from .export import FORMATS, export_run
 from .generation.code_folders import encode_codes
 from .generation.grids import write_interpolation, write_reconstructions
 from .generation.pipeline import inpaint_files, write_samples
+from .generation.tuning import describe, sample_config
 from .options import add_options, command, given, training_options
 from .report.page import write_report
 from .training.driver import RunResult
@@ -122,15 +124,16 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    samples, png, codes = write_samples(args.run, SampleConfig(**given(args, "sample")),
-                                        args.out, args.device)
-    print(f"{samples.images.shape[0]} samples: {png}\ntheir codes: {codes}")
+    cfg = sample_config(args.run, **given(args, "sample"))
+    samples, png, codes = write_samples(args.run, cfg, args.out, args.device)
+    print(f"{samples.images.shape[0]} samples ({describe(asdict(cfg))}): {png}\n"
+          f"their codes: {codes}")
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
     result, strip = inpaint_files(args.run, args.image, args.mask,
-                                  SampleConfig(**given(args, "sample")), args.out, args.ring,
-                                  args.device)
+                                  sample_config(args.run, **given(args, "sample")), args.out,
+                                  args.ring, args.device)
     print(f"inpainted: {result}\noriginal | mask | result: {strip}")
 
 

@@ -102,6 +102,13 @@ def resumed(cfg: Any, **changes: Any) -> Any:
                       f"step {cfg.train.steps}): from here the rate follows a cosine over "
                       f"{steps} steps, not the one an uninterrupted run of {steps} would have "
                       f"had", UserWarning, stacklevel=2)
+    sharpen = getattr(cfg.train, "sharpen", 0.0)
+    if sharpen and (steps != cfg.train.steps
+                    or changes.get("minutes", cfg.train.minutes) != cfg.train.minutes):
+        warnings.warn(f"a new budget moves this run's --sharpen phase (the last {sharpen:.0%} of "
+                      f"the budget): from here it starts at that share of the new one, and an "
+                      f"earlier part of the run that trained the decoder alone may train the "
+                      f"whole model again", UserWarning, stacklevel=2)
     minutes = changes.get("minutes", cfg.train.minutes)
     if cfg.train.schedule == "cosine" and minutes != cfg.train.minutes:
         was = ("no time budget" if cfg.train.minutes is None
@@ -152,6 +159,14 @@ class TrainConfig(LoopConfig):
         "LeCAM regularisation weight of the discriminator (e.g. 0.001; 0: off)"))
     diffaug: bool = field(default=False, metadata=_help(
         "DiffAugment (colour, translation, cutout) on what the discriminator sees"))
+    sharpen: float = field(default=0.0, metadata=_help(
+        "the last share of the budget (steps or --minutes) trains the decoder alone, encoder "
+        "and codebook frozen so the codes stay, at a tenth of --lr and against a PatchGAN of "
+        "weight --sharpen-gan: sharper reconstructions (the default preset's 0.25; "
+        "docs/sharper.md); 0: off"))
+    sharpen_gan: float = field(default=0.3, metadata=_help(
+        "the adversarial weight of the --sharpen phase (times the adaptive weight; 0: the "
+        "phase fine-tunes on the pixel loss alone)"))
     perceptual_weight: float = field(default=0.0, metadata=_help(
         "LPIPS perceptual loss weight (needs --perceptual-weights; 0: off)"))
     perceptual_weights: str | None = field(default=None, metadata=_help(
@@ -170,7 +185,7 @@ class TrainConfig(LoopConfig):
         super().__post_init__()
         _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
         for name in ("gan_weight", "gan_start", "lecam", "perceptual_weight", "freq_weight",
-                     "freq_alpha"):
+                     "freq_alpha", "sharpen_gan"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.compile_mode in get_args(CompileMode),
                f"compile_mode must be one of {get_args(CompileMode)}, got {self.compile_mode!r}")
@@ -184,9 +199,17 @@ class TrainConfig(LoopConfig):
                f"{self.disc_layers}")
         _check(isinstance(self.diffaug, bool),
                f"diffaug must be true or false, got {self.diffaug!r}")
-        _check(self.precision != "fp16" or self.gan_weight == 0,
-               "precision fp16 with --gan-weight is not supported (the discriminator and the "
-               "adaptive weight would need loss scaling of their own): use --precision bf16")
+        _check(0.0 <= self.sharpen < 1.0, f"sharpen must be in [0, 1), got {self.sharpen}")
+        _check(not (self.sharpen and self.gan_weight),
+               "--sharpen trains a discriminator in its own phase (weight --sharpen-gan); with "
+               "--gan-weight, one from --gan-start on: choose one (--sharpen 0 turns it off)")
+        _check(not (self.sharpen and self.decoder_only),
+               "a decoder-only fine-tune cannot have a --sharpen phase (it is one already): "
+               "use --sharpen 0")
+        _check(self.precision != "fp16" or not self.adversarial,
+               "precision fp16 with a discriminator (--gan-weight, or --sharpen's "
+               "--sharpen-gan) is not supported (it and the adaptive weight would need loss "
+               "scaling of their own): use --precision bf16, or --sharpen-gan 0")
         _check(not self.decoder_only or bool(self.init_from and self.codes_sha256),
                "decoder_only needs the checkpoint to start from (init_from, codes_sha256)")
         _check(self.perceptual_weight == 0 or bool(self.perceptual_weights),
@@ -196,7 +219,13 @@ class TrainConfig(LoopConfig):
 
     @property
     def adversarial(self) -> bool:
-        return self.gan_weight > 0
+        """A discriminator trains: from ``gan_start``, or in the ``sharpen`` phase."""
+        return self.adversary_weight > 0
+
+    @property
+    def adversary_weight(self) -> float:
+        """The adversarial loss's weight (times the adaptive weight) while it applies."""
+        return self.sharpen_gan if self.sharpen else self.gan_weight
 
 
 @dataclass(frozen=True)
@@ -212,6 +241,10 @@ class PriorTrainConfig(LoopConfig):
     token_dropout: float = field(default=0.0, metadata=_help(
         "probability of replacing each input code by a random one while training (targets "
         "stay true): against overfitting small data sets"))
+    tune_sampling: int = field(default=512, metadata=_help(
+        "at the end, draw this many grids (twice) under a few temperatures, truncations and "
+        "guidance scales and keep the setting closest to the held-out codes for `vqvae "
+        "sample` (RUN/sampling.json; docs/prior.md); 0: off"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,3 +253,5 @@ class PriorTrainConfig(LoopConfig):
         _check(self.weight_decay >= 0.0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0.0, f"grad_clip must be >= 0, got {self.grad_clip}")
         _check(0.0 <= self.p_uncond < 1.0, f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        _check(self.tune_sampling == 0 or self.tune_sampling >= 16,
+               f"tune_sampling must be 0 (off) or >= 16 grids, got {self.tune_sampling}")

@@ -25,6 +25,7 @@ from .codes import Codes, CodeSplit, load_stage1
 from .grids import decode_codes, save_png, tile
 from .inpaint import Inpainted, check_ring, inpaint_codes
 from .sample import Samples, draw, save_samples
+from .tuning import sample_config
 
 
 class Pipeline:
@@ -84,14 +85,16 @@ class Pipeline:
         return inpaint_codes(self.prior, self.stage1, image, mask, cfg, ring)
 
 
-def sample_images(prior_run: str | Path, cfg: SampleConfig = SampleConfig(),
+def sample_images(prior_run: str | Path, cfg: SampleConfig | None = None,
                   device: str | torch.device = "auto") -> Samples:
     """New images from the prior of ``prior_run`` (a prior run folder or one of its checkpoints),
-    decoded by the stage-1 checkpoint it was trained on (or ``cfg.decoder``)."""
+    decoded by the stage-1 checkpoint it was trained on (or ``cfg.decoder``); ``cfg`` defaults
+    to the settings its training chose (:func:`vqvae.generation.tuning.sample_config`)."""
+    cfg = cfg or sample_config(prior_run)
     return Pipeline.from_run(prior_run, device, cfg.decoder).sample(cfg)
 
 
-def write_samples(prior_run: str | Path, cfg: SampleConfig = SampleConfig(),
+def write_samples(prior_run: str | Path, cfg: SampleConfig | None = None,
                   out: str | Path | None = None, device: str | torch.device = "auto"
                   ) -> tuple[Samples, Path, Path]:
     """``vqvae sample``: :func:`sample_images` saved by :func:`save_samples` to ``out`` (default:
@@ -101,11 +104,13 @@ def write_samples(prior_run: str | Path, cfg: SampleConfig = SampleConfig(),
 
 
 def inpaint(prior_run: str | Path, image: torch.Tensor, mask: torch.Tensor,
-            cfg: SampleConfig = SampleConfig(), ring: int = 1,
+            cfg: SampleConfig | None = None, ring: int = 1,
             device: str | torch.device = "auto") -> Inpainted:
-    """:meth:`Pipeline.inpaint` with the maskgit prior of ``prior_run``."""
+    """:meth:`Pipeline.inpaint` with the maskgit prior of ``prior_run`` (``cfg``: default, the
+    settings its training chose)."""
     _check_parallel(prior_run)  # before loading anything
-    return Pipeline.from_run(prior_run, device).inpaint(image, mask, cfg, ring)
+    return Pipeline.from_run(prior_run, device).inpaint(image, mask,
+                                                        cfg or sample_config(prior_run), ring)
 
 
 def require_parallel(variant: str, name: str | Path) -> None:
@@ -123,7 +128,7 @@ def _check_parallel(prior_run: str | Path) -> None:
 
 
 def inpaint_files(prior_run: str | Path, image_path: str | Path, mask_path: str | Path,
-                  cfg: SampleConfig = SampleConfig(), out: str | Path | None = None,
+                  cfg: SampleConfig | None = None, out: str | Path | None = None,
                   ring: int = 1, device: str | torch.device = "auto") -> tuple[Path, Path]:
     """``vqvae inpaint``: :func:`inpaint` on an image file and a mask file of the same size
     (white = redraw), both resized to the model's size; writes the result (default:
@@ -139,7 +144,7 @@ def inpaint_files(prior_run: str | Path, image_path: str | Path, mask_path: str 
     size, channels = pipe.stage1.cfg.image_size, pipe.stage1.cfg.in_channels
     image = read_image(image_path, size, channels)[0]
     mask = read_mask(mask_path, size, like=image_path)
-    done = pipe.inpaint(image, mask, cfg, ring)
+    done = pipe.inpaint(image, mask, cfg or sample_config(prior_run), ring)
     strip = torch.stack([image, torch.where(mask, 255, image).to(torch.uint8), done.image])
     return (save_png(tile(done.image[None], 1, min_tile=1, gap=0), out),
             save_png(tile(strip, 3), compare))

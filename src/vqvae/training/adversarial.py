@@ -1,15 +1,17 @@
 """The sharper half of a stage-1 step: perceptual and adversarial terms for the autoencoder,
 and the discriminator's own step (VQGAN, Esser et al. 2021, arXiv:2012.09841).
 
-Before ``gan_start`` only the reconstruction (and perceptual) loss trains; from it on, the
-autoencoder also minimises ``gan_weight`` x adaptive weight x the generator loss of a PatchGAN
-that trains beside it with its own Adam (betas 0.5, 0.9, as VQGAN). The discriminator's weights,
-LeCAM averages and optimizer are saved in every checkpoint and restored on resume.
+Before ``gan_start`` (or the ``sharpen`` phase) only the reconstruction (and perceptual) loss
+trains; from it on, the autoencoder also minimises its weight x adaptive weight x the generator
+loss of a PatchGAN that trains beside it with its own Adam (betas 0.5, 0.9, as VQGAN). The
+discriminator's weights, LeCAM averages and optimizer are saved in every checkpoint and restored
+on resume.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,10 +38,13 @@ class Adversary(nn.Module):
 
 class Sharpener:
     """Perceptual and adversarial terms of one stage-1 step, for a :class:`TrainConfig` that
-    asks for them (``perceptual_weight``, ``gan_weight``)."""
+    asks for them (``perceptual_weight``, ``gan_weight`` or ``sharpen``); the discriminator
+    trains at the steps ``started`` says (default: from ``gan_start``)."""
 
-    def __init__(self, tc: TrainConfig, in_channels: int, image_size: int, runtime: Runtime):
+    def __init__(self, tc: TrainConfig, in_channels: int, image_size: int, runtime: Runtime,
+                 started: Callable[[int], bool] | None = None):
         self.tc, self.runtime = tc, runtime
+        self.started = started or (lambda step: step >= tc.gan_start)
         self.perceptual = None
         if tc.perceptual_weight > 0:
             from ..models.lpips import load_perceptual
@@ -81,12 +86,12 @@ class Sharpener:
         if self.adversary is not None:
             zero = pixel.detach() * 0
             terms |= {"gan_g": zero, "gan_weight": zero}
-            if step >= self.tc.gan_start:
+            if self.started(step):
                 self.adversary.requires_grad_(False)  # the generator's pass: no D gradients
                 g = generator_loss(self.adversary.disc(self._view(reconstruction)),
                                    self.tc.gan_loss)
                 self.adversary.requires_grad_(True)
-                weight = self.tc.gan_weight * adaptive_weight(rec_loss, g, last_layer)
+                weight = self.tc.adversary_weight * adaptive_weight(rec_loss, g, last_layer)
                 terms |= {"gan_g": g, "gan_weight": weight}
                 added = added + weight * g
         terms["loss"] = added
@@ -99,7 +104,7 @@ class Sharpener:
         mean logits (zeros before ``gan_start``)."""
         if self.adversary is None:
             return {}
-        if step < self.tc.gan_start:
+        if not self.started(step):
             zero = x.new_zeros(())
             return {"gan_d": zero, "logits_real": zero, "logits_fake": zero}
         with autocast(self.tc.precision, self.runtime.device):

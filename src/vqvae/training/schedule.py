@@ -1,6 +1,6 @@
 """The learning-rate schedule both stages' loops follow: linear warm-up, then constant or a
-cosine to zero at the end of the run (by steps, or by the share of a --minutes budget spent), and
-the clock that says how far a run is."""
+cosine to zero at the end of the run (by steps, or by the share of a --minutes budget spent), the
+clock that says how far a run is, and a run's budget split into a main and a last phase."""
 
 from __future__ import annotations
 
@@ -64,18 +64,46 @@ class RunClock:
         return min(done, 1.0)
 
 
+class Phases:
+    """A run's budget in two phases: the main one, then the last ``share`` of its steps or
+    minutes (stage 1's ``--sharpen``). Which phase a step is in follows from the clock alone (its
+    progress only grows, and a resumed run restores it), so the split resumes exactly."""
+
+    def __init__(self, clock: RunClock, share: float = 0.0):
+        self.clock, self.share = clock, share
+
+    def last(self, step: int) -> bool:
+        """Whether ``step`` trains in the last phase."""
+        return self.share > 0 and self.clock.progress(step) >= 1.0 - self.share
+
+    def progress(self, step: int) -> float:
+        """The share of ``step``'s own phase done, in [0, 1]."""
+        done = self.clock.progress(step)
+        if not self.last(step):
+            return done / (1.0 - self.share)
+        return (done - (1.0 - self.share)) / self.share
+
+
 class Schedule:
     """A loop config's schedule (``lr``, ``warmup``, ``schedule``, ``steps``, ``minutes``)
-    applied to an optimizer step by step; ``lr`` is the last rate set."""
+    applied to an optimizer step by step; ``lr`` is the last rate set. With ``phases`` of a
+    last share, each phase has its own: the main one warms up and anneals within its share, the
+    last one starts at ``last_scale`` x ``lr`` (no warm-up) and anneals within its own."""
 
     def __init__(self, tc: LoopConfig, opt: torch.optim.Optimizer,
-                 clock: RunClock | None = None):
+                 clock: RunClock | None = None, phases: Phases | None = None,
+                 last_scale: float = 1.0):
         self.tc, self.opt, self.lr = tc, opt, tc.lr
         self.clock = clock or RunClock(tc.steps, tc.minutes)
+        self.phases = phases or Phases(self.clock)
+        self.last_scale = last_scale
 
     def set(self, step: int) -> float:
-        tc = self.tc
-        self.lr = learning_rate(step, tc.lr, tc.warmup, tc.schedule, self.clock.progress(step))
+        tc, progress = self.tc, self.phases.progress(step)
+        if self.phases.last(step):
+            self.lr = learning_rate(step, tc.lr * self.last_scale, 0, tc.schedule, progress)
+        else:
+            self.lr = learning_rate(step, tc.lr, tc.warmup, tc.schedule, progress)
         for group in self.opt.param_groups:
             group["lr"] = self.lr
         return self.lr

@@ -38,7 +38,7 @@ from .adversarial import Sharpener
 from .driver import RunResult, Scored, run
 from .frequency import focal_frequency_loss
 from .loggers import check_loggers
-from .schedule import RunClock, Schedule
+from .schedule import Phases, RunClock, Schedule
 
 HEALTH = ("usage", "dead_codes", "perplexity")  # codebook health, logged over a window of steps
 
@@ -93,7 +93,8 @@ def finetune_config(source: str | Path, train: dict | None = None,
         preset = "vqgan" if model.cfg.architecture == "vqgan" else "default"
         base = RunConfig(stage1_data(source, model, data), model.cfg, PRESETS[preset].train,
                          preset)
-    train = {"lr": base.train.lr * FINETUNE_LR_SCALE, **(train or {})}
+    # a fine-tune is itself what a --sharpen phase does: none inside it
+    train = {"lr": base.train.lr * FINETUNE_LR_SCALE, "sharpen": 0.0, **(train or {})}
     tc = replace(base.train, **train, init_from=str(directory.resolve()),
                  decoder_only=True, codes_sha256=codes_fingerprint(directory))
     return replace(base, train=tc)
@@ -106,9 +107,15 @@ def _start_from(model: VQVAE, tc: TrainConfig) -> list[torch.nn.Parameter]:
         ckpt.load_weights(Path(tc.init_from), model)
     if not tc.decoder_only:
         return list(model.parameters())
+    freeze_codes(model)
+    return list(model.decoder.parameters())
+
+
+def freeze_codes(model: VQVAE) -> None:
+    """Stop training what decides the codes (encoder and quantizer): from here the decoder
+    alone learns, so every code grid stays what it is."""
     for part in (model.encoder, model.quantizer):
         part.requires_grad_(False)
-    return list(model.decoder.parameters())
 
 
 def resolve_config(cfg: RunConfig, splits: Splits) -> RunConfig:
@@ -162,16 +169,19 @@ def write_pictures(model: VQVAE, images: torch.Tensor, n: int, folder: Path,
 
 def train_step(net: Callable[[torch.Tensor], VQVAEOutput], model: VQVAE,
                opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
-               tc: TrainConfig, sharpen: Sharpener | None = None, step: int = 0
-               ) -> tuple[dict[str, torch.Tensor], VQVAEOutput]:
+               tc: TrainConfig, sharpen: Sharpener | None = None, step: int = 0,
+               decoder_only: bool = False) -> tuple[dict[str, torch.Tensor], VQVAEOutput]:
     """One Adam step on the VQ-VAE loss for a float batch ``x`` (B, C, H, W) on the device:
     ``net`` (``model`` as :func:`training_forward` wraps it) under ``tc.precision``'s autocast,
     the backward through fp16's loss ``scaler``, and with ``sharpen`` the perceptual and GAN
-    terms and the discriminator's own step. Returns the loss terms (0-d tensors on the device)
-    and the forward's output. What the training loop and every benchmark of a step call."""
+    terms and the discriminator's own step; with ``decoder_only`` (or ``tc.decoder_only``) the
+    encoder and quantizer run as at evaluation. Returns the loss terms (0-d tensors on the
+    device) and the forward's output. What the training loop and every benchmark of a step
+    call."""
     if tc.compile and tc.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are done with
-    if tc.decoder_only:  # frozen BatchNorm statistics and codebook (no EMA, restarts)
+    if tc.decoder_only or decoder_only:  # frozen BatchNorm statistics and codebook (no EMA,
+        # restarts)
         model.encoder.eval()
         model.quantizer.eval()
     with autocast(tc.precision, x.device):
@@ -208,7 +218,11 @@ class Stage1:
         # fused: one kernel for the whole update on CUDA (and no host sync for fp16's scaler)
         opt = torch.optim.Adam(_start_from(model, tc), lr=tc.lr,
                                fused=runtime.device.type == "cuda")
-        self.sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime)
+        self.phases: Phases | None = None  # the --sharpen split, once the run's clock is known
+        self.frozen = tc.decoder_only  # the encoder and quantizer no longer train
+        started = (lambda step: self.sharpening(step)) if tc.sharpen else None
+        self.sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime,
+                                 started)
         self.state = TrainingState(VQVAE_KIND, model, cfg.model, opt, loss_scaler(
             tc.precision, runtime.device), self.sharpen.companions())
         self.cfg, self.run_dir, self.model, self.opt = cfg, Path(run_dir), model, opt
@@ -232,8 +246,15 @@ class Stage1:
     def begin(self, clock: RunClock) -> None:
         # ``net`` trains; ``model`` is saved and evaluated (no wrapper prefixes in checkpoints)
         self.net = training_forward(self.model, self.cfg.train, self.runtime)
-        # the autoencoder's; the discriminator's is flat
-        self.schedule = Schedule(self.cfg.train, self.opt, clock)
+        # the autoencoder's, with the --sharpen phase at the fine-tune's share of the rate; the
+        # discriminator's is flat
+        self.phases = Phases(clock, self.cfg.train.sharpen)
+        self.schedule = Schedule(self.cfg.train, self.opt, clock, self.phases,
+                                 FINETUNE_LR_SCALE)
+
+    def sharpening(self, step: int) -> bool:
+        """Whether ``step`` is in the --sharpen phase (decoder alone, discriminator on)."""
+        return self.phases is not None and self.phases.last(step)
 
     def next_batch(self, step: int) -> torch.Tensor:
         """Step ``step``'s uint8 batch; the time spent waiting for it is counted."""
@@ -256,14 +277,19 @@ class Stage1:
     def step(self, step: int) -> dict[str, torch.Tensor]:
         tc = self.cfg.train
         x = to_device(self.next_batch(step), self.runtime.device, tc.channels_last)
+        if self.sharpening(step) and not self.frozen:  # the --sharpen phase starts (or resumes)
+            freeze_codes(self.model)
+            self.frozen = True
+            # data parallelism must know which parameters get no gradient from now on
+            self.net = training_forward(self.model, tc, self.runtime)
         self.schedule.set(step)
         losses, out = train_step(self.net, self.model, self.opt, self.state.scaler, x, tc,
-                                 self.sharpen, step)
+                                 self.sharpen, step, decoder_only=self.frozen)
         self.usage.update(out.quantized.indices)
         return losses
 
     def describe(self, step: int, means: dict[str, float]) -> dict[str, float]:
-        health = self.usage.stats()
+        tc, health = self.cfg.train, self.usage.stats()
         now = perf_counter()
         wait = self.waited / max(now - self.window_start, 1e-9)
         self.waited, self.window_start = 0.0, now
@@ -280,6 +306,7 @@ class Stage1:
             restarted.zero_()
         return ({f"window_{k}": health[k] for k in HEALTH} | {"data_wait": wait} | restarts
                 | {"lr": self.schedule.lr}  # the last step's
+                | ({"sharpening": float(self.frozen)} if tc.sharpen else {})
                 | ({"skipped_images": float(self.skipped), "skipped_share": share}
                    if self.skipped else {}))
 

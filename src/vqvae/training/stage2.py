@@ -26,6 +26,7 @@ from ..distributed import Runtime, data_parallel, launch, pick_device
 from ..errors import ConfigError, DataError
 from ..evaluation.metrics import evaluate_prior
 from ..evaluation.plots import plot_curves
+from ..generation.tuning import SAMPLING, Swept, describe, tune_sampling
 from ..generation.codes import (Codes, check_stage1, encode_dataset, load_codes, load_stage1,
                                 save_codes)
 from ..generation.grids import samples_grid, save_png
@@ -210,6 +211,7 @@ class Stage2:
         self.cfg, self.prior, self.opt, self.codes = cfg, prior, opt, codes
         self.train, self.test = codes.split("train"), codes.split("test")
         self.labels = self.train.labels if cfg.model.num_classes else None
+        self.swept: Swept | None = None  # the sampling settings chosen at the end
 
     @property
     def loop(self) -> PriorTrainConfig:
@@ -294,14 +296,21 @@ class Stage2:
                             self.best[1] if self.best else None)
         if note:
             warnings.warn(note)
+        n = self.cfg.train.tune_sampling
+        if n and len(self.test) >= 16:  # the settings `vqvae sample` will use, measured
+            self.swept = tune_sampling(self.run_dir, self.runtime.device, n=n)
+            return {"sampling": self.run_dir / SAMPLING}
         return {}
 
     def headline(self, step: int, final: dict[str, float]) -> str:
         uncond = (f" ({final['bits_per_code_uncond']:.4f} with the null class)"
                   if "bits_per_code_uncond" in final else "")
+        chosen = ("" if self.swept is None else
+                  f"\nsampling with {describe(self.swept.chosen)} (closest to the held-out codes "
+                  f"of {len(self.swept.tried)} settings tried)")
         return (f"trained the prior to step {step}; run folder: {self.run_dir}\n"
                 f"held-out ({final['grids']} grids): {final['bits_per_code']:.4f} "
-                f"bits/code{uncond}")
+                f"bits/code{uncond}{chosen}")
 
     def _row_labels(self, n: int) -> torch.Tensor | None:
         """A conditional prior draws one class per row of an n x n grid."""
