@@ -1,7 +1,8 @@
 """Command-line options generated from typed config dataclasses, so the CLI cannot drift from
 the configs: one ``--flag`` per field, its type, choices and help taken from the field.
 
-Bools take ``--flag`` (true) or ``--flag false``; ``tuple[int, ...]`` takes ``8,8,8``; a field's
+Bools take ``--flag`` (true) or ``--flag false``; ``tuple[int, ...]`` takes ``8,8,8``; a field
+that may be None takes ``none`` (``--lookup-dim none``: a preset's value unset); a field's
 ``metadata`` may rename its flag (``flag``) or hide it (``cli=False``).
 """
 
@@ -40,8 +41,20 @@ def _parser_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
     if origin is tuple:
         return _int_tuple, None
     if origin in (Union, types.UnionType):
-        return _parser_type([a for a in get_args(annotation) if a is not type(None)][0])
+        kind, choices = _parser_type([a for a in get_args(annotation) if a is not type(None)][0])
+        return _or_none(kind), (None if choices is None else (*choices, "none"))
     return annotation, None
+
+
+NONE = object()  # what ``none`` parses to: given() turns it into None
+
+
+def _or_none(kind: Any) -> Any:
+    def parse(text: str) -> Any:
+        return NONE if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names it in its errors
+    return parse
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str,
@@ -63,7 +76,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str, prefix: 
 
 def given(args: argparse.Namespace, *prefixes: str) -> dict[str, Any]:
     """The options of these groups that were given, by field name."""
-    return {k.split(".", 1)[1]: v for k, v in vars(args).items()
+    return {k.split(".", 1)[1]: None if v is NONE else v for k, v in vars(args).items()
             if k.split(".", 1)[0] in prefixes and "." in k and v is not None}
 
 

@@ -174,6 +174,10 @@ def test_cli_quantizer_options():
     # a bool option alone means true
     args = make_parser().parse_args(["train", "--out", "x", "--tensorboard", "--cosine"])
     assert given(args, "train")["tensorboard"] is True and given(args, "model")["cosine"] is True
+    # `none` unsets a field that may be None (the default preset looks codes up in 8 dimensions)
+    args = make_parser().parse_args(["train", "--out", "x", "--lookup-dim", "none"])
+    assert run_config(args.preset, model=given(args, "model")).model.lookup_dim is None
+    assert run_config(args.preset).model.lookup_dim == 8
 
 
 def test_tensorboard_run_and_resume(tmp_path):
