@@ -45,6 +45,7 @@ from .generation.grids import (decode_codes, interpolation_grid, reconstruction_
                                write_interpolation, write_reconstructions)
 from .generation.inpaint import Inpainted
 from .generation.pipeline import Pipeline, inpaint, inpaint_files, sample_images, write_samples
+from .generation.tuning import sample_config, tune_sampling
 from .generation.sample import Samples, load_samples, save_samples
 
 # models
@@ -100,7 +101,8 @@ __all__ = [
     # the same in memory: a prior and its decoder loaded once
     "Pipeline",
     "encode_dataset", "load_trained", "Codes", "CodeSplit", "save_codes", "load_codes",
-    "sample_images", "Samples", "save_samples", "load_samples", "inpaint", "Inpainted",
+    "sample_images", "sample_config", "tune_sampling", "Samples", "save_samples", "load_samples",
+    "inpaint", "Inpainted",
     "reconstruction_grid", "interpolation_grid", "samples_grid", "decode_codes",
     # compression and the surprise map (vqvae compress, decompress, surprise)
     "compress", "decompress", "compress_files", "decompress_file", "compress_codes",

@@ -258,8 +258,9 @@ def test_all_classes_in_turn_and_loaded_again(drawn_for_every_class):
     run = drawn_for_every_class
     saved = load_codes(run / "sample" / "samples.safetensors").split("samples")
     assert saved.labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
-    drawn = vqvae.sample_images(run, vqvae.SampleConfig(n=12, all_classes=True, guidance=2.0,
-                                                        seed=1))
+    # the command's knobs over the settings train-prior chose: sample_config, as `vqvae sample`
+    drawn = vqvae.sample_images(run, vqvae.sample_config(run, n=12, all_classes=True,
+                                                         guidance=2.0, seed=1))
     loaded = vqvae.load_samples(run / "sample")  # decoded again by the stage-1 model
     assert loaded.images.shape == (12, 1, 8, 8) and torch.equal(loaded.images, drawn.images)
     assert torch.equal(loaded.codes.split("samples").codes, saved.codes)
