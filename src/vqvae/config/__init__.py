@@ -7,8 +7,8 @@ concern; this package re-exports them all, so ``from vqvae.config import X`` is 
 
 from ..errors import ConfigError
 from .autoencoder import (Architecture, Estimator, QuantizerName, Upsample, VQVAEConfig, WeightInit,
-                          architecture_options, default_model, fsq_levels_for, quantizer_options,
-                          seed_model, vqgan_model)
+                          architecture_options, default_model, default_scales, fsq_levels_for,
+                          quantizer_options, seed_model, vqgan_model)
 from .base import from_dict, to_dict
 from .data import CacheMode, CropMode, DataConfig
 from .loop import (RESUMABLE, CompileMode, GanLoss, LoopConfig, LRSchedule, Precision,
@@ -25,8 +25,8 @@ __all__ = [
     "DataConfig", "CacheMode", "CropMode",
     # stage 1's model
     "VQVAEConfig", "Architecture", "QuantizerName", "WeightInit", "Estimator", "Upsample",
-    "architecture_options", "quantizer_options", "fsq_levels_for", "seed_model", "default_model",
-    "vqgan_model",
+    "architecture_options", "quantizer_options", "fsq_levels_for", "default_scales", "seed_model",
+    "default_model", "vqgan_model",
     # stage 2's model
     "PriorConfig", "PriorVariant", "MaskGITBlocks", "MaskSchedule", "seed_prior", "default_prior",
     # the loops

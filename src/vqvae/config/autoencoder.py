@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 
 from .base import _check, _help
 
-QuantizerName = Literal["vq", "ema", "fsq"]
+QuantizerName = Literal["vq", "ema", "fsq", "multiscale"]
 Architecture = Literal["resnet", "vqgan"]
 WeightInit = Literal["keras", "torch"]
 Estimator = Literal["ste", "rotation"]
@@ -61,7 +61,9 @@ class VQVAEConfig:
     beta: float = field(default=0.25, metadata=_help("commitment loss weight"))
     quantizer: QuantizerName = field(default="vq", metadata=_help(
         "vq: the seed's (codebook + commitment loss) | ema: codes are moving averages of their "
-        "vectors, commitment loss only | fsq: finite scalar quantization, an implicit codebook"))
+        "vectors, commitment loss only | fsq: finite scalar quantization, an implicit codebook | "
+        "multiscale: the residual quantized at every --scales side, coarse to fine, with one "
+        "shared codebook (VAR's tokenizer, Tian et al. 2024; for train-prior --variant var)"))
     kmeans_init: bool = field(default=False, metadata=_help(
         "vq/ema: initialise the codes by k-means on the first training batch's encoder outputs",
         quantizer_option=True))
@@ -85,6 +87,10 @@ class VQVAEConfig:
     fsq_levels: tuple[int, ...] = field(default=(), metadata=_help(
         "fsq: values per channel, comma-separated (e.g. 8,8,8); their product is codebook_size "
         "(default: codebook_size factorised into levels near 8)", quantizer_option=True))
+    scales: tuple[int, ...] = field(default=(), metadata=_help(
+        "multiscale: the side of each scale's token map, coarse to fine, comma-separated (e.g. "
+        "1,2,3,4,6,8); the last is the code grid's side (default: derived from it, "
+        "1,2,3,4,6,8 for 8x8 and 1,2,3,4,5,6,8,10,13,16 for 16x16)", quantizer_option=True))
     weight_init: WeightInit = field(default="keras", metadata=_help(
         "keras: glorot-uniform convs, U(-0.05, 0.05) codebook (the seed's); torch: PyTorch "
         "defaults"))
@@ -188,6 +194,15 @@ class VQVAEConfig:
         object.__setattr__(self, "fsq_levels", tuple(self.fsq_levels))
         _check(all(isinstance(n, int) and n >= 2 for n in self.fsq_levels),
                f"fsq_levels must be integers >= 2, got {self.fsq_levels}")
+        object.__setattr__(self, "scales", tuple(self.scales))
+        _check(all(isinstance(n, int) and not isinstance(n, bool) for n in self.scales),
+               f"scales must be integers, got {self.scales}")
+        if self.quantizer == "multiscale":
+            self._check_scales()
+        else:
+            _check(not self.scales, f"scales are the multiscale quantizer's token map sides: "
+                   f"quantizer {self.quantizer!r} has one {self.latent_size}x{self.latent_size} "
+                   f"grid (drop --scales, or pass --quantizer multiscale)")
         if self.quantizer != "fsq":
             return
         _check(self.estimator == "ste", f"fsq has no codebook vectors to rotate encoder outputs "
@@ -201,6 +216,33 @@ class VQVAEConfig:
         _check(product == self.codebook_size,
                f"fsq_levels {self.fsq_levels} give {product} codes but codebook_size is "
                f"{self.codebook_size}: the product of the levels must equal codebook_size")
+
+    def _check_scales(self) -> None:
+        scales, side = self.scales, self.latent_size
+        _check(self.fsq_levels == (), "fsq_levels are fsq's: the multiscale quantizer has a "
+               "learned codebook")
+        # VAR's lookup: plain L2 in the latent space, the decoder's gradient passed to the encoder
+        # at the summed map (no per-code snap to rotate; unit-norm codes cannot shrink with the
+        # residual they quantize)
+        other = [name for name, on in (("cosine", self.cosine),
+                                       ("lookup_dim", self.lookup_dim is not None),
+                                       ("estimator rotation", self.estimator != "ste")) if on]
+        _check(not other, f"the multiscale quantizer looks codes up by L2 distance in the latent "
+               f"space itself, straight-through at the summed map: {', '.join(other)} do(es) "
+               f"not apply to it")
+        if not scales:
+            return
+        text = ",".join(map(str, scales))
+        _check(scales[0] >= 1 and all(a < b for a, b in zip(scales, scales[1:])),
+               f"scales {text} must rise from at least 1, each side larger than the one before")
+        _check(scales[-1] == side, f"scales {text} must end at the code grid's side {side} "
+               f"(image size {self.image_size} / 2^{self.downsamples}): e.g. "
+               f"{','.join(map(str, default_scales(side)))}")
+
+    @property
+    def quantizer_scales(self) -> tuple[int, ...]:
+        """multiscale's token map sides: ``scales``, or :func:`default_scales` of the grid."""
+        return self.scales or default_scales(self.latent_size)
 
     @property
     def quantizer_levels(self) -> tuple[int, ...]:
@@ -237,6 +279,19 @@ def quantizer_options() -> tuple[str, ...]:
 
 def _defaults(names: tuple[str, ...]) -> dict[str, Any]:
     return {name: VQVAEConfig.__dataclass_fields__[name].default for name in names}
+
+
+# VAR's schedules (Tian et al. 2024) for the grids it names; other sides: a geometric series.
+KNOWN_SCALES = {8: (1, 2, 3, 4, 6, 8), 16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}
+
+
+def default_scales(side: int) -> tuple[int, ...]:
+    """Token map sides from 1 to ``side`` for the multiscale quantizer: VAR's for 8 and 16,
+    else about 2 log2(side) sides in a geometric series (32 -> 1,2,3,5,7,10,15,22,32)."""
+    if side in KNOWN_SCALES:
+        return KNOWN_SCALES[side]
+    m = max(2, math.ceil(2 * math.log2(max(side, 2))))
+    return tuple(sorted({round(side ** (i / (m - 1))) for i in range(m)} | {1, side}))
 
 
 def fsq_levels_for(codebook_size: int) -> tuple[int, ...]:

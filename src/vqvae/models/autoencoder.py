@@ -15,6 +15,7 @@ from torch import nn
 from ..config import Architecture, QuantizerName, VQVAEConfig
 from .pretrained import VQVAE_KIND, CardFacts, PretrainedMixin
 from .quantizers.fsq import FiniteScalarQuantizer
+from .quantizers.multiscale import MultiScaleQuantizer
 from .quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
 from .vqgan import Upsample, vqgan_decoder, vqgan_encoder
 
@@ -147,6 +148,9 @@ QUANTIZERS: dict[QuantizerName, Callable[[VQVAEConfig], nn.Module]] = {
                                           decay=cfg.ema_decay, epsilon=cfg.ema_epsilon,
                                           **_codebook_options(cfg)),
     "fsq": lambda cfg: FiniteScalarQuantizer(cfg.quantizer_levels, cfg.code_dim),
+    "multiscale": lambda cfg: MultiScaleQuantizer(
+        cfg.codebook_size, cfg.code_dim, cfg.quantizer_scales, cfg.beta,
+        kmeans_init=cfg.kmeans_init, restart_after=cfg.restart_after),
 }
 
 
@@ -189,7 +193,8 @@ class VQVAE(PretrainedMixin, nn.Module):
         return self.decoder(z)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code ids (B, h, w) -> images (B, C, H, W)."""
+        """Code ids (B, h, w) -> images (B, C, H, W); a multiscale quantizer's token
+        sequences (B, L)."""
         return self.decoder(self.quantizer.indices_to_codes(indices))
 
     def reconstruct(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
