@@ -44,9 +44,18 @@ def fingerprint(module: nn.Module) -> bytes:
 def load_pipeline(pipeline_or_run: Pipeline | str | Path,
                   device: str | torch.device = "auto") -> Pipeline:
     """The pipeline given, or that of a prior run folder."""
-    if isinstance(pipeline_or_run, Pipeline):
-        return pipeline_or_run
-    return Pipeline.from_run(pipeline_or_run, device)
+    pipe = (pipeline_or_run if isinstance(pipeline_or_run, Pipeline)
+            else Pipeline.from_run(pipeline_or_run, device))
+    return require_grid(pipe)
+
+
+def require_grid(pipe: Pipeline) -> Pipeline:
+    """The codec codes one grid of codes per image, a code at a time (raster) or a schedule's
+    group at a time (maskgit); a var prior's token maps of several scales are not coded yet."""
+    if pipe.prior.cfg.variant == "var":
+        raise DataError(f"{pipe.name}: the codec codes grid priors (raster or maskgit); a var "
+                        f"prior's multiscale token maps are not supported by it yet")
+    return pipe
 
 
 def coding_steps(pipe: Pipeline, steps: int | None = None) -> int:
@@ -69,6 +78,7 @@ def compress_codes(pipeline: Pipeline, grids: torch.Tensor, labels: torch.Tensor
     stream (and a forward pass); ``steps``: a maskgit prior's parallel iterations (default: the
     sampler's); ``threads``: intra-op threads on a CPU (recorded: decoding uses as many);
     ``names`` are stored for :func:`decompress_file`; ``prior_path`` too."""
+    require_grid(pipeline)
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     if names is not None and (len(names) != grids.shape[0] or any("\n" in n for n in names)):
@@ -122,6 +132,7 @@ def decompress_codes(pipeline: Pipeline, data: bytes, name: str = "the file",
                                                       torch.Tensor | None]:
     """A compressed file's bytes -> (its container, code grids (N, h, w), labels or None); a file
     of another model, or whose decoded codes fail their checksums, is a one-line error."""
+    require_grid(pipeline)
     box = unpack(data, name)
     h, prior = box.header, pipeline.prior
     for what, recorded, module in (("prior", h.prior, prior), ("stage-1 model", h.stage1,

@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 from .base import _check, _help
 
-PriorVariant = Literal["seed", "gpt", "maskgit"]
+PriorVariant = Literal["seed", "gpt", "maskgit", "var"]
 MaskGITBlocks = Literal["gpt", "seed"]
 MaskSchedule = Literal["cosine", "linear"]
 
@@ -25,7 +25,9 @@ class PriorConfig:
     variant: PriorVariant = field(default="gpt", metadata=_help(
         "seed: the blog post's post-norm blocks; gpt: pre-norm GPT blocks with an MLP; maskgit: "
         "the same blocks, bidirectional, trained to fill masked codes and sampled in parallel "
-        "(vqvae sample --steps); the default preset picks seed or gpt from the codes"))
+        "(vqvae sample --steps); var: GPT blocks over a multiscale tokenizer's token maps, each "
+        "scale drawn in one pass (next-scale prediction, Tian et al. 2024; chosen for its "
+        "codes); the default preset picks seed or gpt from grid codes"))
     d_model: int = field(default=256, metadata=_help("width of the residual stream"))
     layers: int = field(default=4, metadata=_help("Transformer blocks"))
     heads: int = field(default=8, metadata=_help("attention heads (d_model / heads dims each)"))
@@ -40,6 +42,9 @@ class PriorConfig:
         "maskgit's training masks: the share of a grid's codes masked, at r ~ U(0, 1): cosine "
         "cos(pi r / 2) (MaskGIT's, 64%% on average) | linear 1 - r (50%%); decoding unmasks at "
         "the cosine schedule either way"))
+
+    scales: tuple[int, ...] = field(default=(), metadata=_help(
+        "var: the side of each scale's token map, coarse to fine (from the codes)", cli=False))
 
     def __post_init__(self) -> None:
         _check(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
@@ -59,10 +64,24 @@ class PriorConfig:
         _check(self.mask_schedule in get_args(MaskSchedule),
                f"mask_schedule must be one of {get_args(MaskSchedule)}, got "
                f"{self.mask_schedule!r}")
+        # JSON gives lists; keep a hashable tuple so configs compare equal after a round trip.
+        object.__setattr__(self, "scales", tuple(self.scales))
+        if self.variant == "var":
+            text = ",".join(map(str, self.scales))
+            _check(bool(self.scales) and self.scales[0] >= 1
+                   and all(a < b for a, b in zip(self.scales, self.scales[1:])),
+                   f"a var prior needs rising scales (a multiscale tokenizer's codes), got "
+                   f"{text or 'none'}")
+            _check(self.scales[-1] == self.height == self.width,
+                   f"scales {text} must end at the {self.height}x{self.width} grid's side")
+        else:
+            _check(not self.scales, f"scales are the var prior's; a {self.variant!r} prior "
+                   f"models one {self.height}x{self.width} grid")
 
     @property
     def seq_len(self) -> int:
-        return self.height * self.width
+        """Codes per image: h * w, or all scales' (sum of s*s) for a var prior."""
+        return sum(s * s for s in self.scales) if self.scales else self.height * self.width
 
 
 def seed_prior(codebook_size: int = 64, height: int = 8, width: int = 8,

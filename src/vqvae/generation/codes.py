@@ -1,6 +1,8 @@
 """Code files: a data set turned into a trained VQ-VAE's code grids, in one safetensors file.
 
-Tensors ``{split}`` (N, h, w) hold code ids in the smallest integer dtype that fits the codebook and
+Tensors ``{split}`` (N, h, w) hold code ids in the smallest integer dtype that fits the codebook
+(a multiscale tokenizer's: token sequences (N, L), every scale's map, their sides in the metadata)
+and
 ``{split}_labels`` (N,) the class ids when the source has them; string metadata names the codebook
 size, the source and the stage-1 checkpoint with its fingerprint (sha256 of its weights), so a
 prior never trains on, or decodes with, another model's codes, and the sha256 of the tensors
@@ -36,7 +38,7 @@ CONTENTS_SHA256 = "contents_sha256"  # metadata: the checksum load_codes verifie
 
 @dataclass(frozen=True)
 class CodeSplit:
-    codes: torch.Tensor  # (N, h, w) integer code ids
+    codes: torch.Tensor  # (N, h, w) integer code ids; (N, L) token sequences of a multiscale one
     labels: torch.Tensor | None = None  # (N,) int64 class ids
     keys: tuple[str, ...] | None = None  # (N,) each grid's image in the source (see ImageSet.keys)
 
@@ -54,9 +56,13 @@ class Codes:
     stage1_sha256: str
     source: str = ""
     classes: tuple[str, ...] | None = None
+    scales: tuple[int, ...] | None = None  # a multiscale tokenizer's map sides, coarse to fine
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The (h, w) code grid (a multiscale tokenizer's finest map)."""
+        if self.scales:
+            return self.scales[-1], self.scales[-1]
         first = next(iter(self.splits.values()))
         return int(first.codes.shape[1]), int(first.codes.shape[2])
 
@@ -68,8 +74,10 @@ class Codes:
         """E.g. "1617 train, 180 test images of digits into 4x4 grids of 512 codes (10 classes)"."""
         sizes = ", ".join(f"{len(s)} {name}" for name, s in self.splits.items())
         labels = f"{self.num_classes} classes" if self.classes else "no labels"
-        return (f"{sizes} images of {self.source} into {self.grid[0]}x{self.grid[1]} grids of "
-                f"{self.codebook_size} codes ({labels})")
+        into = (f"token maps of sides {','.join(map(str, self.scales))}" if self.scales
+                else f"{self.grid[0]}x{self.grid[1]} grids")
+        return (f"{sizes} images of {self.source} into {into} of {self.codebook_size} codes "
+                f"({labels})")
 
     def split(self, name: str) -> CodeSplit:
         if name not in self.splits:
@@ -264,7 +272,12 @@ def encode_dataset(run_dir: str | Path, source: str | None = None, batch_size: i
                                      else torch.cat([train.labels, mirrored.labels]),
                                      train.keys + mirrored.keys)
     return Codes(encoded, model.cfg.codebook_size, str(directory.resolve()), sha, data.source,
-                 splits.train.classes)
+                 splits.train.classes, token_scales(model))
+
+
+def token_scales(model: VQVAE) -> tuple[int, ...] | None:
+    """A multiscale tokenizer's map sides (its codes are (N, L) sequences); None for a grid."""
+    return model.cfg.quantizer_scales if model.cfg.quantizer == "multiscale" else None
 
 
 def encode_to_file(run_dir: str | Path, out: str | Path, *, source: str | None = None,
@@ -328,6 +341,8 @@ def save_codes(codes: Codes, path: str | Path) -> Path:
             "stage1_sha256": codes.stage1_sha256, "source": codes.source,
             "classes": json.dumps(list(codes.classes) if codes.classes else None),
             CONTENTS_SHA256: contents_sha256(tensors)}
+    if codes.scales:  # absent for grids: their files are what they always were
+        meta["scales"] = json.dumps(list(codes.scales))
     ckpt.write_bytes(path, save(tensors, metadata=meta))
     if Path(codes.stage1).is_dir():  # these codes decode only with that checkpoint: keep it
         ckpt.protect(Path(codes.stage1), codes_user(path))
@@ -356,25 +371,34 @@ def load_codes(path: str | Path) -> Codes:
         names = json.loads(meta["splits"])
         classes = json.loads(meta["classes"])
         stage1, sha = meta["stage1"], meta["stage1_sha256"]
-    except (KeyError, ValueError) as e:
+        scales = tuple(int(n) for n in json.loads(meta["scales"])) if "scales" in meta else None
+    except (KeyError, ValueError, TypeError) as e:
         raise DataError(f"{path}: damaged metadata ({e})") from None
     splits = {}
     for name in names:
         if name not in tensors:
             raise DataError(f"{path}: split {name!r} is missing")
         splits[name] = _check_split(path, name, tensors[name], tensors.get(f"{name}_labels"), k,
-                                    len(classes) if classes else 0, tensors.get(f"{name}_keys"))
+                                    len(classes) if classes else 0, tensors.get(f"{name}_keys"),
+                                    scales)
     if not splits or all(len(s) == 0 for s in splits.values()):
         raise DataError(f"{path} holds no code grids")
     if len({tuple(s.codes.shape[1:]) for s in splits.values()}) != 1:
         raise DataError(f"{path}: splits have different grid shapes")
     return Codes(splits, k, stage1, sha, meta.get("source", ""),
-                 tuple(classes) if classes else None)
+                 tuple(classes) if classes else None, scales)
 
 
 def _check_split(path: Path, name: str, codes: torch.Tensor, labels: torch.Tensor | None,
-                 k: int, num_classes: int, keys: torch.Tensor | None = None) -> CodeSplit:
-    if codes.dim() != 3 or codes.dtype.is_floating_point:
+                 k: int, num_classes: int, keys: torch.Tensor | None = None,
+                 scales: tuple[int, ...] | None = None) -> CodeSplit:
+    if scales:
+        tokens = sum(s * s for s in scales)
+        if codes.dim() != 2 or codes.shape[1] != tokens or codes.dtype.is_floating_point:
+            raise DataError(f"{path}: split {name!r} must be integer (N, {tokens}) token "
+                            f"sequences of scales {scales}, got {codes.dtype} "
+                            f"{tuple(codes.shape)}")
+    elif codes.dim() != 3 or codes.dtype.is_floating_point:
         raise DataError(f"{path}: split {name!r} must be integer (N, h, w), got {codes.dtype} "
                         f"{tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):

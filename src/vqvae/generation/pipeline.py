@@ -74,7 +74,7 @@ class Pipeline:
         split = CodeSplit(codes.cpu(), None if labels is None else torch.as_tensor(labels).cpu())
         return Samples(images, Codes({"samples": split}, self.prior.cfg.codebook_size,
                                      self.run_cfg.stage1, self.run_cfg.stage1_sha256, self.name,
-                                     names))
+                                     names, self.prior.cfg.scales or None))
 
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor,
                 cfg: SampleConfig = SampleConfig(), ring: int = 1) -> Inpainted:

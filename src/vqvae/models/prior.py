@@ -16,8 +16,9 @@ from torch import nn
 from ..config import PriorConfig, PriorVariant, SampleConfig
 from .graphs import WARMUP, CapturedStep
 from .maskgit import MaskGITPrior
-from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, init_gpt_model,
-                          init_keras, sample_next)
+from .transformer import (STACKS, GridTransformer, KVCache, StaticKVCache, draw_guided,
+                          guided_rows, init_gpt_model, init_keras)
+from .var import VARPrior
 
 # --- the model -----------------------------------------------------------------------------------
 
@@ -149,7 +150,7 @@ class Prior(GridTransformer):
                         generator: torch.Generator | None, use_cache: bool,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
         device = self.head.weight.device
-        labels, guided = _guided_rows(labels, guidance, self.null_class)
+        labels, guided = guided_rows(labels, guidance, self.null_class)
         rows = 2 * b if guided else b
         seq = torch.full((rows, 1), self.start_token, dtype=torch.long, device=device)
         cache = self.new_cache(rows, dtype) if use_cache else None
@@ -157,7 +158,8 @@ class Prior(GridTransformer):
         for t in range(self.cfg.seq_len):
             step_in = seq[:, -1:] if use_cache and t else seq  # cached: only the newest token
             logits = self(step_in, labels, cache)[:, -1]  # (rows, K)
-            codes[:, t] = _draw(logits, guided, guidance, temperature, top_k, top_p, generator)
+            codes[:, t] = draw_guided(logits, guided, guidance, temperature, top_k, top_p,
+                                      generator)
             nxt = codes[:, t:t + 1].repeat(2, 1) if guided else codes[:, t:t + 1]
             seq = nxt if use_cache else torch.cat([seq, nxt], 1)
         return codes
@@ -169,7 +171,7 @@ class Prior(GridTransformer):
         """:meth:`_generate_batch` with a static cache: the same codes (up to rounding), the
         step after the first replayed from a CUDA graph on a GPU."""
         device = self.head.weight.device
-        labels, guided = _guided_rows(labels, guidance, self.null_class)
+        labels, guided = guided_rows(labels, guidance, self.null_class)
         rows = 2 * b if guided else b
         cache = self.new_cache(rows, dtype, static=True)
         token = torch.full((rows, 1), self.start_token, dtype=torch.long, device=device)
@@ -186,30 +188,10 @@ class Prior(GridTransformer):
         for t in range(self.cfg.seq_len):
             if t:
                 logits = step(token)
-            codes[:, t] = _draw(logits, guided, guidance, temperature, top_k, top_p, generator)
+            codes[:, t] = draw_guided(logits, guided, guidance, temperature, top_k, top_p,
+                                      generator)
             token = codes[:, t:t + 1].repeat(2, 1) if guided else codes[:, t:t + 1]
         return codes
-
-
-def _guided_rows(labels: torch.Tensor | None, guidance: float,
-                 null: int) -> tuple[torch.Tensor | None, bool]:
-    """Classifier-free guidance draws every grid twice: rows [0, b) with their class, [b, 2b)
-    with the null class. Returns the labels of all rows and whether guidance is on."""
-    if labels is None or guidance == 1.0:
-        return labels, False
-    return torch.cat([labels, torch.full_like(labels, null)]), True
-
-
-def _draw(logits: torch.Tensor, guided: bool, guidance: float, temperature: float,
-          top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """One code per grid from next-code logits (rows, K): guided rows mixed as
-    uncond + g * (cond - uncond), then drawn in fp32 or better."""
-    logits = logits.float()
-    if guided:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + guidance * (cond - uncond)
-    return sample_next(logits, temperature, top_k, top_p, generator)
 
 
 def _corrupt(tokens: torch.Tensor, p: float, k: int, generator: torch.Generator | None,
@@ -222,9 +204,10 @@ def _corrupt(tokens: torch.Tensor, p: float, k: int, generator: torch.Generator 
     return torch.where(swap.to(tokens.device), noise.to(tokens.device), tokens)
 
 
-# The prior variants: autoregressive (seed, gpt: this module) or parallel (maskgit).
+# The prior variants: autoregressive (seed, gpt: this module), parallel (maskgit) or next-scale
+# (var, over a multiscale tokenizer's token maps).
 PRIORS: dict[PriorVariant, type[nn.Module]] = {"seed": Prior, "gpt": Prior,
-                                               "maskgit": MaskGITPrior}
+                                               "maskgit": MaskGITPrior, "var": VARPrior}
 
 
 def build_prior(cfg: PriorConfig) -> nn.Module:

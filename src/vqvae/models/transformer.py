@@ -67,13 +67,19 @@ class StaticKVCache(KVCache):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
-                     layer: int, dropout_p: float = 0.0) -> torch.Tensor:
+                     layer: int, dropout_p: float = 0.0,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, T, Dh) queries/keys/values -> (B, H, T, Dh), each query seeing itself and the past.
 
     Without a cache, or filling an empty one, SDPA's causal mask does it. With cached positions the
     only supported query is the single newest token, which may see every key, so no mask at all;
-    with a :class:`StaticKVCache`, every slot written so far.
+    with a :class:`StaticKVCache`, every slot written so far. ``mask`` (T, past + T) bool, True =
+    visible: another causal order (the var prior's scale by scale), the cache appended first.
     """
+    if mask is not None:
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if isinstance(cache, StaticKVCache):
         k, v, visible = cache.write(layer, k, v)
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible,
@@ -162,10 +168,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         p = self.dropout if self.training else 0.0
-        y = (causal_attention(q, k, v, cache, layer, p) if self.causal
+        y = (causal_attention(q, k, v, cache, layer, p, mask) if self.causal
              else F.scaled_dot_product_attention(q, k, v, dropout_p=p))
         return self.drop(self.proj(_merge_heads(y)))
 
@@ -192,8 +199,9 @@ class GPTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio, dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -209,10 +217,12 @@ class GPTStack(nn.Module):
             for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: (T, past + T) bool, True = visible (default: causal)."""
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         return self.norm(x)
 
 
@@ -277,6 +287,27 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     u = torch.rand(logits.shape[0], 1, generator=generator, device=device, dtype=torch.float64)
     index = torch.searchsorted(cdf, u.to(logits.device) * cdf[:, -1:], right=True)
     return index.squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
+def guided_rows(labels: torch.Tensor | None, guidance: float,
+                null: int) -> tuple[torch.Tensor | None, bool]:
+    """Classifier-free guidance draws every grid twice: rows [0, b) with their class, [b, 2b)
+    with the null class. Returns the labels of all rows and whether guidance is on."""
+    if labels is None or guidance == 1.0:
+        return labels, False
+    return torch.cat([labels, torch.full_like(labels, null)]), True
+
+
+def draw_guided(logits: torch.Tensor, guided: bool, guidance: float, temperature: float,
+                top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One code per row of next-code logits (rows, K): guided rows mixed as
+    uncond + g * (cond - uncond), then drawn in fp32 or better."""
+    logits = logits.float()
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + guidance * (cond - uncond)
+    return sample_next(logits, temperature, top_k, top_p, generator)
 
 
 def init_gpt_model(model: nn.Module, layers: int) -> None:
@@ -364,7 +395,12 @@ class GridTransformer(PretrainedMixin, nn.Module):
                 grids.append(draw(b, None if labels is None else labels[s:s + b], cfg,
                                   generator, dtype))
         self.train(was_training)
-        return torch.cat(grids).view(cfg.n, self.cfg.height, self.cfg.width)
+        return torch.cat(grids).view(cfg.n, *self.code_shape)
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """The codes of one image: a (height, width) grid."""
+        return self.cfg.height, self.cfg.width
 
     def card_facts(self) -> CardFacts:
         cfg = self.cfg

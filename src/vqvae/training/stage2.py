@@ -65,7 +65,7 @@ def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName
     base_train = chosen.train
     if preset == "default":  # the seed stays the blog post's prior whatever the data
         base, base_train = prior_for_data(base, base_train, len(codes.split("train")))
-    model = dict(model or {})
+    model = dict(model or {}) | next_scale(codes, model or {})
     if "dropout" not in model and seed_blocks(replace(base, **model)):
         model["dropout"] = 0.0  # the seed's blocks have no dropout to keep
     chosen_model = replace(base, **model)
@@ -84,6 +84,23 @@ def prior_run_config(codes: Codes, codes_path: str = "", preset: PriorPresetName
                           codes_path, codes.stage1, codes.stage1_sha256, preset)
 
 
+def next_scale(codes: Codes, model: dict[str, Any]) -> dict[str, Any]:
+    """A multiscale tokenizer's codes get a var prior of their scales (the variant named or not);
+    any other prior on them, or a var prior on grid codes, is refused in one line."""
+    variant = model.get("variant")
+    if codes.scales:
+        if variant not in (None, "var"):
+            raise ConfigError(f"these codes are a multiscale tokenizer's token maps (scales "
+                              f"{','.join(map(str, codes.scales))}): train --variant var on "
+                              f"them, not {variant}")
+        return {"variant": "var", "scales": codes.scales}
+    if variant == "var":
+        raise ConfigError(f"--variant var predicts a multiscale tokenizer's token maps, and these "
+                          f"codes are {codes.grid[0]}x{codes.grid[1]} grids: encode with a "
+                          f"stage-1 model trained with --quantizer multiscale")
+    return {}
+
+
 def seed_blocks(model: PriorConfig) -> bool:
     """Whether a prior is built of the seed's blocks (autoregressive or maskgit)."""
     return model.variant == "seed" or (model.variant == "maskgit"
@@ -95,7 +112,8 @@ def prior_summary(cfg: PriorRunConfig) -> str:
     m, t = cfg.model, cfg.train
     blocks = {"seed": "the seed's post-norm blocks", "gpt": "pre-norm GPT blocks",
               "maskgit": f"bidirectional {'seed' if m.maskgit_blocks == 'seed' else 'GPT'} "
-                         f"blocks (maskgit)"}[m.variant]
+                         f"blocks (maskgit)",
+              "var": f"block-causal GPT blocks over {len(m.scales)} scales (var)"}[m.variant]
     return (f"{cfg.preset} preset: {blocks}, d_model {m.d_model}, layers {m.layers}, heads "
             f"{m.heads}, dropout {m.dropout:g}, token dropout {t.token_dropout:g}; lr {t.lr:g} "
             f"({t.schedule}), batch {t.batch_size}")
@@ -109,6 +127,11 @@ def check_compatible(model: PriorConfig, codes: Codes) -> None:
     if (model.height, model.width) != codes.grid:
         raise DataError(f"the codes are {codes.grid[0]}x{codes.grid[1]} grids, the prior models "
                         f"{model.height}x{model.width}")
+    if tuple(model.scales) != tuple(codes.scales or ()):
+        have = ",".join(map(str, codes.scales)) if codes.scales else "grids"
+        raise DataError(f"the prior models token maps of scales "
+                        f"{','.join(map(str, model.scales)) or 'none (a grid)'}, the codes are "
+                        f"{have}")
     if model.num_classes and model.num_classes != codes.num_classes:
         raise DataError(f"the prior conditions on {model.num_classes} classes, the codes have "
                         f"{codes.num_classes or 'no labels'}")
