@@ -95,7 +95,12 @@ def build_page(facts: RunFacts, device: torch.device = torch.device("cpu"),
         except (CheckpointError, ConfigError, DataError, OSError) as e:
             notes.append(f"{stage1.latest} cannot be loaded ({e}): no atlas")
     images, held_out = _held_out(stage1, model, notes)
-    atlas = build_atlas(model, images, progress=progress) if images is not None else None
+    multiscale = model is not None and model.cfg.quantizer == "multiscale"
+    if multiscale:
+        notes.append("the atlas and usage maps draw one grid of codes; a multiscale tokenizer's "
+                     "token maps of several scales are not drawn yet")
+    atlas = (build_atlas(model, images, progress=progress)
+             if images is not None and not multiscale else None)
     frames = (stage1_frames(stage1.checkpoints, images, device, progress)
               if stage1 is not None and images is not None else [])
     drawn = [_prior_part(p, images, device, progress) for p in priors]
