@@ -1,7 +1,8 @@
 """vqvae: turn a pile of images into a discrete visual vocabulary and back.
 
 Stage 1 is a VQ-VAE (van den Oord et al., 2017): encoder -> vector quantizer -> decoder.
-Stage 2 is a Transformer prior over its code grids (autoregressive, or MaskGIT's parallel one).
+Stage 2 is a Transformer prior over its code grids (autoregressive, or MaskGIT's parallel one), or
+over a multiscale tokenizer's token maps (next-scale, VAR).
 Every CLI command is one of the functions below (``vqvae.cli`` only parses and prints).
 """
 
@@ -52,8 +53,10 @@ from .generation.sample import Samples, load_samples, save_samples
 from .models.autoencoder import VQVAE, VQVAEOutput
 from .models.lpips import LPIPS, load_perceptual
 from .models.maskgit import MaskGITPrior
+from .models.var import VARPrior
 from .models.prior import Prior, build_prior
 from .models.quantizers.fsq import FiniteScalarQuantizer
+from .models.quantizers.multiscale import MultiScaleQuantizer, join_scales, split_scales
 from .models.quantizers.vq import EMAVectorQuantizer, QuantizerOutput, VectorQuantizer
 
 # the run report (vqvae report)
@@ -84,6 +87,7 @@ __all__ = [
     "load_splits", "Splits", "ImageSet", "FileSet", "to_float", "to_uint8",
     # models
     "VQVAE", "VQVAEOutput", "VectorQuantizer", "EMAVectorQuantizer", "FiniteScalarQuantizer",
+    "MultiScaleQuantizer", "split_scales", "join_scales", "VARPrior",
     "QuantizerOutput", "Prior", "MaskGITPrior", "build_prior", "LPIPS", "load_perceptual",
     "from_pretrained", "load_autoencoder", "load_prior", "load_run_config",
     "load_prior_run_config",
