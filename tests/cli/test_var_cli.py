@@ -93,3 +93,23 @@ def test_codec_and_inpainting_refuse_a_var_prior(stage1, tmp_path, capsys):
     with pytest.raises(vqvae.ConfigError, match="maskgit"):
         vqvae.Pipeline.from_run(run, "cpu").inpaint(torch.zeros(1, 16, 16, dtype=torch.uint8),
                                                     torch.ones(16, 16, dtype=torch.bool))
+
+
+def test_a_finetuned_decoder_keeps_the_token_maps(stage1, tmp_path):
+    """finetune-decoder (here with the GAN) freezes the multiscale quantizer: the fine-tuned
+    model encodes the same token maps, and a var prior's samples decode through it."""
+    ft = tmp_path / "ft"
+    assert main(["finetune-decoder", str(stage1 / "run"), "--steps", "3", "--every", "3",
+                 "--eval-count", "16", "--gan-weight", "0.1", "--disc-channels", "8",
+                 "--out", str(ft)]) == 0
+    before, after = vqvae.load_autoencoder(stage1 / "run"), vqvae.load_autoencoder(ft)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(before.encode(x).indices, after.encode(x).indices)
+        assert not torch.equal(before.decode_indices(before.encode(x).indices),
+                               after.decode_indices(before.encode(x).indices))
+    prior = tmp_path / "p"
+    assert main(["train-prior", "--codes", str(stage1 / "codes.safetensors"), *PRIOR,
+                 "--steps", "1", "--out", str(prior)]) == 0
+    assert main(["sample", str(prior), "--n", "2", "--decoder", str(ft), "--out",
+                 str(tmp_path / "s")]) == 0
