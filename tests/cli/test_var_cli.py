@@ -1,11 +1,13 @@
 """Next-scale generation from the command line: a multiscale tokenizer, its codes, a var prior
 on them (resumed exactly) and samples; and the one-line refusals around them."""
 
+import numpy as np
 import pytest
 import torch
 
 import vqvae
 from vqvae.cli import main
+from vqvae.generation.code_folders import npy_name
 from vqvae.generation.codes import load_codes
 from vqvae.store.checkpoint import load_prior
 from vqvae.store.runs import read_jsonl
@@ -42,6 +44,16 @@ def test_codes_file_holds_token_sequences_and_their_scales(stage1):
         assert torch.equal(q.indices, train[:4].long())
         assert torch.equal(model.decode_indices(q.indices), model.decode(q.quantized))
     assert load_codes(stage1 / "grid.safetensors").scales is None  # grids stay as they were
+
+
+def test_npy_codes_hold_each_image_s_sequence_and_the_index_its_scales(stage1, tmp_path):
+    assert main(["encode", str(stage1 / "run"), "--format", "npy", "--out",
+                 str(tmp_path / "npy")]) == 0
+    index = vqvae.read_code_folder(tmp_path / "npy")
+    assert index["scales"] == [1, 2, 3, 4] and index["grid"] == [4, 4]
+    train = load_codes(stage1 / "codes.safetensors").split("train")
+    first = np.load(tmp_path / "npy" / "train" / npy_name(train.keys[0]))
+    assert first.shape == (TOKENS,) and first.tolist() == train.codes[0].tolist()
 
 
 def test_var_prior_end_to_end_and_exact_resume(stage1, tmp_path, capsys):

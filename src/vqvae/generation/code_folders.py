@@ -17,7 +17,7 @@ from ..errors import DataError
 from ..fileio import write_json
 from ..store import checkpoint as ckpt
 from ..distributed import pick_device
-from .codes import encode_batches, encode_to_file, encoding_source
+from .codes import encode_batches, encode_to_file, encoding_source, token_scales
 
 INDEX = "codes.json"
 FORMAT = "vqvae-codes-npy/1"
@@ -57,8 +57,9 @@ def encode_to_folder(run_dir: str | Path, out: str | Path, *, source: str | None
                      batch_size: int = 256, device: str | torch.device = "cpu",
                      flip: bool = False, progress: bool = True) -> tuple[str, Path]:
     """``vqvae encode --format npy``: every image of the train and test splits to
-    ``OUT/SPLIT/KEY.npy``, an int array (h, w) of code ids (with ``flip``, the training split's
-    are (2, h, w): the image and its mirror image), then ``OUT/codes.json``. The
+    ``OUT/SPLIT/KEY.npy``, an int array (h, w) of code ids (a multiscale tokenizer's: (L,), all
+    scales' maps, their sides in the index; with ``flip``, the training split's have a leading
+    2: the image and its mirror image), then ``OUT/codes.json``. The
     index is written last, after a sync: a folder without it is unfinished."""
     out = Path(out)
     _check_out(out)
@@ -75,6 +76,8 @@ def encode_to_folder(run_dir: str | Path, out: str | Path, *, source: str | None
                                                   batch_size, device, progress,
                                                   flip and name == "train", data.workers, name)
         index["grid"] = [model.cfg.latent_size] * 2
+        if token_scales(model):  # each file holds all scales' maps: (L,), L = sum(s*s)
+            index["scales"] = list(token_scales(model))
         os.sync()  # every .npy on disk before the index says they are
         write_json(out / INDEX, index)
     except BaseException:
