@@ -73,6 +73,7 @@ def test_var_prior_end_to_end_and_exact_resume(stage1, tmp_path, capsys):
         assert torch.allclose(wa[key], wb[key], atol=1e-6), key
     assert [m["step"] for m in read_jsonl(b / "metrics.jsonl")] == [10, 20]
     assert 0 < read_jsonl(b / "metrics.jsonl")[-1]["bits_per_code"] < 4  # log2(16) = uniform
+    assert (a / "sampling.json").exists()  # settings chosen from its token maps' features
     assert main(["sample", str(a), "--n", "4", "--top-k", "8"]) == 0
     saved = load_codes(a / "sample" / "samples.safetensors")
     assert saved.scales == (1, 2, 3, 4) and saved.split("samples").codes.shape == (4, TOKENS)

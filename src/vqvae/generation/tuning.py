@@ -26,6 +26,7 @@ from ..evaluation.quality import frechet_distance
 from ..fileio import write_json
 from ..models.autoencoder import VQVAE
 from ..models.prior import Prior
+from ..models.quantizers.multiscale import MultiScaleQuantizer
 from ..store import checkpoint as ckpt
 from ..store import runs
 
@@ -62,8 +63,11 @@ def code_features(stage1: VQVAE, grids: torch.Tensor, axes: torch.Tensor) -> np.
 @torch.no_grad()
 def codebook_axes(stage1: VQVAE, size: int) -> torch.Tensor:
     """The first :data:`AXES` principal axes (D, k) of the ``size`` codebook vectors."""
-    ids = torch.arange(size, device=next(stage1.parameters()).device).view(-1, 1, 1)
-    vectors = stage1.quantizer.indices_to_codes(ids).flatten(1).float()  # (K, D)
+    if isinstance(stage1.quantizer, MultiScaleQuantizer):  # its shared codebook, (K, D)
+        vectors = stage1.quantizer.vq.codebook.detach().float()
+    else:
+        ids = torch.arange(size, device=next(stage1.parameters()).device).view(-1, 1, 1)
+        vectors = stage1.quantizer.indices_to_codes(ids).flatten(1).float()  # (K, D)
     vectors = vectors - vectors.mean(0)
     _, _, v = torch.linalg.svd(vectors, full_matrices=False)
     return v[:min(AXES, v.shape[0])].T.contiguous()
