@@ -126,3 +126,18 @@ def test_a_finetuned_decoder_keeps_the_token_maps(stage1, tmp_path):
                  "--steps", "1", "--out", str(prior)]) == 0
     assert main(["sample", str(prior), "--n", "2", "--decoder", str(ft), "--out",
                  str(tmp_path / "s")]) == 0
+
+
+def test_multiscale_tokenizer_resumes_exactly(tmp_path):
+    """Its shared codebook's k-means flag and restart counters are state: a run stopped and
+    resumed ends as an uninterrupted one (constant rate, no --sharpen phase)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    cpu = [*tiny.edit(STAGE1, restart_after=3, codebook_size=64, steps=None, every=4),
+           "--device", "cpu", "--schedule", "constant", "--sharpen", "0"]
+    assert main(["train", *cpu, "--steps", "8", "--out", str(a)]) == 0
+    assert main(["train", *cpu, "--steps", "4", "--out", str(b)]) == 0
+    assert main(["train", "--resume", str(b), "--steps", "8"]) == 0
+    wa, wb = vqvae.load_autoencoder(a).state_dict(), vqvae.load_autoencoder(b).state_dict()
+    assert "quantizer.vq.unused_steps" in wa and bool(wa["quantizer.vq.initialized"])
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
