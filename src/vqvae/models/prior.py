@@ -36,6 +36,9 @@ class Prior(GridTransformer):
     card_summary = "An autoregressive Transformer prior (each code given the codes before it)"
 
     def __init__(self, cfg: PriorConfig):
+        if cfg.variant not in STACKS:
+            raise ValueError(f"Prior is the raster prior (seed, gpt): build a {cfg.variant!r} "
+                             f"prior with build_prior")
         super().__init__(cfg, STACKS[cfg.variant])
         if cfg.variant == "seed":
             self.apply(init_keras)
