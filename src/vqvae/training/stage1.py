@@ -180,8 +180,7 @@ def train_step(net: Callable[[torch.Tensor], VQVAEOutput], model: VQVAE,
     call."""
     if tc.compile and tc.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are done with
-    if tc.decoder_only or decoder_only:  # frozen BatchNorm statistics and codebook (no EMA,
-        # restarts)
+    if tc.decoder_only or decoder_only:  # frozen BatchNorm statistics, codebook, restarts
         model.encoder.eval()
         model.quantizer.eval()
     with autocast(tc.precision, x.device):
@@ -365,6 +364,9 @@ class Stage1:
                 f"with, {final['ssim_noq']:.4f} without; codebook usage "
                 f"{final['usage']:.1f}% ({final['used_codes']}/{self.cfg.model.codebook_size}), "
                 f"perplexity {final['perplexity']:.1f}"
+                + (f"\nthe last {self.cfg.train.sharpen:.0%} of the budget trained the decoder "
+                   f"alone against a discriminator (--sharpen; the codes are those it began with)"
+                   if self.cfg.train.sharpen and self.frozen else "")
                 + (f"\n{self.skipped} training image(s) could not be read and were replaced by "
                    f"others (train.jsonl: skipped_images)" if self.skipped else ""))
 
