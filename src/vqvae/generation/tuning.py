@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..config import SampleConfig
 from ..errors import ConfigError
@@ -99,6 +100,9 @@ def sweep(prior: Prior, stage1: VQVAE, held: torch.Tensor, held_labels: torch.Te
     floor = frechet_distance(code_features(stage1, train[:n], axes), reference)
     labels = None if held_labels is None or not prior.cfg.num_classes else held_labels[:n]
     tried: list[tuple[dict[str, Any], list[float]]] = []
+    settings = len(candidates(prior, 1.0)) + (len(GUIDANCE) + 1 if labels is not None else 0)
+    bar = tqdm(total=settings * draws, desc="choose sampling settings", unit="draw",
+               disable=not progress, leave=False)
 
     def measure(setting: dict[str, Any]) -> list[float]:
         distances = []
@@ -106,9 +110,9 @@ def sweep(prior: Prior, stage1: VQVAE, held: torch.Tensor, held_labels: torch.Te
             cfg = SampleConfig(n=n, batch_size=batch_size, seed=seed, **setting)
             grids = prior.generate(cfg, labels)
             distances.append(frechet_distance(code_features(stage1, grids, axes), reference))
+            bar.set_postfix_str(f"{describe(setting)}: {np.mean(distances):.3f}")
+            bar.update()
         tried.append((setting, distances))
-        if progress:
-            print(f"  {describe(setting)}: {np.mean(distances):.3f}", flush=True)
         return distances
 
     def best(settings: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,10 +123,11 @@ def sweep(prior: Prior, stage1: VQVAE, held: torch.Tensor, held_labels: torch.Te
         at = int(np.argmin(means))
         return scores[at][0] if means[at] < means[0] - 2 * noise else scores[0][0]
 
-    guidance = 1.0
-    if labels is not None:
-        guidance = best([{**PLAIN, "guidance": g} for g in (1.0, *GUIDANCE)])["guidance"]
-    return Swept(best(candidates(prior, guidance)), tried, floor)
+    with bar:
+        guidance = 1.0
+        if labels is not None:
+            guidance = best([{**PLAIN, "guidance": g} for g in (1.0, *GUIDANCE)])["guidance"]
+        return Swept(best(candidates(prior, guidance)), tried, floor)
 
 
 def describe(setting: dict[str, Any]) -> str:

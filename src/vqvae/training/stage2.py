@@ -321,7 +321,7 @@ class Stage2:
             warnings.warn(note)
         n = self.cfg.train.tune_sampling
         if n and len(self.test) >= 16:  # the settings `vqvae sample` will use, measured
-            self.swept = tune_sampling(self.run_dir, self.runtime.device, n=n)
+            self.swept = tune_sampling(self.run_dir, self.runtime.device, n=n, progress=True)
             return {"sampling": self.run_dir / SAMPLING}
         return {}
 
