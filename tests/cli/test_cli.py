@@ -73,8 +73,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     cosine schedule anneals differently (the cosine's own exact resume:
     tests/training/test_schedule.py)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    # nor a --sharpen phase, which takes the last share of the budget
-    cpu = [*TINY, "--device", "cpu", "--schedule", "constant", "--sharpen", "0"]
+    cpu = [*TINY, "--device", "cpu", "--schedule", "constant"]
     assert main(["train", *cpu, "--steps", "30", "--out", str(a)]) == 0
     assert main(["train", *cpu, "--steps", "15", "--out", str(b)]) == 0
     assert main(["train", "--resume", str(b), "--steps", "30"]) == 0

@@ -255,7 +255,7 @@ def test_cli_resume_of_a_streamed_augmented_run_is_exact(tmp_path):
     # constant: see tests/cli/test_cli.py's resume test
     options = tiny.stage1(data=folder, hidden_channels=8, code_dim=4, batch_size=4, every=4,
                           eval_count=None, cache="stream", workers=2, crop="random", flip=True,
-                          device="cpu", schedule="constant", sharpen=0)
+                          device="cpu", schedule="constant")
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train", *options, "--steps", "8", "--out", str(a)]) == 0
     assert main(["train", *options, "--steps", "4", "--out", str(b)]) == 0  # mid-epoch (36 / 4)

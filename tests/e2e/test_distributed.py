@@ -42,8 +42,7 @@ LIMIT_S = 120  # per group of processes; a healthy run takes a few seconds
 EARLY, EARLY_TOL, RUN_TOL = 5, 2e-4, 1e-2
 # No --batch-size: each run names its own (BATCH per rank, WORLD * BATCH in one process).
 TINY = tiny.stage1(codebook_size=32, batch_size=None, every=10, steps=STEPS, kmeans_init="true",
-                   restart_after=3, device="cpu", recon_loss="mse", schedule="constant",
-                   sharpen=0)  # its phase's encoder reads rank 0's BatchNorm statistics
+                   restart_after=3, device="cpu", recon_loss="mse", schedule="constant")
 PRIOR = tiny.prior(d_model=32, batch_size=8, eval_count=None, grid=2, device="cpu")
 QUANTIZERS = ("vq", "ema")
 RUNS, RESUMED = (*QUANTIZERS, "vq-resume"), 5  # vq-resume: the vq run resumed by 2 ranks

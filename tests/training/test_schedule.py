@@ -31,14 +31,13 @@ def test_a_cosine_run_anneals_to_zero_and_resumes_exactly(tmp_path):
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
     rates = [r["lr"] for r in read_jsonl(a / "train.jsonl")]
     assert rates == sorted(rates, reverse=True) and rates[0] < 2e-3 and rates[-1] < 2e-3 * 0.02
-    # the default preset's is cosine, and its --sharpen phase runs at a tenth of the rate
-    constant = [*TINY, "--schedule", "constant", "--sharpen", "0"]
+    constant = [*TINY, "--schedule", "constant"]  # the default preset's is cosine
     assert main(["train", *constant, "--steps", "20", "--out", str(flat)]) == 0
     assert [r["lr"] for r in read_jsonl(flat / "train.jsonl")] == pytest.approx([2e-3, 2e-3])
 
 
 def test_resuming_a_cosine_run_with_other_steps_says_so():
-    cfg = run_config("default", train={"steps": 30, "schedule": "cosine", "sharpen": 0.0})
+    cfg = run_config("default", train={"steps": 30, "schedule": "cosine"})
     with pytest.warns(UserWarning, match="changes this run's cosine schedule"):
         assert resumed(cfg, steps=60).train.steps == 60
     with warnings.catch_warnings():
@@ -51,7 +50,7 @@ def test_resuming_a_cosine_run_with_other_steps_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resumed(timed, minutes=10.0)  # the run's own budget, what is left of it: no change
-    sharp = run_config("default", train={"steps": 30, "schedule": "constant"})
+    sharp = run_config("default", train={"steps": 30, "schedule": "constant", "sharpen": 0.25})
     with pytest.warns(UserWarning, match="moves this run's --sharpen phase"):
         resumed(sharp, steps=60)
     with warnings.catch_warnings():

@@ -38,8 +38,7 @@ def _ema(checkpoint):
 
 
 def test_stage_1_and_2_keep_an_exact_average_that_evaluation_and_sampling_use(tmp_path, capsys):
-    options = tiny.stage1(every=10, eval_count=None, weight_ema="0.9", schedule="constant",
-                          sharpen=0)  # see tests/cli/test_cli.py's resume test
+    options = tiny.stage1(every=10, eval_count=None, weight_ema="0.9", schedule="constant")
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", *options, "--steps", "20", "--out", str(full)]) == 0
     assert main(["train", *options, "--steps", "10", "--out", str(part)]) == 0

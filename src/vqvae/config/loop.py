@@ -162,8 +162,8 @@ class TrainConfig(LoopConfig):
     sharpen: float = field(default=0.0, metadata=_help(
         "the last share of the budget (steps or --minutes) trains the decoder alone, encoder "
         "and codebook frozen so the codes stay, at a tenth of --lr and against a PatchGAN of "
-        "weight --sharpen-gan: sharper reconstructions (the default preset's 0.25; "
-        "docs/sharper.md); 0: off"))
+        "weight --sharpen-gan (e.g. 0.25; measured in docs/tokenizer.md: not sharper than the "
+        "default recipe on Fashion-MNIST); 0: off"))
     sharpen_gan: float = field(default=0.3, metadata=_help(
         "the adversarial weight of the --sharpen phase (times the adaptive weight; 0: the "
         "phase fine-tunes on the pixel loss alone)"))

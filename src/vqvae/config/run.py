@@ -4,7 +4,6 @@ start one (``PRESETS``, ``PRIOR_PRESETS``), and the default prior fitted to its 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
@@ -58,10 +57,9 @@ class Preset:
 VQGAN_TRAIN = TrainConfig(batch_size=16, lr=1e-4)
 # The default recipe: the L1 pixel loss and a cosine schedule. Against the seed's MSE at a constant
 # rate: +1.5 dB on 64-px photo tiles, -36% reconstruction distance on Fashion-MNIST at 1200 steps
-# and a tie at 3000 (docs/tokenizer.md, "Stage 1's pixel loss and schedule"). The last quarter of
-# the budget sharpens the decoder against a 32-channel PatchGAN of weight 0.3 (docs/tokenizer.md,
-# "Sharp by default").
-DEFAULT_TRAIN = TrainConfig(recon_loss="l1", schedule="cosine", sharpen=0.25, disc_channels=32)
+# and a tie at 3000 (docs/tokenizer.md, "Stage 1's pixel loss and schedule"). No --sharpen phase:
+# on this recipe it raised the reconstruction distance (docs/tokenizer.md, "--sharpen").
+DEFAULT_TRAIN = TrainConfig(recon_loss="l1", schedule="cosine")
 PRESETS = {"seed": Preset(seed_model, TrainConfig()),
            "default": Preset(default_model, DEFAULT_TRAIN),
            "vqgan": Preset(vqgan_model, VQGAN_TRAIN)}
@@ -86,16 +84,8 @@ def run_config(preset: PresetName = "default", data: DataConfig | None = None,
         base = replace(base, **_defaults(architecture_options()))
     if given.get("channel_mult"):
         given.setdefault("downsamples", len(given["channel_mult"]) - 1)
-    train = dict(train or {})
-    if "sharpen" not in train and PRESETS[preset].train.sharpen:
-        if train.get("gan_weight"):  # a discriminator for the whole run, in place of the phase
-            train["sharpen"] = 0.0
-        elif train.get("precision") == "fp16":
-            warnings.warn("--precision fp16 turns off the preset's --sharpen phase (its "
-                          "discriminator needs bf16 or fp32)", UserWarning, stacklevel=2)
-            train["sharpen"] = 0.0
     return RunConfig(data=data, model=replace(base, **given),
-                     train=replace(PRESETS[preset].train, **train), preset=preset)
+                     train=replace(PRESETS[preset].train, **(train or {})), preset=preset)
 
 
 # The seed's optimiser: Adam at Keras' default 1e-3, batch 32, no schedule.
