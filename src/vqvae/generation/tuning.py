@@ -45,7 +45,7 @@ class Swept(NamedTuple):
 
     chosen: dict[str, Any]
     tried: list[tuple[dict[str, Any], list[float]]]
-    floor: float  # the distance of n training grids to the held-out ones: what no draw beats
+    floor: float  # n training grids' distance to the held-out ones: a reference for the rest
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def describe(setting: dict[str, Any]) -> str:
 
 
 def write_sampling(run_dir: str | Path, swept: Swept) -> Path:
-    """``RUN/sampling.json``: the chosen knobs, the table behind them and the noise floor."""
+    """``RUN/sampling.json``: the chosen knobs, the table behind them and the reference."""
     record = {"format": FORMAT, "chosen": swept.chosen, "floor": swept.floor,
               "tried": [{"setting": s, "distances": d} for s, d in swept.tried]}
     return write_json(Path(run_dir) / SAMPLING, record)
