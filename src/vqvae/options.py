@@ -42,7 +42,7 @@ def _parser_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
         return _int_tuple, None
     if origin in (Union, types.UnionType):
         kind, choices = _parser_type([a for a in get_args(annotation) if a is not type(None)][0])
-        return _or_none(kind), (None if choices is None else (*choices, "none"))
+        return (_or_none(kind), None) if choices is None else (kind, choices)
     return annotation, None
 
 

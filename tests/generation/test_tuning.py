@@ -92,6 +92,9 @@ def test_train_prior_chooses_and_sample_uses_the_settings(tmp_path, capsys):
     (prior / SAMPLING).write_text(json.dumps({**record, "chosen": {**PLAIN, "top_k": 3}}))
     assert main(["sample", str(prior), "--n", "4", "--out", str(tmp_path / "s")]) == 0
     assert "temperature 1, top-k 3" in capsys.readouterr().out
+    assert main(["sample", str(prior), "--n", "4", "--top-k", "none",
+                 "--out", str(tmp_path / "s")]) == 0  # `none` turns the chosen truncation off
+    assert "(temperature 1)" in capsys.readouterr().out
     (prior / SAMPLING).write_text('{"chosen": {"temperature": -1}}')
     assert main(["sample", str(prior), "--n", "4"]) == 2
     err = capsys.readouterr().err
