@@ -197,6 +197,20 @@ def _torchrun(*argv: str) -> str:
     return out
 
 
+def test_torchrun_sharpen_phase_freezes_the_codes_on_every_rank(tmp_path):
+    """--sharpen under 2 ranks: the data-parallel wrapper is rebuilt when the encoder and
+    quantizer freeze (DDP would wait for their gradients otherwise); only the decoder moves."""
+    run = tmp_path / "sharp"
+    out = _torchrun("train", *tiny.edit(TINY, steps=20, batch_size=BATCH, disc_channels=8,
+                                        sharpen="0.5", out=str(run)))
+    assert out.count("trained the decoder alone") == 1, out[-3000:]  # rank 0's summary
+    start, end = (load_file(run / "checkpoints" / f"step-{s:07d}" / "model.safetensors")
+                  for s in (10, 20))
+    moved = {key.split(".")[0] for key in start if not torch.equal(start[key], end[key])}
+    assert moved == {"decoder"}
+    assert [r["sharpening"] for r in read_jsonl(run / "train.jsonl")][-1] == 1
+
+
 def test_torchrun_trains_the_prior(two_ranks, tmp_path):
     prior = tmp_path / "prior"
     out = _torchrun("train-prior", "--stage1", str(two_ranks / "vq"), "--out", str(prior),
