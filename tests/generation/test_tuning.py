@@ -12,7 +12,7 @@ from vqvae import VQVAE
 from vqvae.cli import main
 from vqvae.evaluation.quality import frechet_distance
 from vqvae.generation.tuning import (PLAIN, SAMPLING, code_features, codebook_axes, read_sampling,
-                                     sample_config, sweep)
+                                     sample_config, sweep, tune_sampling)
 
 from tests import tiny
 
@@ -86,6 +86,9 @@ def test_train_prior_chooses_and_sample_uses_the_settings(tmp_path, capsys):
     record = json.loads((prior / SAMPLING).read_text())
     assert len(record["tried"]) == 5 and record["floor"] >= 0
     chosen = read_sampling(prior)
+    # the sweep on its own, reading the run's codes and stage 1, measures what training did
+    again = tune_sampling(prior, n=64)
+    assert [d for _, d in again.tried] == [t["distances"] for t in record["tried"]]
     assert sample_config(prior).temperature == chosen["temperature"]
     assert sample_config(prior, temperature=0.5).temperature == 0.5  # what the user says wins
     # the file decides what `vqvae sample` draws with

@@ -30,6 +30,7 @@ from ..models.prior import Prior
 from ..models.quantizers.multiscale import MultiScaleQuantizer
 from ..store import checkpoint as ckpt
 from ..store import runs
+from .codes import Codes, load_codes, load_stage1
 
 SAMPLING = "sampling.json"  # the chosen settings, in the prior's run folder
 FORMAT = "vqvae-sampling/1"
@@ -177,18 +178,19 @@ def sample_config(prior_run: str | Path, **given: Any) -> SampleConfig:
 
 
 def tune_sampling(prior_run: str | Path, device: str | torch.device = "cpu", *,
-                  n: int = 512, progress: bool = False) -> Swept:
+                  n: int = 512, progress: bool = False, codes: Codes | None = None,
+                  stage1: VQVAE | None = None) -> Swept:
     """Run :func:`sweep` for the prior of ``prior_run`` (the checkpoint ``vqvae sample`` uses) on
-    its run's held-out codes, and write ``RUN/sampling.json``."""
-    from .codes import load_codes, load_stage1
-
+    its run's held-out codes, and write ``RUN/sampling.json``. ``codes`` and ``stage1``: the run's
+    codes and stage-1 model when the caller holds them already (read from the run otherwise)."""
     run_dir = runs.find_run(prior_run)
     if run_dir is None:
         raise ConfigError(f"{prior_run}: not inside a prior's run folder")
     cfg = runs.read_run_config(prior_run, ckpt.PRIOR_KIND)
-    codes = load_codes(cfg.codes)
+    codes = codes if codes is not None else load_codes(cfg.codes)
     held = codes.split("test")
-    swept = sweep(ckpt.load_prior(prior_run, device), load_stage1(cfg, device), held.codes,
-                  held.labels, codes.split("train").codes, n=n, progress=progress)
+    stage1 = stage1 if stage1 is not None else load_stage1(cfg, device)
+    swept = sweep(ckpt.load_prior(prior_run, device), stage1,
+                  held.codes, held.labels, codes.split("train").codes, n=n, progress=progress)
     write_sampling(run_dir, swept)
     return swept

@@ -219,9 +219,8 @@ class Stage1:
                                fused=runtime.device.type == "cuda")
         self.phases: Phases | None = None  # the --sharpen split, once the run's clock is known
         self.frozen = tc.decoder_only  # the encoder and quantizer no longer train
-        started = (lambda step: self.sharpening(step)) if tc.sharpen else None
         self.sharpen = Sharpener(tc, cfg.model.in_channels, cfg.model.image_size, runtime,
-                                 started)
+                                 self.sharpening if tc.sharpen else None)
         self.state = TrainingState(VQVAE_KIND, model, cfg.model, opt, loss_scaler(
             tc.precision, runtime.device), self.sharpen.companions())
         self.cfg, self.run_dir, self.model, self.opt = cfg, Path(run_dir), model, opt

@@ -321,7 +321,8 @@ class Stage2:
             warnings.warn(note)
         n = self.cfg.train.tune_sampling
         if n and len(self.test) >= 16:  # the settings `vqvae sample` will use, measured
-            self.swept = tune_sampling(self.run_dir, self.runtime.device, n=n, progress=True)
+            self.swept = tune_sampling(self.run_dir, self.runtime.device, n=n, progress=True,
+                                       codes=self.codes, stage1=self.stage1)
             return {"sampling": self.run_dir / SAMPLING}
         return {}
 
