@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PriorConfig, SampleConfig
-from ..errors import CheckpointError
 from .transformer import (GPTStack, GridTransformer, SeedStack, filter_logits, init_gpt_model,
                           init_keras, sample_next)
 
@@ -44,6 +43,7 @@ class MaskGITPrior(GridTransformer):
     embedding to every position; class ``num_classes`` is the null class (guidance).
     """
 
+    VARIANT = "maskgit"
     card_title = "MaskGIT code prior"
     card_summary = ("A MaskGIT prior (a bidirectional Transformer that fills masked codes, "
                     "many at a step)")
@@ -56,13 +56,6 @@ class MaskGITPrior(GridTransformer):
             self.apply(init_keras)
         else:
             init_gpt_model(self, cfg.layers)
-
-    @classmethod
-    def from_config(cls, cfg: PriorConfig) -> MaskGITPrior:
-        if cfg.variant != "maskgit":  # one line, where the constructor's ValueError is a bug
-            raise CheckpointError(f"a {cfg.variant!r} prior, not a maskgit one: load it "
-                                  f"with Prior.from_pretrained or vqvae.from_pretrained")
-        return cls(cfg)
 
     @property
     def mask_token(self) -> int:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PriorConfig, SampleConfig
+from ..errors import CheckpointError
 from ..precision import sampling_autocast, sampling_dtype
 from .pretrained import PRIOR_KIND, CardFacts, PretrainedMixin
 
@@ -359,6 +360,16 @@ class GridTransformer(PretrainedMixin, nn.Module):
     checkpoint_kind, config_class = PRIOR_KIND, PriorConfig
     card_title: str  # the model card's title and first words (each prior names itself)
     card_summary: str
+    VARIANT: str | None = None  # the one variant a class builds (None: it picks by the config)
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig) -> nn.Module:
+        """The prior a saved config describes; a class of one variant refuses another in one
+        line (where its constructor's ValueError would read as a bug)."""
+        if cls.VARIANT is not None and cfg.variant != cls.VARIANT:
+            raise CheckpointError(f"a {cfg.variant!r} prior, not a {cls.VARIANT} one: load it "
+                                  f"with Prior.from_pretrained or vqvae.from_pretrained")
+        return cls(cfg)
 
     def __init__(self, cfg: PriorConfig, stack: Callable[[PriorConfig], nn.Module]):
         super().__init__()

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PriorConfig, SampleConfig
-from ..errors import CheckpointError
 from .quantizers.multiscale import join_scales, split_scales
 from .transformer import (GPTStack, GridTransformer, KVCache, draw_guided, guided_rows,
                           init_gpt_model)
@@ -56,6 +55,7 @@ class VARPrior(GridTransformer):
     (:func:`block_causal_mask`); the log-likelihood of a sequence is exact (teacher forcing).
     """
 
+    VARIANT = "var"
     card_title = "Next-scale (VAR) code prior"
     card_summary = ("A next-scale (VAR) prior (a block-causal Transformer that draws every code "
                     "of a scale in one pass)")
@@ -72,13 +72,6 @@ class VARPrior(GridTransformer):
         self.register_buffer("_cols", cols, persistent=False)
         self.register_buffer("_levels", token_scales(cfg.scales), persistent=False)
         self.register_buffer("_mask", block_causal_mask(cfg.scales), persistent=False)
-
-    @classmethod
-    def from_config(cls, cfg: PriorConfig) -> VARPrior:
-        if cfg.variant != "var":  # one line, where the constructor's ValueError is a bug
-            raise CheckpointError(f"a {cfg.variant!r} prior, not a var one: load it with "
-                                  f"Prior.from_pretrained or vqvae.from_pretrained")
-        return cls(cfg)
 
     @property
     def start_token(self) -> int:
