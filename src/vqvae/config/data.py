@@ -36,6 +36,10 @@ class DataConfig:
         "covering 80-100%% of the shorter side); held-out images are always centre-cropped"))
     flip: bool = field(default=False, metadata=_help(
         "flip training images left-right at random (held-out images never)"))
+    color_jitter: float = field(default=0.0, metadata=_help(
+        "colour jitter of RGB training images: hue turned by up to +-J x 180 degrees and "
+        "saturation scaled by 1 +- J/2 at random, luma kept (held-out images never); widens "
+        "the colours the codebook covers (docs/tokenizer.md, unseen photos); 0 = off"))
     workers: int = field(default=2, metadata=_help(
         "worker processes decoding streamed images (0: decode in the training process); with "
         "shards, also the readers each rank splits its shards over"))
@@ -54,10 +58,12 @@ class DataConfig:
         _check(self.crop in get_args(CropMode),
                f"crop must be one of {get_args(CropMode)}, got {self.crop!r}")
         _check(isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}")
+        _check(0.0 <= self.color_jitter <= 1.0,
+               f"color_jitter must be in [0, 1], got {self.color_jitter}")
         _check(0 <= self.workers <= 64, f"workers must be in [0, 64], got {self.workers}")
         _check(0.0 <= self.max_unreadable <= 1.0,
                f"max_unreadable must be in [0, 1], got {self.max_unreadable}")
 
     @property
     def augmented(self) -> bool:
-        return self.crop == "random" or self.flip
+        return self.crop == "random" or self.flip or self.color_jitter > 0

@@ -1,12 +1,18 @@
-"""Training augmentation for natural images: random square crops and left-right flips.
+"""Training augmentation for natural images: random square crops, left-right flips and colour
+jitter (hue and saturation).
 
 Every random choice comes from a generator seeded by (seed, step, position in the batch), so a
 batch is the same however many worker processes decoded it and whether the run was resumed. The
 crop follows the tokenizer recipes (LlamaGen, MaskGIT): a square covering 80-100% of the shorter
-side, resized to the training size; held-out images are never augmented.
+side, resized to the training size; held-out images are never augmented. Colour jitter widens
+the colours a codebook sees beyond its training photos' own (benchmarks/unseen_photos.py): it
+rotates the chroma plane of YIQ by a random hue angle and scales it by a random saturation
+factor, leaving luma exactly as it was (a grey pixel stays grey).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +57,41 @@ def maybe_flip(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return image.flip(-1) if bool(torch.rand((), generator=gen) < 0.5) else image
 
 
+# RGB -> YIQ (NTSC): Y is luma, (I, Q) the chroma plane a hue rotation turns
+_YIQ = torch.tensor([[0.299, 0.587, 0.114],
+                     [0.595716, -0.274453, -0.321263],
+                     [0.211456, -0.522591, 0.311135]], dtype=torch.float64)
+
+
+def jitter_matrix(strength: float, gen: torch.Generator) -> torch.Tensor:
+    """The (3, 3) RGB matrix of one draw: hue turned by up to +-``strength`` x 180 degrees,
+    saturation scaled by a factor in [1 - ``strength``/2, 1 + ``strength``/2]."""
+    angle = math.pi * strength * (2 * float(torch.rand((), generator=gen)) - 1)
+    scale = 1 + strength * (float(torch.rand((), generator=gen)) - 0.5)
+    c, s = math.cos(angle) * scale, math.sin(angle) * scale
+    chroma = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]], dtype=torch.float64)
+    return (torch.linalg.inv(_YIQ) @ chroma @ _YIQ).float()
+
+
+def color_jitter(image: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (3, H, W) with :func:`jitter_matrix`'s hue and saturation change (clipped to the
+    RGB cube); a one-channel image has no colour and is returned as it is."""
+    if image.shape[0] != 3:
+        return image
+    out = torch.einsum("ij,jhw->ihw", jitter_matrix(strength, gen), image.float())
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def augment_batch(images: torch.Tensor, size: int, crop: str, flip: bool, seed: int,
-                  step: int) -> torch.Tensor:
+                  step: int, jitter: float = 0.0) -> torch.Tensor:
     """Augment a uint8 batch (B, C, S, S) of in-memory images the way streamed images are
     (crops of an in-memory image come from its stored resolution)."""
-    if crop != "random" and not flip:
+    if crop != "random" and not flip and not jitter:
         return images
     out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
     for i, image in enumerate(images):
         gen = sample_generator(seed, step, i)
         image = random_crop(image, size, gen) if crop == "random" else image
-        out[i] = maybe_flip(image, gen) if flip else image
+        image = maybe_flip(image, gen) if flip else image
+        out[i] = color_jitter(image, jitter, gen) if jitter else image
     return out

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ..config import DataConfig
 from ..errors import DataError
-from .augment import augment_batch, sample_generator
+from .augment import augment_batch, color_jitter, sample_generator
 from .files import FileSet, TarFiles
 from .images import Batch, ImageSet
 from .shards import epoch_plan, shard_groups
@@ -55,14 +55,14 @@ def _memory_batches(train: ImageSet, data: DataConfig, batch_size: int, seed: in
                     ) -> Iterator[Batch]:
     stream = BatchStream(len(train), batch_size, seed, rank, world_size)
     images_at = train.images
-    plain = data.crop != "random" and not data.flip
+    plain = not data.augmented
     if (device is not None and device.type == "cuda" and plain
             and train.images.numel() <= RESIDENT_BYTES):
         images_at = train.images.to(device)  # uint8: one byte per pixel
     for step in count(start):
         index = stream.indices(step)
         images = augment_batch(images_at[index.to(images_at.device)], data.size, data.crop,
-                               data.flip, seed, step)
+                               data.flip, seed, step, data.color_jitter)
         yield Batch(images, None if train.labels is None else train.labels[index])
 
 
@@ -97,7 +97,10 @@ class _Augmented(Dataset):
 def decode_train(files: FileSet, index: int, data: DataConfig, seed: int, step: int,
                  position: int) -> torch.Tensor | str:
     gen = sample_generator(seed, step, position) if data.augmented else None
-    return files.decode(index, gen, data.crop, data.flip)
+    image = files.decode(index, gen, data.crop, data.flip)
+    if data.color_jitter and not isinstance(image, str):
+        image = color_jitter(image, data.color_jitter, gen)
+    return image
 
 
 def fill_unreadable(images: Sequence[torch.Tensor | str]) -> Batch:

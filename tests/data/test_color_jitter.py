@@ -1,0 +1,102 @@
+"""Colour jitter (``--color-jitter``): hue and saturation change, luma kept; the same batches
+streamed or in memory, never on held-out images, exact on resume, refused on grey images."""
+
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqvae import DataConfig, load_splits
+from vqvae.cli import main
+from vqvae.data.augment import _YIQ, color_jitter, jitter_matrix
+from vqvae.data.loader import train_batches
+
+from tests import tiny
+
+
+def _luma(image: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("j,jhw->hw", _YIQ[0].float(), image.float())
+
+
+def test_jitter_turns_hue_and_keeps_luma_and_greys():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(60, 200, (3, 32, 32), generator=gen, dtype=torch.int64).to(torch.uint8)
+    assert torch.allclose(jitter_matrix(0.0, gen), torch.eye(3), atol=1e-6)
+    out = color_jitter(image, 1.0, gen)
+    inside = ((out > 0) & (out < 255)).all(0)  # pixels the RGB cube did not clip
+    assert inside.float().mean() > 0.5
+    assert (_luma(out) - _luma(image))[inside].abs().max() <= 1.0  # rounding only
+    assert (out.float() - image.float()).abs().mean() > 5  # the colours moved
+    grey = torch.full((3, 8, 8), 77, dtype=torch.uint8)
+    assert torch.equal(color_jitter(grey, 1.0, gen), grey)
+    mono = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8)
+    assert torch.equal(color_jitter(mono, 1.0, gen), mono)
+
+
+def test_draws_span_the_whole_hue_circle():
+    gen = torch.Generator().manual_seed(1)
+    red = torch.tensor([200.0, 40.0, 40.0], dtype=torch.float64)
+    chroma = [(_YIQ @ (jitter_matrix(1.0, gen).double() @ red))[1:] for _ in range(400)]
+    angles = torch.stack([torch.atan2(c[1], c[0]) for c in chroma])
+    quarters = torch.histc(angles, bins=4, min=-np.pi, max=np.pi)
+    assert (quarters > 50).all(), quarters  # red turned to every quarter of the circle
+
+
+def _folder(root, n=24):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3)).astype(np.uint8)).save(
+            root / f"{i:03d}.png")
+    return root
+
+
+def _batches(train, cfg, start=0, steps=4):
+    return [b.images for b in islice(train_batches(train, cfg, 6, seed=3, start=start), steps)]
+
+
+def test_stream_and_memory_jitter_alike_and_held_out_never(tmp_path):
+    folder = str(_folder(tmp_path / "img"))
+    memory_cfg = DataConfig(source=folder, size=8, cache="memory", flip=True, color_jitter=0.5)
+    stream_cfg = DataConfig(source=folder, size=8, cache="stream", workers=2, flip=True,
+                            color_jitter=0.5)
+    memory, stream = load_splits(memory_cfg), load_splits(stream_cfg)
+    jittered = _batches(memory.train, memory_cfg)
+    for a, b in zip(jittered, _batches(stream.train, stream_cfg)):
+        assert torch.equal(a, b)
+    flipped = _batches(memory.train, DataConfig(source=folder, size=8, cache="memory", flip=True))
+    assert not any(torch.equal(a, b) for a, b in zip(jittered, flipped))
+    plain = load_splits(DataConfig(source=folder, size=8, cache="memory"))
+    assert torch.equal(memory.test.images, plain.test.images)
+
+
+def test_a_resumed_jittered_run_is_exact(tmp_path):
+    folder = _folder(tmp_path / "img")
+    options = tiny.stage1(data=folder, hidden_channels=8, code_dim=4, batch_size=4, every=4,
+                          eval_count=None, cache="stream", workers=2, color_jitter=0.5,
+                          device="cpu", schedule="constant")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *options, "--steps", "8", "--out", str(a)]) == 0
+    assert main(["train", *options, "--steps", "4", "--out", str(b)]) == 0
+    assert main(["train", "--resume", str(b), "--steps", "8"]) == 0
+    from vqvae import load_autoencoder
+
+    wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
+
+
+def test_grey_data_refuses_colour_jitter_in_one_line(tmp_path, capsys):
+    assert main(["train", *tiny.stage1(color_jitter=0.5), "--steps", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--color-jitter" in err and "1 channel" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_a_strength_outside_0_1_is_refused(tmp_path, capsys, value):
+    assert main(["train", *tiny.stage1(color_jitter=value), "--steps", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "color_jitter must be in [0, 1]" in capsys.readouterr().err
