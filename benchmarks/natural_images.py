@@ -121,6 +121,17 @@ def gradient_ratio(reconstructed: torch.Tensor, original: torch.Tensor) -> float
     return detail(reconstructed) / detail(original)
 
 
+def delta_e(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean CIE76 delta-E between the 8x8-pixel block means of two uint8 (N, 3, S, S)."""
+    from skimage.color import rgb2lab
+
+    def lab(x: torch.Tensor) -> np.ndarray:
+        means = torch.nn.functional.avg_pool2d(x.float() / 255, 8)  # (N, 3, S/8, S/8)
+        return rgb2lab(means.permute(0, 2, 3, 1).numpy())
+
+    return float(np.linalg.norm(lab(a) - lab(b), axis=-1).mean())
+
+
 def grid_peak(reconstructed: torch.Tensor, original: torch.Tensor, period: int) -> float:
     """How much more the reconstructions' spectrum peaks at the harmonics of ``period`` pixels
     (the decoder's upsampling stride, 2^downsamples) than the originals' does: the power at those
@@ -235,7 +246,7 @@ def main() -> None:
         rec = reconstructions(model, held, str(run))
         pictures.append(rec)
         rows.append(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.4f} | "
-                    f"{gradient_ratio(rec, held):.3f} | "
+                    f"{gradient_ratio(rec, held):.3f} | {delta_e(rec, held):.2f} | "
                     f"{grid_peak(rec, held, 2 ** model.cfg.downsamples):.2f} | "
                     + ("|" if args.score else f"{arm_seconds(args, name):.0f} |"))
     how = (f"decoder-only fine-tune from the MSE run's step {args.finetune_from}"
@@ -252,8 +263,8 @@ def main() -> None:
               f"shared 2-core CPU, rough")
         print("".join(f"\n- {name}: {shlex.join(options)}" for name, (options, _) in runs.items()
                       if name != "mse") + "\n")
-    print("| arm | PSNR (dB) | SSIM | gradient ratio | grid peak | seconds |\n"
-          "|---|---:|---:|---:|---:|---:|")
+    print("| arm | PSNR (dB) | SSIM | gradient ratio | delta-E | grid peak | seconds |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.png:
         pick = torch.linspace(0, len(held) - 1, args.show).round().long()  # spread over photos

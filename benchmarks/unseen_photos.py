@@ -33,13 +33,12 @@ from vqvae.generation.grids import save_png
 from vqvae.store import checkpoint as ckpt
 
 from common import command_line, environment, parse_spec, slug, train
-from natural_images import training_tiles
+from natural_images import delta_e, training_tiles
 
 TRAIN = ("astronaut", "chelsea", "coffee", "rocket", "china")
 # a flower, a pale low-contrast tissue stain, a motorcycle in a workshop: colours and textures
 # the training photos do not have
 UNSEEN = ("flower", "ihc", "motorcycle")
-BLOCK = 8  # side of the pixel blocks whose mean colours delta-E compares
 
 
 def photo(name: str) -> np.ndarray:
@@ -86,17 +85,6 @@ def stitch(tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     rows, cols = grid
     c, s = tiles.shape[1], tiles.shape[2]
     return tiles.reshape(rows, cols, c, s, s).permute(2, 0, 3, 1, 4).reshape(c, rows * s, cols * s)
-
-
-def delta_e(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean CIE76 delta-E between the BLOCK x BLOCK block means of two uint8 (N, 3, S, S)."""
-    from skimage.color import rgb2lab
-
-    def lab(x: torch.Tensor) -> np.ndarray:
-        means = torch.nn.functional.avg_pool2d(x.float() / 255, BLOCK)  # (N, 3, S/B, S/B)
-        return rgb2lab(means.permute(0, 2, 3, 1).numpy())
-
-    return float(np.linalg.norm(lab(a) - lab(b), axis=-1).mean())
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

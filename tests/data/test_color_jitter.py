@@ -10,6 +10,7 @@ from PIL import Image
 
 from vqvae import DataConfig, load_splits
 from vqvae.cli import main
+from vqvae.config.data import RGB_JITTER
 from vqvae.data.augment import _YIQ, color_jitter, jitter_matrix
 from vqvae.data.loader import train_batches
 
@@ -75,7 +76,7 @@ def test_stream_and_memory_jitter_alike_and_held_out_never(tmp_path):
 def test_a_resumed_jittered_run_is_exact(tmp_path):
     folder = _folder(tmp_path / "img")
     options = tiny.stage1(data=folder, hidden_channels=8, code_dim=4, batch_size=4, every=4,
-                          eval_count=None, cache="stream", workers=2, color_jitter=0.5,
+                          eval_count=None, cache="memory", workers=0, color_jitter=0.5,
                           device="cpu", schedule="constant")
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train", *options, "--steps", "8", "--out", str(a)]) == 0
@@ -100,3 +101,42 @@ def test_a_strength_outside_0_1_is_refused(tmp_path, capsys, value):
     assert main(["train", *tiny.stage1(color_jitter=value), "--steps", "2",
                  "--out", str(tmp_path / "x")]) == 2
     assert "color_jitter must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_rgb_runs_jitter_by_default_grey_runs_do_not(tmp_path):
+    from vqvae.store.runs import read_run_config
+
+    folder = _folder(tmp_path / "img")
+    rgb, grey = tmp_path / "rgb", tmp_path / "grey"
+    options = tiny.stage1(hidden_channels=8, code_dim=4, batch_size=4, every=2, eval_count=None,
+                          device="cpu")
+    assert main(["train", *tiny.edit(options, data=folder), "--steps", "2",
+                 "--out", str(rgb)]) == 0
+    assert main(["train", *options, "--steps", "2", "--out", str(grey)]) == 0
+    assert read_run_config(rgb, "vqvae").data.color_jitter == RGB_JITTER > 0
+    assert read_run_config(grey, "vqvae").data.color_jitter == 0.0
+
+
+def test_a_run_saved_before_colour_jitter_resumes_without_it(tmp_path):
+    """Its config file has no color_jitter: it trained without, and a resume must not add it."""
+    import json
+
+    from vqvae.store.runs import RUN_CONFIG, read_run_config
+
+    folder = _folder(tmp_path / "img")
+    run = tmp_path / "old"
+    options = tiny.stage1(data=folder, hidden_channels=8, code_dim=4, batch_size=4, every=2,
+                          eval_count=None, device="cpu", schedule="constant")
+    for out, steps in ((tmp_path / "whole", "4"), (run, "2")):  # both as old code trained
+        assert main(["train", *options, "--color-jitter", "0", "--steps", steps,
+                     "--out", str(out)]) == 0
+    meta = json.loads((run / RUN_CONFIG).read_text())
+    assert meta["config"]["data"].pop("color_jitter") == 0.0  # as written before the field
+    (run / RUN_CONFIG).write_text(json.dumps(meta))
+    assert read_run_config(run, "vqvae").data.color_jitter == 0.0
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
+    from vqvae import load_autoencoder
+
+    wa, wb = load_autoencoder(tmp_path / "whole").state_dict(), load_autoencoder(run).state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key

@@ -58,7 +58,9 @@ def _describe(annotation: Any) -> str:
 
 
 def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
-    """Build a config dataclass from a dict, refusing unknown keys with a clear message."""
+    """Build a config dataclass from a saved dict, refusing unknown keys with a clear message.
+    A field missing from the dict takes the class's ``SAVED_WITHOUT`` value when it has one (what
+    runs saved before the field existed did: their resume must not change), else its default."""
     what = what or cls.__name__
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: expected a JSON object, got {type(data).__name__}")
@@ -68,8 +70,12 @@ def from_dict(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
         raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}")
     hints = get_type_hints(cls)
     kwargs = {}
+    saved_without = getattr(cls, "SAVED_WITHOUT", {})
     for f in fields(cls):
         if f.name not in data:
+            if f.name in saved_without:  # a file written before the field existed
+                kwargs[f.name] = saved_without[f.name]
+                continue
             if f.default is MISSING and f.default_factory is MISSING:
                 raise ConfigError(f"{what}: missing field {f.name!r}")
             continue

@@ -62,7 +62,7 @@ def _memory_batches(train: ImageSet, data: DataConfig, batch_size: int, seed: in
     for step in count(start):
         index = stream.indices(step)
         images = augment_batch(images_at[index.to(images_at.device)], data.size, data.crop,
-                               data.flip, seed, step, data.color_jitter)
+                               data.flip, seed, step, data.color_jitter or 0.0)
         yield Batch(images, None if train.labels is None else train.labels[index])
 
 

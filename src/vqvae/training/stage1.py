@@ -25,7 +25,6 @@ from ..data.images import Batch
 from ..data.loader import train_batches
 from ..data.sources import Splits, load_splits, to_float
 from ..distributed import Runtime, any_rank, data_parallel, launch
-from ..errors import ConfigError
 from ..evaluation.metrics import CodeUsage, score_autoencoder
 from ..evaluation.plots import plot_code_usage, plot_curves
 from ..generation.grids import grid_pairs, interpolation_picture, reconstruction_pictures
@@ -120,12 +119,10 @@ def freeze_codes(model: VQVAE) -> None:
 
 
 def resolve_config(cfg: RunConfig, splits: Splits) -> RunConfig:
-    """Take the image size and channel count from the loaded data."""
+    """Take the image size and channel count from the loaded data (and with them the colour
+    jitter's default)."""
     channels = splits.train.channels
-    if cfg.data.color_jitter and channels != 3:
-        raise ConfigError(f"--color-jitter changes colours, and {cfg.data.source} has "
-                          f"{channels} channel(s): drop it, or pass --channels 3")
-    data = replace(cfg.data, channels=channels)
+    data = cfg.data.resolved(channels)
     model = replace(cfg.model, image_size=cfg.data.size, in_channels=channels)
     return replace(cfg, data=data, model=model)
 
