@@ -12,7 +12,9 @@ the un-quantized one (the encoder and decoder alone: what the codes cost). One P
 each unseen photo in a column: original, quantized, un-quantized.
 
     PYTHONPATH=src python benchmarks/unseen_photos.py --root runs/unseen --steps 1500 \\
-        --arm 'default=' --arm 'no lookup=--lookup-dim none' --arm 'fsq=--quantizer fsq'
+        --seeds 0 1 2 3 --arm 'no jitter=--color-jitter 0' --arm 'jitter 0.25=--color-jitter 0.25'
+
+(the default preset on RGB data jitters colours at 0.25: an arm without options is that arm)
 
 Needs scikit-image's bundled photos (``pip install 'vqvae[bench]'``); nothing is downloaded.
 """
