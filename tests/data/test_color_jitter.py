@@ -58,16 +58,17 @@ def _batches(train, cfg, start=0, steps=4):
     return [b.images for b in islice(train_batches(train, cfg, 6, seed=3, start=start), steps)]
 
 
-def test_stream_and_memory_jitter_alike_and_held_out_never(tmp_path):
+@pytest.mark.parametrize("flip", [True, False])  # False: the batch is jittered in one product
+def test_stream_and_memory_jitter_alike_and_held_out_never(tmp_path, flip):
     folder = str(_folder(tmp_path / "img"))
-    memory_cfg = DataConfig(source=folder, size=8, cache="memory", flip=True, color_jitter=0.5)
-    stream_cfg = DataConfig(source=folder, size=8, cache="stream", workers=2, flip=True,
+    memory_cfg = DataConfig(source=folder, size=8, cache="memory", flip=flip, color_jitter=0.5)
+    stream_cfg = DataConfig(source=folder, size=8, cache="stream", workers=2, flip=flip,
                             color_jitter=0.5)
     memory, stream = load_splits(memory_cfg), load_splits(stream_cfg)
     jittered = _batches(memory.train, memory_cfg)
     for a, b in zip(jittered, _batches(stream.train, stream_cfg)):
         assert torch.equal(a, b)
-    flipped = _batches(memory.train, DataConfig(source=folder, size=8, cache="memory", flip=True))
+    flipped = _batches(memory.train, DataConfig(source=folder, size=8, cache="memory", flip=flip))
     assert not any(torch.equal(a, b) for a, b in zip(jittered, flipped))
     plain = load_splits(DataConfig(source=folder, size=8, cache="memory"))
     assert torch.equal(memory.test.images, plain.test.images)
@@ -140,3 +141,15 @@ def test_a_run_saved_before_colour_jitter_resumes_without_it(tmp_path):
     wa, wb = load_autoencoder(tmp_path / "whole").state_dict(), load_autoencoder(run).state_dict()
     for key in wa:
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
+
+
+@pytest.mark.cuda
+def test_jittered_in_memory_batches_stay_on_cuda_and_equal_the_host_ones(tmp_path):
+    folder = str(_folder(tmp_path / "img"))
+    cfg = DataConfig(source=folder, size=8, cache="memory", color_jitter=0.5)
+    train = load_splits(cfg).train
+    host = _batches(train, cfg)
+    cuda = [b.images for b in islice(train_batches(train, cfg, 6, seed=3, start=0,
+                                                   device=torch.device("cuda")), 4)]
+    for c, h in zip(cuda, host):  # the same draws; a rounding may differ by one level
+        assert c.device.type == "cuda" and (c.cpu().int() - h.int()).abs().max() <= 1

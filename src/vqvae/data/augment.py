@@ -73,25 +73,37 @@ def jitter_matrix(strength: float, gen: torch.Generator) -> torch.Tensor:
     return (torch.linalg.inv(_YIQ) @ chroma @ _YIQ).float()
 
 
+def apply_jitter(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W), each image times its (3, 3) matrix of ``matrices`` (B, 3, 3),
+    rounded and clipped to the RGB cube, on the images' device."""
+    out = torch.einsum("bij,bjhw->bihw", matrices.to(images.device), images.float())
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def color_jitter(image: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
-    """uint8 (3, H, W) with :func:`jitter_matrix`'s hue and saturation change (clipped to the
-    RGB cube); a one-channel image has no colour and is returned as it is."""
+    """uint8 (3, H, W) with :func:`jitter_matrix`'s hue and saturation change; a one-channel
+    image has no colour and is returned as it is."""
     if image.shape[0] != 3:
         return image
-    out = torch.einsum("ij,jhw->ihw", jitter_matrix(strength, gen), image.float())
-    return out.round().clamp(0, 255).to(torch.uint8)
+    return apply_jitter(image[None], jitter_matrix(strength, gen)[None])[0]
 
 
 def augment_batch(images: torch.Tensor, size: int, crop: str, flip: bool, seed: int,
                   step: int, jitter: float = 0.0) -> torch.Tensor:
     """Augment a uint8 batch (B, C, S, S) of in-memory images the way streamed images are
-    (crops of an in-memory image come from its stored resolution)."""
-    if crop != "random" and not flip and not jitter:
+    (crops of an in-memory image come from its stored resolution); a batch that is only
+    colour-jittered stays on its device and is jittered in one product."""
+    random, colour = crop == "random", bool(jitter) and images.shape[1] == 3
+    if not random and not flip and not colour:
         return images
-    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    out = images if not random and not flip else torch.empty(
+        images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    matrices = []
     for i, image in enumerate(images):
         gen = sample_generator(seed, step, i)
-        image = random_crop(image, size, gen) if crop == "random" else image
-        image = maybe_flip(image, gen) if flip else image
-        out[i] = color_jitter(image, jitter, gen) if jitter else image
-    return out
+        if random or flip:
+            image = random_crop(image, size, gen) if random else image
+            out[i] = maybe_flip(image, gen) if flip else image
+        if colour:
+            matrices.append(jitter_matrix(jitter, gen))
+    return apply_jitter(out, torch.stack(matrices)) if colour else out

@@ -26,8 +26,8 @@ from .shards import epoch_plan, shard_groups
 from .sources import BatchStream
 
 # Training data up to this size lives on a GPU for the whole run (an in-memory image set that is
-# never augmented; a prior's code grids): a step indexes its batch there instead of gathering it
-# on the host and copying it over.
+# never cropped or flipped; a prior's code grids): a step indexes its batch there instead of
+# gathering it on the host and copying it over.
 RESIDENT_BYTES = 1 << 30
 
 
@@ -36,7 +36,8 @@ def train_batches(train: ImageSet | FileSet, data: DataConfig, batch_size: int, 
                   pin_memory: bool = False, device: torch.device | None = None
                   ) -> Iterator[Batch]:
     """Endless uint8 training batches for steps ``start``, ``start + 1``, ...; an in-memory set
-    that fits :data:`RESIDENT_BYTES` and is not augmented gives them on ``device`` (CUDA)."""
+    that fits :data:`RESIDENT_BYTES` and is neither cropped nor flipped gives them on ``device``
+    (CUDA; a colour jitter is applied there)."""
     if isinstance(train, ImageSet):
         return _memory_batches(train, data, batch_size, seed, start, rank, world_size, device)
     workers = data.workers
@@ -55,7 +56,7 @@ def _memory_batches(train: ImageSet, data: DataConfig, batch_size: int, seed: in
                     ) -> Iterator[Batch]:
     stream = BatchStream(len(train), batch_size, seed, rank, world_size)
     images_at = train.images
-    plain = not data.augmented
+    plain = data.crop != "random" and not data.flip  # colour jitter runs on the device
     if (device is not None and device.type == "cuda" and plain
             and train.images.numel() <= RESIDENT_BYTES):
         images_at = train.images.to(device)  # uint8: one byte per pixel
