@@ -49,8 +49,6 @@ class MaskGITPrior(GridTransformer):
                     "many at a step)")
 
     def __init__(self, cfg: PriorConfig):
-        if cfg.variant != "maskgit":
-            raise ValueError(f"MaskGITPrior needs variant 'maskgit', got {cfg.variant!r}")
         super().__init__(cfg, SeedStack if cfg.maskgit_blocks == "seed" else GPTStack)
         if cfg.maskgit_blocks == "seed":
             self.apply(init_keras)

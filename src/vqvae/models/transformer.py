@@ -372,6 +372,9 @@ class GridTransformer(PretrainedMixin, nn.Module):
         return cls(cfg)
 
     def __init__(self, cfg: PriorConfig, stack: Callable[[PriorConfig], nn.Module]):
+        if self.VARIANT is not None and cfg.variant != self.VARIANT:
+            raise ValueError(f"{type(self).__name__} needs variant {self.VARIANT!r}, got "
+                             f"{cfg.variant!r}")
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model

@@ -61,8 +61,6 @@ class VARPrior(GridTransformer):
                     "of a scale in one pass)")
 
     def __init__(self, cfg: PriorConfig):
-        if cfg.variant != "var":
-            raise ValueError(f"VARPrior needs variant 'var', got {cfg.variant!r}")
         super().__init__(cfg, GPTStack)
         self.level = nn.Embedding(len(cfg.scales), cfg.d_model)
         init_gpt_model(self, cfg.layers)
