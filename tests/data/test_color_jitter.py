@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqvae import DataConfig, load_splits
+from vqvae import DataConfig, load_autoencoder, load_splits
 from vqvae.cli import main
 from vqvae.config.data import RGB_JITTER
 from vqvae.data.augment import _YIQ, color_jitter, jitter_matrix
@@ -83,8 +83,6 @@ def test_a_resumed_jittered_run_is_exact(tmp_path):
     assert main(["train", *options, "--steps", "8", "--out", str(a)]) == 0
     assert main(["train", *options, "--steps", "4", "--out", str(b)]) == 0
     assert main(["train", "--resume", str(b), "--steps", "8"]) == 0
-    from vqvae import load_autoencoder
-
     wa, wb = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
     for key in wa:
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
@@ -136,8 +134,6 @@ def test_a_run_saved_before_colour_jitter_resumes_without_it(tmp_path):
     (run / RUN_CONFIG).write_text(json.dumps(meta))
     assert read_run_config(run, "vqvae").data.color_jitter == 0.0
     assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
-    from vqvae import load_autoencoder
-
     wa, wb = load_autoencoder(tmp_path / "whole").state_dict(), load_autoencoder(run).state_dict()
     for key in wa:
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-5), key
